@@ -1,0 +1,21 @@
+"""torch_kfac: K-FAC (Kronecker-factored approximate curvature) for PyTorch.
+
+`KFAC` is a `torch.optim.Optimizer`; `KFACPreconditioner` puts the same curvature in front of any
+torch optimizer. `register_block` adds a curvature block for a module type of your own.
+"""
+
+from torch_kfac.blocks import ConvBlock, KroneckerBlock, LinearBlock, register_block
+from torch_kfac.optimizer import KFAC
+from torch_kfac.preconditioner import KFACPreconditioner
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "KFAC",
+    "ConvBlock",
+    "KFACPreconditioner",
+    "KroneckerBlock",
+    "LinearBlock",
+    "__version__",
+    "register_block",
+]

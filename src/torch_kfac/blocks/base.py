@@ -1,0 +1,267 @@
+"""The Kronecker-factored curvature block shared by every weight-matrix layer.
+
+A block approximates the per-example-loss Fisher of one layer's weight (and bias) as A (x) G:
+A is the second moment of the layer's inputs a~ = [a, 1] (the 1 only with a bias) and G that of
+the per-example gradients g of the loss with respect to the layer's outputs. A layer family only
+says how its inputs and output gradients become rows of a~ and g (`activation_rows`,
+`output_grad_rows`); the statistics, the factors' running averages, the damped inverses and the
+preconditioning live here.
+
+Weight sharing (sequence positions, convolution locations) follows the `expand` convention of
+Eschenhagen et al. (2023) and Grosse & Martens (2016): with T shared positions per example,
+A = 1/(N T) sum_{n,t} a~ a~^T and G = 1/N sum_{n,t} g g^T.
+
+Grouped layers are block-diagonal: every tensor carries a leading group dimension internally;
+`A` and `G` drop it when there is a single group.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from torch_kfac.linalg import add_to_diagonal, damped_inverse, pi_adjustment, symmetric_eigh
+
+#: How the loss was reduced over the batch: per-example gradients are N times the gradient of a
+#: mean-reduced loss and equal to the gradient of a sum-reduced one.
+REDUCTIONS = ("mean", "sum")
+
+
+class KroneckerBlock:
+    """Curvature block F ~ A (x) G for a module with a `weight` of shape (out, ...) and optional `bias`.
+
+    Subclass it for a new module type, implement `activation_rows` and `output_grad_rows`, and
+    register it with `torch_kfac.register_block`.
+    """
+
+    #: Factor names kept in `state`; the optimizer saves them with its state dict.
+    FACTOR_KEYS: ClassVar[tuple[str, ...]] = ("A_ema", "A_weight", "G_ema", "G_weight")
+
+    def __init__(self, module: nn.Module, name: str = "") -> None:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"{type(module).__name__} {name!r} has no weight tensor for K-FAC")
+        self.module = module
+        self.name = name
+        self.groups = int(getattr(module, "groups", 1))
+        #: Running factors and cached inverses; the optimizer stores this dict in its `state`.
+        self.state: dict[str, Tensor] = {}
+        self._pending: dict[str, list[Tensor]] = {"A": [], "G": []}
+        #: Number of examples in the last batch seen by the layer (dim 0 of its input).
+        self.batch_size: int | None = None
+
+    # ----------------------------------------------------------------- layer-specific hooks
+    def activation_rows(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """The layer's inputs as rows a, shape (groups, N, T, d_in) without the bias column."""
+        raise NotImplementedError
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        """Output gradients as rows g, shape (groups, N, T, d_out)."""
+        raise NotImplementedError
+
+    def num_examples(self, inputs: tuple[Tensor, ...]) -> int:
+        """Number of examples N in a call's inputs (dim 0 of the first input)."""
+        return int(inputs[0].shape[0])
+
+    # ----------------------------------------------------------------------- parameters
+    @property
+    def weight(self) -> Tensor:
+        """The weight parameter."""
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias parameter, if the layer has one."""
+        bias = getattr(self.module, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
+
+    def parameters(self) -> list[Tensor]:
+        """The parameters this block preconditions."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
+        """Stack a weight-shaped and a bias-shaped tensor into matrices (groups, d_out, d_in [+1])."""
+        out = weight_like.shape[0]
+        mat = weight_like.reshape(self.groups, out // self.groups, -1)
+        if bias_like is not None:
+            mat = torch.cat([mat, bias_like.reshape(self.groups, -1, 1)], dim=-1)
+        return mat
+
+    def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of `to_matrix`: the weight-shaped and bias-shaped parts of a matrix."""
+        if self.bias is None:
+            return mat.reshape(self.weight.shape), None
+        return mat[..., :-1].reshape(self.weight.shape), mat[..., -1].reshape(self.bias.shape)
+
+    def grad_matrix(self) -> Tensor | None:
+        """The current gradient as matrices (groups, d_out, d_in [+1]), or None without one."""
+        if self.weight.grad is None:
+            return None
+        bias_grad = None
+        if self.bias is not None:
+            bias_grad = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return self.to_matrix(self.weight.grad, bias_grad)
+
+    # -------------------------------------------------------------------- statistics
+    def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
+        """Add one call's contribution 1/(N T) sum a~ a~^T to the pending A statistics."""
+        rows = self.activation_rows(inputs).detach()
+        groups, n, t, _ = rows.shape
+        self.batch_size = n
+        rows = rows.reshape(groups, n * t, -1)
+        if center:
+            rows = rows - rows.mean(dim=1, keepdim=True)
+        if self.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(groups, n * t, 1)], dim=-1)
+        self._pending["A"].append(rows.mT @ rows / (n * t))
+
+    def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
+        """Add one call's per-example-gradient second moment 1/N sum g g^T to the pending G."""
+        rows = self.output_grad_rows(grad_output).detach()
+        groups, n, t, _ = rows.shape
+        rows = rows.reshape(groups, n * t, -1)
+        if center:
+            rows = rows - rows.mean(dim=1, keepdim=True)
+        # Per-example gradients are n * dL/dy for a mean-reduced loss: (1/n) (n g)(n g)^T = n g g^T.
+        scale = float(n) if reduction == "mean" else 1.0 / n
+        self._pending["G"].append(rows.mT @ rows * scale)
+
+    def has_pending(self, key: str) -> bool:
+        """Whether statistics for factor `key` ('A' or 'G') wait to be folded in."""
+        return bool(self._pending[key])
+
+    def pending(self, key: str) -> Tensor:
+        """The pending statistics of factor `key`, averaged over the calls recorded."""
+        items = self._pending[key]
+        return items[0] if len(items) == 1 else torch.stack(items).mean(0)
+
+    def clear_pending(self, key: str | None = None) -> None:
+        """Drop pending statistics (of one factor, or both)."""
+        for k in (key,) if key else ("A", "G"):
+            self._pending[k] = []
+
+    def fold_pending(self, decay: float) -> None:
+        """Fold the pending statistics into the zero-debiased running averages of A and G."""
+        for key in ("A", "G"):
+            if not self._pending[key]:
+                continue
+            batch = self.pending(key)
+            ema, weight = self.state.get(f"{key}_ema"), self.state.get(f"{key}_weight")
+            if ema is None or weight is None:
+                ema = torch.zeros_like(batch)
+                weight = batch.new_zeros(())
+            self.state[f"{key}_ema"] = ema.mul_(decay).add_(batch, alpha=1.0 - decay)
+            self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
+            self._pending[key] = []
+
+    def follow_weight(self) -> None:
+        """Move the state to the weight's device and dtype (after `model.to(...)`)."""
+        w = self.weight
+        for key, value in self.state.items():
+            if value.device != w.device or (value.is_floating_point() and value.dtype != w.dtype):
+                self.state[key] = value.to(device=w.device, dtype=w.dtype)
+
+    def has_factors(self) -> bool:
+        """Whether both factors have been estimated at least once."""
+        return "A_ema" in self.state and "G_ema" in self.state
+
+    def _factor(self, key: str) -> Tensor:
+        return self.state[f"{key}_ema"] / self.state[f"{key}_weight"]
+
+    @property
+    def A(self) -> Tensor:
+        """Input factor E[a~ a~^T] (bias folded in as the last row and column)."""
+        a = self._factor("A")
+        return a[0] if self.groups == 1 else a
+
+    @A.setter
+    def A(self, value: Tensor) -> None:
+        self._set_factor("A", value)
+
+    @property
+    def G(self) -> Tensor:
+        """Output-gradient factor E[g g^T] of the per-example loss."""
+        g = self._factor("G")
+        return g[0] if self.groups == 1 else g
+
+    @G.setter
+    def G(self, value: Tensor) -> None:
+        self._set_factor("G", value)
+
+    def _set_factor(self, key: str, value: Tensor) -> None:
+        value = value.detach().clone()
+        if value.dim() == 2:
+            value = value.unsqueeze(0)
+        self.state[f"{key}_ema"] = value
+        self.state[f"{key}_weight"] = value.new_ones(())
+
+    # ---------------------------------------------------------------- preconditioning
+    def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
+        """Refresh the cached inverse ('cholesky') or eigendecomposition ('eigh') of the factors.
+
+        With 'cholesky' the factored damping is baked into the inverses; with 'eigh' it is
+        applied at preconditioning time, so a new damping takes effect at once.
+        """
+        a, g = self._factor("A"), self._factor("G")
+        for key in ("A_inv", "G_inv", "A_eigvals", "A_eigvecs", "G_eigvals", "G_eigvecs"):
+            self.state.pop(key, None)
+        if method == "cholesky":
+            a_damp, g_damp = self.factored_damping(a, g, damping, pi_correction)
+            self.state["A_inv"] = damped_inverse(a, a_damp)
+            self.state["G_inv"] = damped_inverse(g, g_damp)
+        else:
+            self.state["A_eigvals"], self.state["A_eigvecs"] = symmetric_eigh(a)
+            self.state["G_eigvals"], self.state["G_eigvecs"] = symmetric_eigh(g)
+
+    @staticmethod
+    def factored_damping(a: Tensor, g: Tensor, damping: Tensor, pi_correction: bool) -> tuple[Tensor, Tensor]:
+        """The diagonal shifts (pi sqrt(l), sqrt(l) / pi) of factored Tikhonov damping."""
+        root = damping.sqrt()
+        if not pi_correction:
+            return root, root
+        pi = pi_adjustment(a, g)
+        return pi * root, root / pi
+
+    def has_inverses(self) -> bool:
+        """Whether a cached inverse or eigendecomposition is available."""
+        return "A_inv" in self.state or "A_eigvecs" in self.state
+
+    def precondition(
+        self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"
+    ) -> Tensor:
+        """Multiply gradient matrices by the damped inverse curvature of this block."""
+        if "A_inv" in self.state:
+            return self.state["G_inv"] @ mat @ self.state["A_inv"]
+        qa, qg = self.state["A_eigvecs"], self.state["G_eigvecs"]
+        la, lg = self.state["A_eigvals"], self.state["G_eigvals"]
+        rotated = qg.mT @ mat @ qa
+        if damping_type == "exact":
+            denom = lg.unsqueeze(-1) * la.unsqueeze(-2) + damping
+        else:
+            a_damp, g_damp = self.factored_damping(
+                self._factor("A"), self._factor("G"), damping, pi_correction
+            )
+            denom = (lg.unsqueeze(-1) + g_damp) * (la.unsqueeze(-2) + a_damp)
+        return qg @ (rotated / denom) @ qa.mT
+
+    def curvature_product(self, mat: Tensor) -> Tensor:
+        """(A (x) G) applied to matrices: G M A, undamped."""
+        return self._factor("G") @ mat @ self._factor("A")
+
+    def dense_curvature(self, damping: float = 0.0) -> Tensor:
+        """The Kronecker block as a dense matrix (vec = column stacking), for tests and small layers."""
+        a, g = self.A, self.G
+        if self.groups != 1:
+            raise ValueError("dense_curvature is defined for ungrouped blocks only")
+        return add_to_diagonal(torch.kron(a, g), damping)
+
+    def extra_repr(self) -> str:
+        """Factor shapes and memory, for the registration report."""
+        d_out = self.weight.shape[0] // self.groups
+        d_in = self.weight[0].numel() + (self.bias is not None)
+        numel = self.groups * (d_in * d_in + d_out * d_out)
+        size = numel * self.weight.element_size()
+        grp = f" x {self.groups} groups" if self.groups > 1 else ""
+        return f"A {d_in}x{d_in}, G {d_out}x{d_out}{grp}, {size / 2**20:.2f} MiB per factor set"

@@ -1,0 +1,103 @@
+"""Hooks that hand layer inputs and output gradients to the curvature blocks.
+
+The hooks stay registered but return at once unless statistics are due, so a step that does not
+update the factors costs one Python call per layer. Statistics are turned into covariance
+contributions on the spot; no activation is kept alive past the forward or backward pass.
+
+Output gradients are caught with a hook on the layer's output tensor, not a module backward hook:
+an in-place activation right after the layer (`nn.ReLU(inplace=True)`) then still delivers the
+gradient with respect to the layer's own output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from torch_kfac.blocks.base import KroneckerBlock
+
+
+class StatisticsCapture:
+    """Decides when statistics are recorded and routes them to the blocks.
+
+    Two modes. Automatic (the default): a forward pass with gradients enabled records statistics
+    whenever `is_due()` says a factor update is due. Explicit: once `track_forward()` or
+    `track_backward()` has been used, statistics are recorded only inside those contexts, as
+    in the original torch_kfac API.
+    """
+
+    def __init__(
+        self,
+        blocks: dict[str, KroneckerBlock],
+        is_due: Callable[[], bool],
+        reduction: str,
+        center: bool = False,
+    ) -> None:
+        self.blocks = blocks
+        self.is_due = is_due
+        self.reduction = reduction
+        self.center = center
+        self.explicit = False
+        self._forward_on = False
+        self._backward_on = False
+        self._handles: list[RemovableHandle] = [
+            block.module.register_forward_hook(partial(self._forward_hook, block))
+            for block in blocks.values()
+        ]
+
+    def _recording(self) -> bool:
+        if self.explicit:
+            return self._forward_on
+        return torch.is_grad_enabled() and self.is_due()
+
+    def _forward_hook(
+        self, block: KroneckerBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
+    ) -> None:
+        if inputs and isinstance(inputs[0], Tensor):
+            block.batch_size = block.num_examples(inputs)
+        if not self._recording():
+            return
+        block.record_inputs(inputs, self.center)
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(partial(self._grad_hook, block))
+
+    def _grad_hook(self, block: KroneckerBlock, grad: Tensor) -> None:
+        if self.explicit and not self._backward_on:
+            return
+        block.record_output_grad(grad, self.reduction, self.center)
+
+    @contextmanager
+    def track_forward(self) -> Iterator[None]:
+        """Record layer inputs of the forward passes run inside (explicit mode)."""
+        self.explicit = True
+        for block in self.blocks.values():
+            block.clear_pending("A")
+        self._forward_on = True
+        try:
+            yield
+        finally:
+            self._forward_on = False
+
+    @contextmanager
+    def track_backward(self) -> Iterator[None]:
+        """Record output gradients of the backward passes run inside (explicit mode)."""
+        self.explicit = True
+        for block in self.blocks.values():
+            block.clear_pending("G")
+        self._backward_on = True
+        try:
+            yield
+        finally:
+            self._backward_on = False
+
+    def remove(self) -> None:
+        """Remove every hook; the model is left as it was before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

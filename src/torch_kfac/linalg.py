@@ -1,0 +1,53 @@
+"""Damped inverses, eigendecompositions and pi-adjusted damping for Kronecker factors.
+
+Every function works on batches of matrices (leading dimensions are batch dimensions), so a
+block that is block-diagonal over convolution groups is handled in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def trace_mean(matrix: Tensor) -> Tensor:
+    """tr(M) / dim(M) for each matrix in a batch, shape (..., 1, 1)."""
+    return matrix.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+
+
+def pi_adjustment(a_factor: Tensor, g_factor: Tensor) -> Tensor:
+    """The pi of factored Tikhonov damping: sqrt((tr A / dim A) / (tr G / dim G)).
+
+    Martens & Grosse (2015), section 6.3. Where the ratio is not a positive finite number (a
+    factor that is still all zeros), pi falls back to 1 so that the damping stays finite.
+    """
+    ratio = trace_mean(a_factor) / trace_mean(g_factor)
+    ok = torch.isfinite(ratio) & (ratio > 0)
+    return torch.where(ok, ratio, torch.ones_like(ratio)).sqrt()
+
+
+def add_to_diagonal(matrix: Tensor, value: Tensor | float) -> Tensor:
+    """M + value * I for a batch of square matrices (value broadcasts per matrix)."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    return matrix + value * eye
+
+
+def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
+    """(M + damping I)^-1 of symmetric positive semi-definite matrices.
+
+    Cholesky where it succeeds; where rounding made M + damping I indefinite, the inverse is taken
+    through an eigendecomposition with the eigenvalues clamped at zero before damping.
+    """
+    damped = add_to_diagonal(matrix, damping)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if bool((info == 0).all()):
+        return torch.cholesky_inverse(chol)
+    eigvals, eigvecs = symmetric_eigh(matrix)
+    inv_vals = 1.0 / (eigvals + damping.squeeze(-1))
+    return (eigvecs * inv_vals.unsqueeze(-2)) @ eigvecs.mT
+
+
+def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix with eigenvalues clamped at zero."""
+    eigvals, eigvecs = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+    return eigvals.clamp(min=0.0), eigvecs

@@ -1,0 +1,45 @@
+"""Validation of user-facing options: every bad value raises a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """A string option, case-insensitive, that must be one of `choices`."""
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value.lower()
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float = 0.0,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """A real number in the interval [low, high] (ends open where asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # type: ignore[arg-type]  # 0-d tensors, numpy scalars
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    value = float(value)
+    ok_low = value >= low if low_inclusive else value > low
+    ok_high = value <= high if high_inclusive else value < high
+    if math.isnan(value) or not (ok_low and ok_high):
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value}")
+    return value
+
+
+def check_interval(name: str, value: object) -> int:
+    """A positive whole number of steps."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,349 @@
+"""KFACPreconditioner: K-FAC curvature and preconditioning in front of any torch optimizer.
+
+It owns the curvature blocks, the hooks that feed them, the running factors and the cached
+inverses. `KFAC` (the optimizer) is built on it; used on its own, `step()` replaces the `.grad`
+of every supported layer with the natural gradient, and any `torch.optim` optimizer steps on that.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_kfac.blocks import KroneckerBlock, block_type_for
+from torch_kfac.blocks.base import REDUCTIONS
+from torch_kfac.capture import StatisticsCapture
+from torch_kfac.options import check_choice, check_interval, check_number
+
+INVERSE_METHODS = ("cholesky", "eigh")
+DAMPING_TYPES = ("factored", "exact")
+
+
+class KFACPreconditioner:
+    """Kronecker-factored natural-gradient preconditioner for a model's Linear and Conv layers.
+
+    Typical loop::
+
+        pre = KFACPreconditioner(model, damping=1e-3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x, y in data:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            pre.step()   # .grad of supported layers <- (A (x) G + damping)^-1 .grad
+            opt.step()
+
+    Args:
+        model: the network; every submodule with a registered block type gets a block.
+        damping: Tikhonov damping lambda added to the curvature (per-example-loss scale).
+        cov_ema_decay: decay of the zero-debiased running average of the factors.
+        factor_update_steps: record statistics and update the factors every this many steps.
+        inverse_update_steps: recompute inverses/eigendecompositions every this many steps.
+        reduction: how the loss was reduced over the batch, 'mean' or 'sum'. With 'sum' the
+            curvature is that of the summed loss (N times the per-example Fisher), so the
+            preconditioned gradient equals that of the mean-reduced loss.
+        enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
+        inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
+            'eigh' (eigendecompositions; damping applied at every step).
+        damping_type: 'factored' ((A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)) or 'exact'
+            ((A (x) G + l I), needs inverse_method='eigh').
+        center: subtract the batch mean from inputs and output gradients (centered covariances).
+        update_factors_manually: fold statistics into the factors only in `update_factors()`.
+        skip_modules: qualified names of modules to leave to the plain (fallback) update.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: float = 1e-3,
+        cov_ema_decay: float = 0.95,
+        factor_update_steps: int = 1,
+        inverse_update_steps: int = 10,
+        reduction: str = "mean",
+        enable_pi_correction: bool = True,
+        inverse_method: str = "cholesky",
+        damping_type: str = "factored",
+        center: bool = False,
+        update_factors_manually: bool = False,
+        skip_modules: Iterable[str] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        damping = check_number("damping", damping, low=0.0, low_inclusive=False)
+        self.cov_ema_decay = check_number("cov_ema_decay", cov_ema_decay, high=1.0, high_inclusive=False)
+        self.factor_update_steps = check_interval("factor_update_steps", factor_update_steps)
+        self.inverse_update_steps = check_interval("inverse_update_steps", inverse_update_steps)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
+        self.damping_type = check_choice("damping_type", damping_type, DAMPING_TYPES)
+        if self.damping_type == "exact" and self.inverse_method != "eigh":
+            raise ValueError("damping_type='exact' needs inverse_method='eigh'")
+        self.enable_pi_correction = bool(enable_pi_correction)
+        self.update_factors_manually = bool(update_factors_manually)
+
+        self.model = model
+        self.blocks, self.fallback_reasons = _make_blocks(model, set(skip_modules))
+        first = next(iter(model.parameters()), None)
+        dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
+        device = first.device if first is not None else None
+        #: Scalars that evolve during training; `KFAC` keeps this dict in its state dict.
+        self.global_state: dict[str, Any] = {
+            "step": 0,
+            "damping": torch.tensor(damping, dtype=dtype, device=device),
+        }
+        self._capture = StatisticsCapture(self.blocks, self._factors_due, self.reduction, center)
+
+    # ------------------------------------------------------------------- schedule
+    @property
+    def steps(self) -> int:
+        """Number of steps taken so far (skipped non-finite steps excluded)."""
+        return int(self.global_state["step"])
+
+    @property
+    def damping(self) -> Tensor:
+        """The current damping, a 0-d tensor."""
+        return self.global_state["damping"]
+
+    @damping.setter
+    def damping(self, value: float | Tensor) -> None:
+        check_number("damping", value, low=0.0, low_inclusive=False)
+        self.global_state["damping"].fill_(float(value))
+
+    def _factors_due(self) -> bool:
+        return self.update_factors_manually or self.steps % self.factor_update_steps == 0
+
+    def _inverses_due(self, block: KroneckerBlock) -> bool:
+        return block.has_factors() and (
+            self.steps % self.inverse_update_steps == 0 or not block.has_inverses()
+        )
+
+    # -------------------------------------------------------------------- tracking
+    def track_forward(self) -> AbstractContextManager[None]:
+        """Context: record layer inputs only inside it (switches to explicit tracking)."""
+        return self._capture.track_forward()
+
+    def track_backward(self) -> AbstractContextManager[None]:
+        """Context: record output gradients only inside it (switches to explicit tracking)."""
+        return self._capture.track_backward()
+
+    def pending_statistics(self) -> list[Tensor]:
+        """Statistics recorded since the last fold, for a finiteness check."""
+        return [b.pending(k) for b in self.blocks.values() for k in ("A", "G") if b.has_pending(k)]
+
+    def update_factors(self) -> bool:
+        """Fold the recorded statistics into the running factors.
+
+        Non-finite statistics are dropped with a warning and the factors are left as they were.
+        Returns whether the factors changed.
+        """
+        pending = self.pending_statistics()
+        if not pending:
+            return False
+        if not all_finite(pending):
+            self.discard_statistics()
+            warnings.warn(
+                "K-FAC: non-finite layer statistics; the factors were not updated",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        for block in self.blocks.values():
+            block.fold_pending(self.cov_ema_decay)
+        return True
+
+    def discard_statistics(self) -> None:
+        """Drop statistics recorded since the last fold."""
+        for block in self.blocks.values():
+            block.clear_pending()
+
+    def reset_factors(self) -> None:
+        """Forget the running factors, cached inverses and pending statistics."""
+        for block in self.blocks.values():
+            block.clear_pending()
+            block.state.clear()
+
+    def update_inverses(self, force: bool = False) -> None:
+        """Refresh the inverses of blocks that are due (every block with factors if `force`)."""
+        for block in self.blocks.values():
+            if block.has_factors() and (force or self._inverses_due(block)):
+                block.update_inverses(self.damping, self.enable_pi_correction, self.inverse_method)
+
+    # ---------------------------------------------------------------- preconditioning
+    def grad_scale(self) -> float:
+        """Factor turning the gradient of the user's loss into that of the mean-reduced loss."""
+        if self.reduction == "mean":
+            return 1.0
+        sizes = [b.batch_size for b in self.blocks.values() if b.batch_size is not None]
+        if not sizes:
+            raise RuntimeError("reduction='sum' needs the batch size: run a forward pass first")
+        return 1.0 / sizes[0]
+
+    def precondition(self, block: KroneckerBlock, mat: Tensor) -> Tensor:
+        """Natural gradient of one block's gradient matrix; the raw matrix if no factors yet."""
+        if not block.has_inverses():
+            return mat
+        return block.precondition(mat, self.damping, self.enable_pi_correction, self.damping_type)
+
+    def gradient_matrices(self) -> dict[str, Tensor]:
+        """Current gradients of the blocks, as mean-loss gradient matrices."""
+        scale = self.grad_scale() if self.blocks else 1.0
+        mats = {}
+        for name, block in self.blocks.items():
+            mat = block.grad_matrix()
+            if mat is not None:
+                mats[name] = mat * scale if scale != 1.0 else mat
+        return mats
+
+    def prepare(self, extra: Iterable[Tensor] = ()) -> dict[str, Tensor] | None:
+        """Start of a step: check finiteness, fold due statistics, refresh due inverses.
+
+        Returns the blocks' gradient matrices, or None (with one warning) when a gradient,
+        a recorded statistic or an `extra` tensor is not finite; then nothing has changed.
+        """
+        self._follow_model()
+        mats = self.gradient_matrices()
+        if not all_finite([*mats.values(), *self.pending_statistics(), *extra]):
+            self.discard_statistics()
+            warnings.warn(
+                f"K-FAC: non-finite gradient, statistic or loss at step {self.steps}; "
+                "the step was skipped and parameters and factors left unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        if not self.update_factors_manually:
+            self.update_factors()
+        self.update_inverses()
+        return mats
+
+    def _follow_model(self) -> None:
+        """Keep factors and damping on the parameters' device and dtype after `model.to()`."""
+        for block in self.blocks.values():
+            block.follow_weight()
+        if self.blocks:
+            w = next(iter(self.blocks.values())).weight
+            damping = self.global_state["damping"]
+            if damping.device != w.device or damping.dtype != w.dtype:
+                self.global_state["damping"] = damping.to(device=w.device, dtype=w.dtype)
+
+    def finish_step(self) -> None:
+        """End of a step: advance the step counter that schedules factor and inverse updates."""
+        self.global_state["step"] = self.steps + 1
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Replace the `.grad` of each block's parameters by the preconditioned gradient.
+
+        Returns False (after a warning) if the step was skipped for non-finite values.
+        """
+        mats = self.prepare()
+        if mats is None:
+            return False
+        for name, mat in mats.items():
+            block = self.blocks[name]
+            weight_grad, bias_grad = block.from_matrix(self.precondition(block, mat))
+            block.weight.grad.copy_(weight_grad)
+            if block.bias is not None:
+                if block.bias.grad is None:
+                    block.bias.grad = torch.zeros_like(block.bias)
+                block.bias.grad.copy_(bias_grad)
+        self.finish_step()
+        return True
+
+    # --------------------------------------------------------------------- reporting
+    def describe(self) -> str:
+        """Registration report: every parameter, the block that handles it or why it falls back."""
+        lines = ["K-FAC registration:"]
+        owned = {}
+        for name, block in self.blocks.items():
+            owned.update({id(p): (name, block) for p in block.parameters()})
+        for pname, param in self.model.named_parameters():
+            if id(param) in owned:
+                mname, block = owned[id(param)]
+                lines.append(f"  {pname}: {type(block).__name__} ({block.extra_repr()})")
+            else:
+                mname = pname.rpartition(".")[0]
+                reason = self.fallback_reasons.get(mname, "no curvature block for this module type")
+                lines.append(f"  {pname}: fallback ({reason})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(\n{self.describe()}\n)"
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, inverses and schedule state, keyed by module name."""
+        return {
+            "global": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.global_state.items()},
+            "blocks": {name: {k: v.clone() for k, v in b.state.items()} for name, b in self.blocks.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (tensors moved to each block's device)."""
+        missing = set(self.blocks) ^ set(state["blocks"])
+        if missing:
+            raise ValueError(f"state dict does not match the model's blocks: {sorted(missing)}")
+        for name, block in self.blocks.items():
+            block.state.clear()
+            block.state.update(
+                {k: v.to(block.weight.device).clone() for k, v in state["blocks"][name].items()}
+            )
+        damping = self.global_state["damping"]
+        self.global_state.update(state["global"])
+        self.global_state["damping"] = damping.copy_(state["global"]["damping"])
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        self._capture.remove()
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every tensor is finite, with a single host synchronisation."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, KroneckerBlock], dict[str, str]]:
+    """One block per supported module; reasons for each module left to the fallback."""
+    blocks: dict[str, KroneckerBlock] = {}
+    reasons: dict[str, str] = {}
+    owner: dict[int, str] = {}
+    unknown = skip - {name for name, _ in model.named_modules()}
+    if unknown:
+        raise ValueError(f"skip_modules names modules the model does not have: {sorted(unknown)}")
+    for name, module in model.named_modules():
+        block_type = block_type_for(module)
+        if block_type is None:
+            continue
+        if name in skip:
+            reasons[name] = "listed in skip_modules"
+            continue
+        params = [
+            p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None
+        ]
+        if not params or not all(p.requires_grad for p in params):
+            reasons[name] = "parameters frozen (requires_grad=False)"
+            continue
+        shared = [owner[id(p)] for p in params if id(p) in owner]
+        if shared:
+            # A parameter used by two modules (tied weights) needs a joint block; until then
+            # both modules use the plain update rather than a wrong curvature.
+            for other in shared:
+                blocks.pop(other, None)
+                reasons[other] = f"parameter shared with {name!r}"
+            reasons[name] = f"parameter shared with {shared[0]!r}"
+            continue
+        blocks[name] = block_type(module, name)
+        owner.update({id(p): name for p in params})
+    return blocks, reasons
+
+
+def iter_block_params(blocks: dict[str, KroneckerBlock]) -> Iterator[Tensor]:
+    """Every parameter handled by a block."""
+    for block in blocks.values():
+        yield from block.parameters()

@@ -1,0 +1,447 @@
+"""Independent reference computations shared by the exact K-FAC tests.
+
+Everything here is computed by a different route from the library:
+
+* layer inputs and output gradients are recorded with a forward hook that adds a zero
+  "probe" tensor to the layer output and differentiates the loss with respect to that
+  probe (so in-place activations after the layer do not interfere);
+* convolution patches are extracted with an explicit loop over output positions from
+  the input padded by ``torch.nn.functional.pad`` with the module's padding mode, and
+  the extraction is self-checked by reproducing the module's output from the patches;
+* preconditioned gradients are obtained by a dense solve with the full Kronecker product.
+
+Conventions (per-example-loss Fisher): with ``reduction="mean"`` the training loss is
+``L = (1/N) sum_n l_n`` and the per-example output gradient is ``N * dL/dy``; with
+``reduction="sum"`` it is ``dL/dy``. ``A = 1/(N T) sum a a^T`` and ``G = 1/N sum g g^T``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torch_kfac import KFAC, KFACPreconditioner
+
+DTYPE = torch.float64
+
+# Tolerances for quantities that are exact up to floating-point summation order.
+EXACT = {"rtol": 1e-10, "atol": 1e-12}
+# Tolerances for quantities obtained through linear solves (well-conditioned, float64).
+SOLVE = {"rtol": 1e-9, "atol": 1e-11}
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------------------
+# Data, losses and models
+# ---------------------------------------------------------------------------------------
+
+
+def make_loss(kind: str, reduction: str) -> LossFn:
+    """Return a torch loss module (``"mse"`` or ``"ce"``) with the given reduction."""
+    if kind == "mse":
+        return nn.MSELoss(reduction=reduction)
+    if kind == "ce":
+        return nn.CrossEntropyLoss(reduction=reduction)
+    raise ValueError(kind)
+
+
+def make_per_example_loss(kind: str, reduction: str) -> LossFn:
+    """Loss whose ``"sum"`` version is exactly ``N`` times its ``"mean"`` version.
+
+    For cross-entropy this is the plain torch loss. For squared error the per-example loss
+    is the mean over output features, so that ``sum`` and ``mean`` share per-example losses
+    (torch's ``MSELoss(reduction="sum")`` also sums over features, which changes the loss).
+    """
+    if kind == "ce":
+        return nn.CrossEntropyLoss(reduction=reduction)
+    if kind == "mse":
+
+        def loss(output: Tensor, target: Tensor) -> Tensor:
+            per_example = F.mse_loss(output, target, reduction="none").flatten(1).mean(1)
+            return per_example.mean() if reduction == "mean" else per_example.sum()
+
+        return loss
+    raise ValueError(kind)
+
+
+def make_target(kind: str, batch_size: int, num_outputs: int, generator: torch.Generator):
+    """Random regression targets (``"mse"``) or class labels (``"ce"``)."""
+    if kind == "mse":
+        return torch.randn(batch_size, num_outputs, dtype=DTYPE, generator=generator)
+    if kind == "ce":
+        return torch.randint(0, num_outputs, (batch_size,), generator=generator)
+    raise ValueError(kind)
+
+
+def randn(*shape: int, generator: torch.Generator) -> Tensor:
+    return torch.randn(*shape, dtype=DTYPE, generator=generator)
+
+
+class Transpose(nn.Module):
+    """Swap two dimensions (produces a non-contiguous tensor)."""
+
+    def __init__(self, dim0: int, dim1: int):
+        super().__init__()
+        self.dim0, self.dim1 = dim0, dim1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(self.dim0, self.dim1)
+
+
+def with_flatten_head(body: nn.Module, input_shape: Sequence[int], num_outputs: int):
+    """``Sequential(body, Flatten(1), Linear(features, num_outputs))`` in float64.
+
+    ``input_shape`` excludes the batch dimension. The head layer is named ``"2"`` and the
+    body ``"0"``.
+    """
+    body = body.to(DTYPE)
+    with torch.no_grad():
+        features = body(torch.zeros(1, *input_shape, dtype=DTYPE)).numel()
+    return nn.Sequential(body, nn.Flatten(1), nn.Linear(features, num_outputs)).to(DTYPE)
+
+
+# ---------------------------------------------------------------------------------------
+# Recording inputs and output gradients
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRecord:
+    module: nn.Module
+    input: Tensor  # layer input, exactly as the layer received it (possibly non-contiguous)
+    output: Tensor  # layer output
+    grad_output: Tensor  # dL/dy for the *reduced* training loss L
+
+
+@dataclass
+class Recording:
+    loss: Tensor
+    layers: dict[str, LayerRecord]
+    param_grads: dict[str, Tensor]  # gradients of L, keyed by qualified parameter name
+
+
+def record(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, names: Sequence[str]):
+    """One forward/backward pass of ``loss_fn(model(x), y)`` recording the named layers.
+
+    Does not touch ``.grad`` of the parameters (uses ``torch.autograd.grad``) and removes
+    its hooks before returning. Each named layer must be called exactly once.
+    """
+    modules = dict(model.named_modules())
+    probes: dict[str, Tensor] = {}
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            assert name not in probes, f"layer {name} called more than once"
+            probe = torch.zeros_like(output, requires_grad=True)
+            probes[name] = probe
+            seen[name] = (args[0].detach(), output.detach().clone())
+            return output + probe
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in names]
+    try:
+        loss = loss_fn(model(x), y)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [probes[n] for n in names] + [p for _, p in named_params])
+    layers = {
+        name: LayerRecord(modules[name], seen[name][0], seen[name][1], grad)
+        for name, grad in zip(names, grads[: len(names)], strict=True)
+    }
+    param_grads = {
+        n: g.detach() for (n, _), g in zip(named_params, grads[len(names) :], strict=True)
+    }
+    return Recording(loss.detach(), layers, param_grads)
+
+
+def per_example_scale(batch_size: int, reduction: str) -> float:
+    """Factor turning dL/dy into the per-example-loss gradient d l_n / dy."""
+    return {"mean": float(batch_size), "sum": 1.0}[reduction]
+
+
+# ---------------------------------------------------------------------------------------
+# Reference Kronecker factors
+# ---------------------------------------------------------------------------------------
+
+
+def _covariances(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``a``: (N, T, groups, d_a); ``g``: (N, T, groups, d_g) -> A, G of shape (groups, ...)."""
+    n, t = a.shape[:2]
+    big_a = torch.zeros(a.shape[2], a.shape[3], a.shape[3], dtype=a.dtype)
+    big_g = torch.zeros(g.shape[2], g.shape[3], g.shape[3], dtype=g.dtype)
+    # Explicit accumulation of outer products (not a single batched contraction).
+    for i in range(n):
+        for j in range(t):
+            big_a += a[i, j, :, :, None] * a[i, j, :, None, :]
+            big_g += g[i, j, :, :, None] * g[i, j, :, None, :]
+    return big_a / (n * t), big_g / n
+
+
+def _append_ones(a: Tensor) -> Tensor:
+    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], dim=-1)
+
+
+def linear_factors(rec: LayerRecord, reduction: str) -> tuple[Tensor, Tensor]:
+    """Reference (A, G) for an ``nn.Linear`` layer with input (N, *, d_in)."""
+    module = rec.module
+    assert isinstance(module, nn.Linear)
+    batch_size = rec.input.shape[0]
+    a = rec.input.reshape(batch_size, -1, 1, module.in_features)
+    if module.bias is not None:
+        a = _append_ones(a)
+    g = rec.grad_output.reshape(batch_size, -1, 1, module.out_features)
+    g = g * per_example_scale(batch_size, reduction)
+    big_a, big_g = _covariances(a, g)
+    return big_a[0], big_g[0]
+
+
+def conv_paddings(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
+    """(left, right) padding per spatial dimension, as torch's convolution applies it."""
+    ndim = len(module.kernel_size)
+    if module.padding == "valid":
+        return [(0, 0)] * ndim
+    if module.padding == "same":
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation, strict=True):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(p, p) for p in module.padding]
+
+
+def pad_conv_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Pad ``x`` with the module's padding amounts and padding mode."""
+    flat: list[int] = []
+    for left, right in reversed(conv_paddings(module)):
+        flat += [left, right]
+    if module.padding_mode == "zeros":
+        return F.pad(x, flat, mode="constant", value=0.0)
+    return F.pad(x, flat, mode=module.padding_mode)
+
+
+def conv_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
+    """Patches of shape (N, T, groups, C_in/groups * prod(kernel)) and the output size.
+
+    Patch ``[n, t, j]`` is the input patch of group ``j`` that produces output location
+    ``t`` (row-major over output positions), flattened in the weight's
+    ``(C_in/groups, k1, k2, ...)`` order.
+    """
+    xp = pad_conv_input(module, x)
+    batch_size, channels = xp.shape[:2]
+    groups = module.groups
+    geometry = list(
+        zip(xp.shape[2:], module.kernel_size, module.stride, module.dilation, strict=True)
+    )
+    out_sizes = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in geometry]
+    patches = []
+    for position in itertools.product(*(range(o) for o in out_sizes)):
+        window = tuple(
+            slice(o * s, o * s + d * (k - 1) + 1, d)
+            for o, (_, k, s, d) in zip(position, geometry, strict=True)
+        )
+        patch = xp[(slice(None), slice(None), *window)]
+        assert patch.shape[2:] == module.kernel_size
+        patches.append(patch.reshape(batch_size, groups, -1))
+    assert channels % groups == 0
+    return torch.stack(patches, dim=1), out_sizes
+
+
+def conv_factors(rec: LayerRecord, reduction: str) -> tuple[Tensor, Tensor]:
+    """Reference (A, G) for ``nn.Conv{1,2,3}d``; leading group dim only if groups > 1.
+
+    Also checks that the extracted patches reproduce the recorded layer output.
+    """
+    module = rec.module
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    groups = module.groups
+    batch_size = rec.input.shape[0]
+    patches, out_sizes = conv_patches(module, rec.input)
+    assert list(rec.output.shape[2:]) == out_sizes
+
+    # Self-check: output[n, t, group j, o] = W_j[o] . patch[n, t, j] + b_j[o].
+    c_out = module.out_channels
+    weight = module.weight.detach().reshape(groups, c_out // groups, -1)
+    output = torch.einsum("ntgi,goi->ntgo", patches, weight).reshape(batch_size, -1, c_out)
+    if module.bias is not None:
+        output = output + module.bias.detach()
+    expected = rec.output.movedim(1, -1).reshape(batch_size, -1, c_out)
+    torch.testing.assert_close(output, expected, **EXACT)
+
+    a = _append_ones(patches) if module.bias is not None else patches
+    g = rec.grad_output.movedim(1, -1).reshape(batch_size, -1, groups, c_out // groups)
+    g = g * per_example_scale(batch_size, reduction)
+    big_a, big_g = _covariances(a, g)
+    if groups == 1:
+        return big_a[0], big_g[0]
+    return big_a, big_g
+
+
+def reference_factors(rec: LayerRecord, reduction: str) -> tuple[Tensor, Tensor]:
+    if isinstance(rec.module, nn.Linear):
+        return linear_factors(rec, reduction)
+    return conv_factors(rec, reduction)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient matrices, exact Fisher and dense preconditioning
+# ---------------------------------------------------------------------------------------
+
+
+def gradient_matrix(weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+    """``[W.grad.reshape(d_out, -1), b.grad[:, None]]`` (bias column only if present)."""
+    matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+    if bias_grad is None:
+        return matrix
+    return torch.cat([matrix, bias_grad[:, None]], dim=1)
+
+
+def layer_gradient_matrix(param_grads: dict[str, Tensor], name: str) -> Tensor:
+    """Gradient matrix of layer ``name`` from gradients keyed by qualified parameter name."""
+    prefix = f"{name}." if name else ""
+    return gradient_matrix(param_grads[prefix + "weight"], param_grads.get(prefix + "bias"))
+
+
+def vec(matrix: Tensor) -> Tensor:
+    """Column-stacking vectorisation."""
+    return matrix.T.reshape(-1)
+
+
+def unvec(vector: Tensor, rows: int, cols: int) -> Tensor:
+    return vector.reshape(cols, rows).T
+
+
+def pi_value(big_a: Tensor, big_g: Tensor, enable_pi_correction: bool) -> float:
+    if not enable_pi_correction:
+        return 1.0
+    mean_a = big_a.diagonal().sum().item() / big_a.shape[0]
+    mean_g = big_g.diagonal().sum().item() / big_g.shape[0]
+    return math.sqrt(mean_a / mean_g)
+
+
+def dense_preconditioned(
+    big_a: Tensor, big_g: Tensor, matrix: Tensor, damping: float, enable_pi_correction: bool
+) -> Tensor:
+    """Solve ``kron(A + pi sqrt(d) I, G + sqrt(d)/pi I) vec(P) = vec(M)`` densely."""
+    pi = pi_value(big_a, big_g, enable_pi_correction)
+    root = math.sqrt(damping)
+    damped_a = big_a + pi * root * torch.eye(big_a.shape[0], dtype=big_a.dtype)
+    damped_g = big_g + root / pi * torch.eye(big_g.shape[0], dtype=big_g.dtype)
+    solution = torch.linalg.solve(torch.kron(damped_a, damped_g), vec(matrix))
+    return unvec(solution, *matrix.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# curvlinops
+# ---------------------------------------------------------------------------------------
+
+
+def curvlinops_factors(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor):
+    """curvlinops' empirical KFAC-expand factors (bias folded into A), whole batch at once.
+
+    Returns ``(input_covariances, gradient_covariances)`` dicts keyed by module name.
+    """
+    from curvlinops import KFACLinearOperator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = KFACLinearOperator(
+        model,
+        loss_fn,
+        params,
+        [(x, y)],
+        check_deterministic=False,
+        fisher_type="empirical",
+        kfac_approx="expand",
+        separate_weight_and_bias=False,
+    )
+    op.compute_kronecker_factors()
+    return dict(op._input_covariances), dict(op._gradient_covariances)
+
+
+def curvlinops_gradient_scale(loss_fn: nn.Module, output_shape: Sequence[int]) -> float:
+    """Ratio curvlinops G / our G, for a model with 2-D output (N, C).
+
+    For ``sum`` curvlinops uses the summed-loss Fisher (N times ours). For ``mean`` it uses
+    the per-example-loss Fisher, except that for ``MSELoss`` its per-example loss sums over
+    the C output features instead of averaging (it rescales the loss by sqrt(C)).
+    """
+    batch_size, num_outputs = output_shape
+    if loss_fn.reduction == "sum":
+        return float(batch_size)
+    if isinstance(loss_fn, nn.MSELoss):
+        return float(num_outputs)
+    return 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# Driving the library
+# ---------------------------------------------------------------------------------------
+
+
+def library_kfac_factors(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, reduction: str
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Factors of ``torch_kfac.KFAC`` after one forward/backward and one ``update_cov``."""
+    opt = KFAC(
+        model,
+        lr=0.1,
+        damping=1e-3,
+        momentum=0.0,
+        cov_ema_decay=0.95,
+        reduction=reduction,
+    )
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.update_cov()
+    return {name: (blk.A.detach().clone(), blk.G.detach().clone()) for name, blk in opt.blocks.items()}
+
+
+def library_preconditioned(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    reduction: str,
+    damping: float,
+    enable_pi_correction: bool,
+) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """Run ``KFACPreconditioner.step`` once; return the preconditioned gradients of all
+    parameters (by qualified name) and the blocks' factors."""
+    pre = KFACPreconditioner(
+        model,
+        damping=damping,
+        reduction=reduction,
+        enable_pi_correction=enable_pi_correction,
+    )
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    pre.step()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    factors = {n: (b.A.detach().clone(), b.G.detach().clone()) for n, b in pre.blocks.items()}
+    return grads, factors
+
+
+def assert_factors_match(
+    actual: dict[str, tuple[Tensor, Tensor]],
+    rec: Recording,
+    reduction: str,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Library factors equal the reference factors for every recorded layer."""
+    for name in names if names is not None else rec.layers:
+        expected_a, expected_g = reference_factors(rec.layers[name], reduction)
+        actual_a, actual_g = actual[name]
+        assert actual_a.dtype == DTYPE and actual_g.dtype == DTYPE
+        torch.testing.assert_close(actual_a, expected_a, **EXACT, msg=lambda m, n=name: f"A[{n}]: {m}")
+        torch.testing.assert_close(actual_g, expected_g, **EXACT, msg=lambda m, n=name: f"G[{n}]: {m}")
