@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny float64 models and data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """Run a test in float64 from a fixed seed, restoring the default dtype afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make_mlp(seed: int = 0) -> nn.Sequential:
+    """5-8-3 MLP with an in-place ReLU right after the first Linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+
+
+def make_data(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (n, 5) and class labels in {0, 1, 2}."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)

@@ -1,0 +1,122 @@
+"""When statistics are recorded: due steps, the original track_forward/track_backward loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import make_data, make_mlp
+from torch_kfac import KFAC
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def expected_g(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """G of the output layer for cross-entropy on `labels`: mean of (softmax - onehot) outer products."""
+    with torch.no_grad():
+        logits = model(x)
+    err = logits.softmax(-1) - F.one_hot(labels, logits.shape[-1])
+    return err.T @ err / x.shape[0]
+
+
+def test_statistics_recorded_only_on_factor_update_steps() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.05, 1e-2, factor_update_steps=3, cov_ema_decay=0.5)
+    x, y = make_data()
+    changed = []
+    previous = None
+    for step in range(7):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        recorded = opt.blocks["0"].has_pending("A") and opt.blocks["0"].has_pending("G")
+        assert recorded == (step % 3 == 0)
+        opt.step()
+        current = opt.blocks["0"].A.clone()
+        changed.append(previous is None or not torch.equal(previous, current))
+        previous = current
+    assert changed == [True, False, False, True, False, False, True]
+
+
+def test_no_grad_forward_records_nothing() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.05, 1e-2)
+    with torch.no_grad():
+        model(make_data()[0])
+    assert not any(b.has_pending("A") for b in opt.blocks.values())
+
+
+def test_original_data_label_loop_with_tracking_contexts() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.2, 1e-2, adapt_damping=True, damping_adaptation_interval=1, momentum=0.5)
+    x, y = make_data()
+    losses = []
+    for _ in range(30):
+        model.zero_grad()
+        with opt.track_forward():
+            loss = F.cross_entropy(model(x), y)
+        with opt.track_backward():
+            loss.backward()
+        opt.step(loss=loss)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert opt.damping.item() != pytest.approx(1e-2)
+    # Outside the contexts nothing is recorded any more.
+    before = opt.blocks["2"].A.clone()
+    model.zero_grad()
+    x2, y2 = make_data(seed=9)
+    loss = F.cross_entropy(model(x2), y2)
+    loss.backward()
+    assert not opt.blocks["2"].has_pending("A")
+    opt.step(loss=loss)
+    assert torch.equal(before, opt.blocks["2"].A)
+
+
+def test_original_manual_loop_with_sampled_labels() -> None:
+    """update_cov_manually=True: factors come from the sampled-label pass only."""
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, update_cov_manually=True, cov_ema_decay=0.0, momentum=0.0)
+    x, y = make_data()
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        model.zero_grad()
+        with opt.track_forward():
+            out = model(x)
+            sampled = torch.multinomial(torch.softmax(out.detach(), 1), 1, generator=gen).reshape(-1)
+            loss = F.cross_entropy(out, sampled)
+        with opt.track_backward():
+            loss.backward()
+        opt.update_cov()
+        g_sampled = expected_g(model, x, sampled)
+        model.zero_grad()
+        with opt.track_forward():
+            loss = F.cross_entropy(model(x), y)
+        with opt.track_backward():
+            loss.backward()
+        torch.testing.assert_close(opt.blocks["2"].G, g_sampled, rtol=1e-12, atol=1e-14)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(loss=loss)
+        # step() folds nothing in manual mode: the factors are still those of the sampled pass.
+        torch.testing.assert_close(opt.blocks["2"].G, g_sampled, rtol=1e-12, atol=1e-14)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), step
+
+
+def test_inplace_activation_after_conv_and_linear() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 5 * 5, 4),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(4, 2),
+    )
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 2, (6,))
+    h = torch.relu(model[3](torch.relu(model[0](x)).flatten(1)))
+    out = model[5](h.detach().requires_grad_())
+    (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), out)
+    opt = KFAC(model, 0.1, 1e-2)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(opt.blocks["5"].G, g.T @ g / 6, rtol=1e-12, atol=1e-14)
+    assert opt.blocks["0"].has_factors() and opt.blocks["3"].has_factors()

@@ -1,0 +1,402 @@
+"""KFAC as a torch.optim.Optimizer: update rules, state, schedulers, validation, robustness."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conftest import make_data, make_mlp
+from torch_kfac import KFAC
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the model on (x, y)."""
+    return F.cross_entropy(model(x), y, reduction=reduction)
+
+
+def train(opt: KFAC, model: nn.Module, steps: int, seed: int = 1, reduction: str = "mean") -> list[float]:
+    """A few full-batch steps; returns the losses."""
+    x, y = make_data(seed=seed)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(model, x, y, reduction)
+        loss.backward()
+        opt.step(loss=loss)
+        losses.append(loss.item())
+    return losses
+
+
+def grads_and_step(opt: KFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step; returns each parameter's change theta_old - theta_new and its gradient."""
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    change = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+    return {**{f"d/{n}": v for n, v in change.items()}, **{f"g/{n}": v for n, v in grads.items()}}
+
+
+def natural(opt: KFAC, name: str, mat: torch.Tensor) -> torch.Tensor:
+    """The block's current preconditioner applied to a gradient matrix."""
+    block = opt.blocks[name]
+    return block.precondition(mat.unsqueeze(0), opt.damping, True)[0]
+
+
+def block_grad(out: dict[str, torch.Tensor], name: str, prefix: str = "g") -> torch.Tensor:
+    """[dW, db] of a Linear block from a `grads_and_step` record."""
+    return torch.cat([out[f"{prefix}/{name}.weight"], out[f"{prefix}/{name}.bias"][:, None]], 1)
+
+
+# ----------------------------------------------------------------------- update rules
+def test_regular_momentum_is_momentum_on_the_natural_gradient() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9, inverse_update_steps=1)
+    x1, y1 = make_data(seed=1)
+    x2, y2 = make_data(seed=2)
+    s1 = grads_and_step(opt, model, x1, y1)
+    p1 = natural(opt, "2", block_grad(s1, "2"))
+    s2 = grads_and_step(opt, model, x2, y2)
+    p2 = natural(opt, "2", block_grad(s2, "2"))
+    torch.testing.assert_close(block_grad(s1, "2", "d"), 0.1 * p1, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(block_grad(s2, "2", "d"), 0.1 * (0.9 * p1 + p2), rtol=1e-12, atol=1e-14)
+
+
+def test_adam_momentum_preconditions_the_velocity() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9, momentum_type="adam", inverse_update_steps=1)
+    s1 = grads_and_step(opt, model, *make_data(seed=1))
+    s2 = grads_and_step(opt, model, *make_data(seed=2))
+    velocity = 0.9 * block_grad(s1, "2") + block_grad(s2, "2")
+    expected = 0.1 * natural(opt, "2", velocity)
+    torch.testing.assert_close(block_grad(s2, "2", "d"), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_norm_constraint_scales_the_update() -> None:
+    model = make_mlp()
+    lr, bound = 0.5, 1e-6
+    opt = KFAC(model, lr, 1e-2, momentum=0.0, norm_constraint=bound)
+    s = grads_and_step(opt, model, *make_data())
+    sq = sum((block_grad(s, n) * natural(opt, n, block_grad(s, n))).sum() for n in ("0", "2"))
+    coeff = min(1.0, (bound / (lr**2 * sq)).sqrt().item())
+    assert coeff < 1.0
+    for n in ("0", "2"):
+        expected = lr * coeff * natural(opt, n, block_grad(s, n))
+        torch.testing.assert_close(block_grad(s, n, "d"), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_weight_decay_is_decoupled() -> None:
+    model = make_mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.0, weight_decay=0.01)
+    s = grads_and_step(opt, model, *make_data())
+    theta = torch.cat([before["2.weight"], before["2.bias"][:, None]], 1)
+    expected = 0.1 * (natural(opt, "2", block_grad(s, "2")) + 0.01 * theta)
+    torch.testing.assert_close(block_grad(s, "2", "d"), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_fallback_parameters_get_momentum_sgd() -> None:
+    class WithScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = make_mlp()
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * self.body(x)
+
+    model = WithScale()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9)
+    assert "scale: fallback" in repr(opt)
+    s1 = grads_and_step(opt, model, *make_data(seed=1))
+    s2 = grads_and_step(opt, model, *make_data(seed=2))
+    torch.testing.assert_close(s1["d/scale"], 0.1 * s1["g/scale"])
+    torch.testing.assert_close(s2["d/scale"], 0.1 * (0.9 * s1["g/scale"] + s2["g/scale"]))
+
+
+def test_mean_and_sum_reductions_take_the_same_steps() -> None:
+    m_mean, m_sum = make_mlp(), make_mlp()
+    opt_mean = KFAC(m_mean, 0.2, 1e-2, reduction="mean", inverse_update_steps=2)
+    opt_sum = KFAC(m_sum, 0.2, 1e-2, reduction="sum", inverse_update_steps=2)
+    train(opt_mean, m_mean, 4, reduction="mean")
+    train(opt_sum, m_sum, 4, reduction="sum")
+    for p, q in zip(m_mean.parameters(), m_sum.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    for name in ("0", "2"):
+        torch.testing.assert_close(opt_mean.blocks[name].G, opt_sum.blocks[name].G, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_trains_a_small_problem() -> None:
+    model = make_mlp()
+    losses = train(KFAC(model, 0.3, 1e-2, momentum=0.5), model, 40)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------- torch.optim interface
+def test_state_dict_round_trip_continues_bit_identically() -> None:
+    kwargs = {"momentum": 0.9, "adapt_damping": True, "damping_adaptation_interval": 2}
+    kwargs.update(inverse_update_steps=3, weight_decay=1e-3)
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, **kwargs)
+    train(opt, model, 4)
+    saved_opt = opt.state_dict()
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh = make_mlp(seed=123)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = KFAC(fresh, 0.5, 1.0, **kwargs)
+    fresh_opt.load_state_dict(saved_opt)
+    assert fresh_opt.damping.item() == opt.damping.item()
+    assert fresh_opt.learning_rate == 0.1
+
+    train(opt, model, 5, seed=3)
+    train(fresh_opt, fresh, 5, seed=3)
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for name, block in opt.blocks.items():
+        assert torch.equal(block.A, fresh_opt.blocks[name].A)
+        assert torch.equal(block.G, fresh_opt.blocks[name].G)
+
+
+def test_lr_scheduler_drives_the_learning_rate() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.2, 1e-2, momentum=0.0, inverse_update_steps=1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = make_data()
+    grads_and_step(opt, model, x, y)
+    sched.step()
+    assert opt.learning_rate == pytest.approx(0.1)
+    s = grads_and_step(opt, model, x, y)
+    torch.testing.assert_close(block_grad(s, "2", "d"), 0.1 * natural(opt, "2", block_grad(s, "2")))
+
+
+def test_original_positional_and_alias_arguments() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.05, 1e-3)
+    assert opt.learning_rate == 0.05 and opt.param_groups[0]["lr"] == 0.05
+    assert opt.damping.item() == pytest.approx(1e-3)
+    opt.learning_rate = 0.01
+    assert opt.param_groups[0]["lr"] == 0.01
+    alias = KFAC(make_mlp(), learning_rate=0.2, damping=1e-2, momentum_type="ADAM")
+    assert alias.learning_rate == 0.2 and alias.momentum_type == "adam"
+    assert set(alias.blocks) == {"0", "2"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"lr": -0.1}, "lr"),
+        ({"damping": -1.0}, "damping"),
+        ({"damping": 0.0}, "damping"),
+        ({"momentum_type": "nesterov"}, "momentum_type"),
+        ({"reduction": "none"}, "reduction"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"cov_ema_decay": 1.0}, "cov_ema_decay"),
+        ({"factor_update_steps": 0}, "factor_update_steps"),
+        ({"inverse_update_steps": 2.5}, "inverse_update_steps"),
+        ({"norm_constraint": -1.0}, "norm_constraint"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"inverse_method": "svd"}, "inverse_method"),
+        ({"skip_modules": ["nope"]}, "skip_modules"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_argument(kwargs: dict[str, object], name: str) -> None:
+    args = {"lr": 0.1, "damping": 1e-3, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        KFAC(make_mlp(), **args)
+
+
+def test_lr_is_required_and_given_once() -> None:
+    with pytest.raises(ValueError, match="lr"):
+        KFAC(make_mlp())
+    with pytest.raises(ValueError, match="learning_rate"):
+        KFAC(make_mlp(), lr=0.1, learning_rate=0.1)
+
+
+# ----------------------------------------------------------------------- robustness
+def test_non_finite_gradient_skips_the_step_with_one_warning() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    train(opt, model, 2)
+    params = [p.detach().clone() for p in model.parameters()]
+    factors = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
+    x, y = make_data()
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert len([w for w in caught if "non-finite" in str(w.message)]) == 1
+    for p, q in zip(params, model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for n, b in opt.blocks.items():
+        assert torch.equal(b.A, factors[n][0]) and torch.equal(b.G, factors[n][1])
+    # The next finite step proceeds normally.
+    train(opt, model, 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_input_statistics_never_reach_the_factors() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    train(opt, model, 1)
+    factors = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
+    x, y = make_data()
+    x[0, 0] = float("inf")
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    for n, b in opt.blocks.items():
+        assert torch.equal(b.A, factors[n][0]) and torch.equal(b.G, factors[n][1])
+
+
+def test_factors_follow_the_model_to_a_new_dtype() -> None:
+    model = make_mlp().float()
+    opt = KFAC(model, 0.1, 1e-2)
+    x, y = make_data()
+    opt.zero_grad()
+    loss_of(model, x.float(), y).backward()
+    opt.step()
+    model.double()
+    train(opt, model, 2)
+    assert opt.blocks["0"].A.dtype == torch.float64
+    assert opt.damping.dtype == torch.float64
+
+
+def test_two_optimizers_do_not_interfere() -> None:
+    m1, m2 = make_mlp(1), make_mlp(2)
+    o1, o2 = KFAC(m1, 0.1, 1e-2), KFAC(m2, 0.1, 1e-2)
+    train(o1, m1, 1)
+    assert all(not b.has_factors() for b in o2.blocks.values())
+    assert all(b.has_factors() for b in o1.blocks.values())
+    train(o2, m2, 1, seed=5)
+    assert not torch.equal(o1.blocks["0"].A, o2.blocks["0"].A)
+
+
+def test_close_removes_every_hook() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    assert model[0]._forward_hooks
+    opt.close()
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_blocks_expose_named_factors() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    train(opt, model, 1)
+    assert set(opt.blocks) == {"0", "2"}
+    assert opt.blocks["0"].A.shape == (6, 6) and opt.blocks["0"].G.shape == (8, 8)
+    covs = opt.covariances
+    assert set(covs) == {"0", "2"}
+    doubled = {n: (2 * a, 2 * g) for n, (a, g) in covs.items()}
+    opt.covariances = doubled
+    torch.testing.assert_close(opt.blocks["2"].A, doubled["2"][0])
+
+
+def test_reset_cov_forgets_the_factors() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    train(opt, model, 1)
+    opt.reset_cov()
+    assert not any(b.has_factors() for b in opt.blocks.values())
+
+
+# ------------------------------------------------------------------ adaptive damping
+def test_adaptive_damping_pairs_each_loss_change_with_its_own_step() -> None:
+    model = make_mlp()
+    damping, interval, decay = 1e-2, 1, 0.9
+    opt = KFAC(
+        model,
+        0.3,
+        damping,
+        adapt_damping=True,
+        damping_adaptation_interval=interval,
+        damping_adaptation_decay=decay,
+        momentum=0.0,
+    )
+    x, y = make_data()
+    loss0 = loss_of(model, x, y)
+    loss0.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(loss=loss0)
+    q0 = opt.state["kfac"]["qmodel_change"].clone()
+
+    expected_q = 0.0
+    for name, block in opt.blocks.items():
+        delta = torch.cat(
+            [
+                (dict(model.named_parameters())[f"{name}.weight"] - before[f"{name}.weight"]).detach(),
+                (dict(model.named_parameters())[f"{name}.bias"] - before[f"{name}.bias"]).detach()[:, None],
+            ],
+            1,
+        )
+        grad = torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"][:, None]], 1)
+        vec = delta.T.reshape(-1)
+        expected_q += (grad * delta).sum() + 0.5 * vec @ block.dense_curvature() @ vec
+    torch.testing.assert_close(q0, torch.as_tensor(expected_q), rtol=1e-10, atol=1e-14)
+    assert q0.item() < 0
+
+    opt.zero_grad()
+    loss1 = loss_of(model, x, y)
+    loss1.backward()
+    opt.step(loss=loss1)
+    rho = ((loss1 - loss0) / q0).item()
+    assert opt.state["kfac"]["rho"].item() == pytest.approx(rho, rel=1e-12)
+    omega = decay**interval
+    expected = damping * omega if rho > 0.75 else damping / omega if rho < 0.25 else damping
+    assert opt.damping.item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("new_loss", "q", "direction"),
+    [
+        (1.5, -1.0, "up"),
+        (0.0, -1.0, "down"),
+        (0.5, -1.0, "same"),
+        (0.9, 1.0, "down"),
+        (float("nan"), -1.0, "same"),
+    ],
+)
+def test_levenberg_marquardt_rule_on_constructed_cases(new_loss: float, q: float, direction: str) -> None:
+    opt = KFAC(
+        make_mlp(), 0.1, 1e-2, adapt_damping=True, damping_adaptation_interval=2, damping_adaptation_decay=0.9
+    )
+    opt.state["kfac"].update(prev_loss=torch.tensor(1.0), qmodel_change=torch.tensor(q))
+    opt._adapt_damping(torch.tensor(new_loss))
+    factor = {"up": 1 / 0.81, "down": 0.81, "same": 1.0}[direction]
+    assert opt.damping.item() == pytest.approx(1e-2 * factor, rel=1e-12)
+
+
+def test_adaptive_damping_needs_the_loss() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, adapt_damping=True)
+    loss_of(model, *make_data()).backward()
+    with pytest.raises(ValueError, match="loss"):
+        opt.step()
+
+
+def test_closure_is_evaluated_and_returned() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, adapt_damping=True)
+    x, y = make_data()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    second = opt.step(closure)
+    assert first is not None and second is not None and second.item() < first.item()

@@ -1,0 +1,108 @@
+"""KFACPreconditioner in front of stock torch optimizers; its own state and report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import make_data, make_mlp
+from torch_kfac import KFACPreconditioner
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def test_step_replaces_grads_with_the_damped_kronecker_solve() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, enable_pi_correction=False, inverse_method="eigh")
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([model[2].weight.grad, model[2].bias.grad[:, None]], 1)
+    assert pre.step()
+    block = pre.blocks["2"]
+    dense = torch.kron(block.A + 0.1 * torch.eye(9), block.G + 0.1 * torch.eye(3))
+    expected = torch.linalg.solve(dense, grad.T.reshape(-1)).reshape(9, 3).T
+    torch.testing.assert_close(model[2].weight.grad, expected[:, :8], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model[2].bias.grad, expected[:, 8], rtol=1e-10, atol=1e-12)
+
+
+def test_exact_damping_solves_kron_plus_damping() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, inverse_method="eigh", damping_type="exact")
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1)
+    pre.step()
+    dense = pre.blocks["0"].dense_curvature(damping=1e-2)
+    expected = torch.linalg.solve(dense, grad.T.reshape(-1)).reshape(6, 8).T
+    torch.testing.assert_close(model[0].weight.grad, expected[:, :5], rtol=1e-9, atol=1e-12)
+
+
+def test_cholesky_and_eigh_agree() -> None:
+    grads = []
+    for method in ("cholesky", "eigh"):
+        model = make_mlp()
+        pre = KFACPreconditioner(model, damping=1e-3, inverse_method=method)
+        x, y = make_data()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_in_front_of_torch_optimizers_with_a_schedule(opt_name: str) -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+    x, y = make_data()
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_state_dict_round_trip() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=2)
+    x, y = make_data()
+    for _ in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    other = KFACPreconditioner(make_mlp(), damping=1.0, inverse_update_steps=2)
+    other.load_state_dict(pre.state_dict())
+    assert other.steps == pre.steps and other.damping.item() == pytest.approx(1e-2)
+    for name, block in pre.blocks.items():
+        assert torch.equal(block.A, other.blocks[name].A)
+        assert torch.equal(block.state["A_inv"], other.blocks[name].state["A_inv"])
+    with pytest.raises(ValueError, match="blocks"):
+        KFACPreconditioner(torch.nn.Linear(2, 2)).load_state_dict(pre.state_dict())
+
+
+def test_report_lists_blocks_and_fallbacks() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].requires_grad_(False)
+    text = repr(KFACPreconditioner(model))
+    assert "0.weight: LinearBlock (A 5x5, G 4x4" in text
+    assert "1.weight: fallback (no curvature block for this module type)" in text
+    assert "2.weight: fallback (parameters frozen" in text
+
+
+def test_tied_weights_fall_back_instead_of_wrong_curvature() -> None:
+    enc, dec = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+    dec.weight = enc.weight
+    pre = KFACPreconditioner(torch.nn.Sequential(enc, dec))
+    assert pre.blocks == {}
+    assert "shared" in pre.describe()
