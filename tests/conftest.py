@@ -8,6 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+# The suite is thousands of tiny kernels: one thread avoids oversubscribing a small CI machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def float64() -> Iterator[None]:

@@ -160,9 +160,7 @@ def record(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, names: Seque
         name: LayerRecord(modules[name], seen[name][0], seen[name][1], grad)
         for name, grad in zip(names, grads[: len(names)], strict=True)
     }
-    param_grads = {
-        n: g.detach() for (n, _), g in zip(named_params, grads[len(names) :], strict=True)
-    }
+    param_grads = {n: g.detach() for (n, _), g in zip(named_params, grads[len(names) :], strict=True)}
     return Recording(loss.detach(), layers, param_grads)
 
 
@@ -241,9 +239,7 @@ def conv_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, li
     xp = pad_conv_input(module, x)
     batch_size, channels = xp.shape[:2]
     groups = module.groups
-    geometry = list(
-        zip(xp.shape[2:], module.kernel_size, module.stride, module.dilation, strict=True)
-    )
+    geometry = list(zip(xp.shape[2:], module.kernel_size, module.stride, module.dilation, strict=True))
     out_sizes = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in geometry]
     patches = []
     for position in itertools.product(*(range(o) for o in out_sizes)):
@@ -299,18 +295,24 @@ def reference_factors(rec: LayerRecord, reduction: str) -> tuple[Tensor, Tensor]
 # ---------------------------------------------------------------------------------------
 
 
-def gradient_matrix(weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
-    """``[W.grad.reshape(d_out, -1), b.grad[:, None]]`` (bias column only if present)."""
+def gradient_matrix(weight_grad: Tensor, bias_grad: Tensor | None, groups: int = 1) -> Tensor:
+    """``[W.grad.reshape(d_out, -1), b.grad[:, None]]`` (bias column only if present).
+
+    With ``groups > 1`` the result has shape (groups, d_out/groups, d_in/groups*prod(k) [+1]):
+    group ``j`` holds output channels ``j*d_out/groups .. (j+1)*d_out/groups``.
+    """
     matrix = weight_grad.reshape(weight_grad.shape[0], -1)
-    if bias_grad is None:
+    if bias_grad is not None:
+        matrix = torch.cat([matrix, bias_grad[:, None]], dim=1)
+    if groups == 1:
         return matrix
-    return torch.cat([matrix, bias_grad[:, None]], dim=1)
+    return matrix.reshape(groups, matrix.shape[0] // groups, matrix.shape[1])
 
 
-def layer_gradient_matrix(param_grads: dict[str, Tensor], name: str) -> Tensor:
+def layer_gradient_matrix(param_grads: dict[str, Tensor], name: str, groups: int = 1) -> Tensor:
     """Gradient matrix of layer ``name`` from gradients keyed by qualified parameter name."""
     prefix = f"{name}." if name else ""
-    return gradient_matrix(param_grads[prefix + "weight"], param_grads.get(prefix + "bias"))
+    return gradient_matrix(param_grads[prefix + "weight"], param_grads.get(prefix + "bias"), groups)
 
 
 def vec(matrix: Tensor) -> Tensor:
@@ -331,14 +333,35 @@ def pi_value(big_a: Tensor, big_g: Tensor, enable_pi_correction: bool) -> float:
 
 
 def dense_preconditioned(
-    big_a: Tensor, big_g: Tensor, matrix: Tensor, damping: float, enable_pi_correction: bool
+    big_a: Tensor,
+    big_g: Tensor,
+    matrix: Tensor,
+    damping: float,
+    enable_pi_correction: bool,
+    damping_type: str = "factored",
 ) -> Tensor:
-    """Solve ``kron(A + pi sqrt(d) I, G + sqrt(d)/pi I) vec(P) = vec(M)`` densely."""
-    pi = pi_value(big_a, big_g, enable_pi_correction)
-    root = math.sqrt(damping)
-    damped_a = big_a + pi * root * torch.eye(big_a.shape[0], dtype=big_a.dtype)
-    damped_g = big_g + root / pi * torch.eye(big_g.shape[0], dtype=big_g.dtype)
-    solution = torch.linalg.solve(torch.kron(damped_a, damped_g), vec(matrix))
+    """Preconditioned gradient matrix by a dense solve with the full Kronecker product.
+
+    ``"factored"``: solve ``kron(A + pi sqrt(d) I, G + sqrt(d)/pi I) vec(P) = vec(M)``;
+    ``"exact"``: solve ``(kron(A, G) + d I) vec(P) = vec(M)``. With a leading group dim
+    (A: (groups, ...), M: (groups, ...)) every group is solved on its own, with its own pi.
+    """
+    if big_a.dim() == 3:
+        return torch.stack(
+            [
+                dense_preconditioned(a, g, m, damping, enable_pi_correction, damping_type)
+                for a, g, m in zip(big_a, big_g, matrix, strict=True)
+            ]
+        )
+    eye_a = torch.eye(big_a.shape[0], dtype=big_a.dtype)
+    eye_g = torch.eye(big_g.shape[0], dtype=big_g.dtype)
+    if damping_type == "exact":
+        curvature = torch.kron(big_a, big_g) + damping * torch.kron(eye_a, eye_g)
+    else:
+        pi = pi_value(big_a, big_g, enable_pi_correction)
+        root = math.sqrt(damping)
+        curvature = torch.kron(big_a + pi * root * eye_a, big_g + root / pi * eye_g)
+    solution = torch.linalg.solve(curvature, vec(matrix))
     return unvec(solution, *matrix.shape)
 
 
@@ -415,14 +438,16 @@ def library_preconditioned(
     reduction: str,
     damping: float,
     enable_pi_correction: bool,
+    **options,
 ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
     """Run ``KFACPreconditioner.step`` once; return the preconditioned gradients of all
-    parameters (by qualified name) and the blocks' factors."""
+    parameters (by qualified name) and the blocks' factors. ``options`` are passed on."""
     pre = KFACPreconditioner(
         model,
         damping=damping,
         reduction=reduction,
         enable_pi_correction=enable_pi_correction,
+        **options,
     )
     loss = loss_fn(model(x), y)
     loss.backward()
@@ -445,3 +470,13 @@ def assert_factors_match(
         assert actual_a.dtype == DTYPE and actual_g.dtype == DTYPE
         torch.testing.assert_close(actual_a, expected_a, **EXACT, msg=lambda m, n=name: f"A[{n}]: {m}")
         torch.testing.assert_close(actual_g, expected_g, **EXACT, msg=lambda m, n=name: f"G[{n}]: {m}")
+
+
+def assert_factor_dicts_equal(
+    first: dict[str, tuple[Tensor, Tensor]], second: dict[str, tuple[Tensor, Tensor]]
+) -> None:
+    """Two runs of the library produced the same blocks with the same (A, G)."""
+    assert set(first) == set(second)
+    for name, (big_a, big_g) in first.items():
+        torch.testing.assert_close(second[name][0], big_a, **EXACT)
+        torch.testing.assert_close(second[name][1], big_g, **EXACT)

@@ -4,11 +4,14 @@ import copy
 
 import pytest
 import torch
-from reference import (
+from torch import nn
+
+from tests.reference import (
     DTYPE,
     EXACT,
     SOLVE,
     Transpose,
+    assert_factor_dicts_equal,
     assert_factors_match,
     curvlinops_factors,
     curvlinops_gradient_scale,
@@ -25,8 +28,6 @@ from reference import (
     vec,
     with_flatten_head,
 )
-from torch import nn
-
 from torch_kfac import KFAC
 
 D_IN, D_HIDDEN, NUM_OUTPUTS = 4, 3, 5
@@ -93,9 +94,7 @@ def test_linear_factors_same_for_mean_and_sum(example_shape, bias, batch_size, l
     for reduction in ("mean", "sum"):
         loss_fn = make_per_example_loss(loss_kind, reduction)
         factors[reduction] = library_kfac_factors(copy.deepcopy(model), loss_fn, x, y, reduction)
-    for name in ("0", "2"):
-        for mean_factor, sum_factor in zip(factors["mean"][name], factors["sum"][name]):
-            torch.testing.assert_close(mean_factor, sum_factor, **EXACT)
+    assert_factor_dicts_equal(factors["mean"], factors["sum"])
 
 
 @pytest.mark.parametrize("loss_kind", ["mse", "ce"])
@@ -248,14 +247,25 @@ def test_second_fold_is_zero_debiased_ema():
             torch.testing.assert_close(actual, (decay * f1 + f2) / (1 + decay), **EXACT)
 
 
+# KFACPreconditioner options -> damping type of the dense reference. The default is
+# Cholesky inverses of the factors with pi-adjusted factored damping.
+SOLVERS = {
+    "default": ({}, "factored"),
+    "eigh": ({"inverse_method": "eigh"}, "factored"),
+    "eigh_exact": ({"inverse_method": "eigh", "damping_type": "exact"}, "exact"),
+}
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
 @pytest.mark.parametrize("damping", [1e-3, 1e-1])
 @pytest.mark.parametrize("enable_pi_correction", [True, False], ids=["pi", "nopi"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("example_shape", EXAMPLE_SHAPES[:2], ids=SHAPE_IDS[:2])
 def test_preconditioner_matches_dense_solve(
-    example_shape, bias, batch_size, enable_pi_correction, damping
+    example_shape, bias, batch_size, enable_pi_correction, damping, solver
 ):
+    options, damping_type = SOLVERS[solver]
     gen = _seeded(9)
     model = _sharing_model(example_shape, bias)
     x = randn(batch_size, *example_shape, generator=gen)
@@ -264,7 +274,7 @@ def test_preconditioner_matches_dense_solve(
 
     rec = record(model, loss_fn, x, y, ["0", "2"])
     grads, factors = library_preconditioned(
-        model, loss_fn, x, y, "mean", damping, enable_pi_correction
+        model, loss_fn, x, y, "mean", damping, enable_pi_correction, **options
     )
     assert set(factors) == {"0", "2"}
     for name in ("0", "2"):
@@ -272,7 +282,7 @@ def test_preconditioner_matches_dense_solve(
         torch.testing.assert_close(factors[name][0], big_a, **EXACT)
         torch.testing.assert_close(factors[name][1], big_g, **EXACT)
         matrix = layer_gradient_matrix(rec.param_grads, name)
-        expected = dense_preconditioned(big_a, big_g, matrix, damping, enable_pi_correction)
+        expected = dense_preconditioned(big_a, big_g, matrix, damping, enable_pi_correction, damping_type)
         actual = layer_gradient_matrix(grads, name)
         assert actual.shape == expected.shape
         torch.testing.assert_close(actual, expected, **SOLVE)

@@ -1,0 +1,304 @@
+"""Exact reference tests for the K-FAC block of ``nn.Conv1d/2d/3d`` layers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.reference import (
+    DTYPE,
+    EXACT,
+    SOLVE,
+    assert_factor_dicts_equal,
+    assert_factors_match,
+    conv_paddings,
+    curvlinops_factors,
+    curvlinops_gradient_scale,
+    dense_preconditioned,
+    layer_gradient_matrix,
+    library_kfac_factors,
+    library_preconditioned,
+    make_loss,
+    make_per_example_loss,
+    make_target,
+    randn,
+    record,
+    reference_factors,
+    with_flatten_head,
+)
+
+C_IN, NUM_OUTPUTS = 4, 3
+SPATIAL = {1: (7,), 2: (6, 5), 3: (4, 5, 4)}
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+DIMS = [1, 2, 3]
+DIM_IDS = ["1d", "2d", "3d"]
+PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+def _seeded(seed: int) -> torch.Generator:
+    """Seed the global RNG (parameter initialisation) and return a data generator."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _per_dim(value, dim: int):
+    """Keep ints and strings; cut 3-tuples down to ``dim`` entries."""
+    return value[:dim] if isinstance(value, tuple) else value
+
+
+def _conv(dim: int, out_channels: int = 5, **kwargs) -> nn.Module:
+    kwargs = {key: _per_dim(value, dim) for key, value in kwargs.items()}
+    return CONV[dim](C_IN, out_channels, **kwargs).to(DTYPE)
+
+
+def _conv_model(conv: nn.Module, dim: int) -> nn.Module:
+    """``Sequential(conv ("0"), Flatten, Linear ("2"))``."""
+    return with_flatten_head(conv, (C_IN, *SPATIAL[dim]), NUM_OUTPUTS)
+
+
+def _check_conv_model(model, dim, seed, reduction="mean", loss_kind="mse", batch_size=3, names=("0", "2")):
+    """Compare the library's factors with the reference for the named layers."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    x = randn(batch_size, C_IN, *SPATIAL[dim], generator=gen)
+    y = make_target(loss_kind, batch_size, NUM_OUTPUTS, gen)
+    loss_fn = make_loss(loss_kind, reduction)
+    rec = record(model, loss_fn, x, y, list(names))
+    actual = library_kfac_factors(model, loss_fn, x, y, reduction)
+    assert set(actual) == set(names)
+    assert_factors_match(actual, rec, reduction)
+    return rec, actual
+
+
+# kernel_size, padding and dilation per case (3-tuples are cut to the conv's dimension).
+PADDING_CASES = {
+    "int": {"kernel_size": 3, "padding": 1},
+    "tuple": {"kernel_size": 3, "padding": (2, 1, 0)},
+    "valid": {"kernel_size": 3, "padding": "valid"},
+    "same_odd": {"kernel_size": (3, 1, 3), "padding": "same"},
+    # even kernels: torch pads total = dilation * (k - 1) with left = total // 2
+    "same_even": {"kernel_size": (4, 2, 4), "padding": "same"},
+    "same_even_dilated": {"kernel_size": 2, "padding": "same", "dilation": (3, 2, 1)},
+}
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("case", list(PADDING_CASES))
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_padding(dim, case, padding_mode):
+    _seeded(0)
+    conv = _conv(dim, padding_mode=padding_mode, **PADDING_CASES[case])
+    if case.startswith("same_even"):
+        # make sure the asymmetric branch is really exercised
+        assert any(left != right for left, right in conv_paddings(conv))
+    _check_conv_model(_conv_model(conv, dim), dim, seed=0)
+
+
+# stride, padding, dilation, kernel per case.
+GEOMETRY_CASES = {
+    "stride2": {"kernel_size": 3, "stride": 2, "padding": 1},
+    "stride_tuple": {"kernel_size": (3, 2, 2), "stride": (2, 1, 3)},
+    "dilation2": {"kernel_size": 2, "dilation": 2, "padding": 1},
+    "mixed": {"kernel_size": (3, 2, 3), "stride": (2, 1, 2), "padding": (1, 0, 1), "dilation": (1, 2, 1)},
+}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", list(GEOMETRY_CASES))
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_geometry(dim, case, bias):
+    _seeded(1)
+    conv = _conv(dim, bias=bias, **GEOMETRY_CASES[case])
+    _, actual = _check_conv_model(_conv_model(conv, dim), dim, seed=1)
+    dim_a = conv.weight[0].numel() + int(bias)  # C_in * prod(kernel) [+ 1]
+    assert actual["0"][0].shape == (dim_a, dim_a)
+    assert actual["0"][1].shape == (5, 5)
+
+
+GROUP_CASES = {
+    "groups1": {"groups": 1, "out_channels": 6},
+    "groups2": {"groups": 2, "out_channels": 6},
+    "depthwise": {"groups": C_IN, "out_channels": C_IN},
+    "depthwise_x2": {"groups": C_IN, "out_channels": 2 * C_IN},
+}
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", list(GROUP_CASES))
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_groups(dim, case, bias, padding_mode):
+    _seeded(2)
+    groups, out_channels = GROUP_CASES[case]["groups"], GROUP_CASES[case]["out_channels"]
+    conv = _conv(
+        dim,
+        out_channels=out_channels,
+        kernel_size=(3, 2, 3),
+        stride=(1, 2, 1),
+        padding=1,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+    )
+    _, actual = _check_conv_model(_conv_model(conv, dim), dim, seed=2)
+    big_a, big_g = actual["0"]
+    dim_a = conv.weight[0].numel() + int(bias)
+    dim_g = out_channels // groups
+    if groups == 1:
+        assert big_a.shape == (dim_a, dim_a)
+        assert big_g.shape == (dim_g, dim_g)
+    else:
+        assert big_a.shape == (groups, dim_a, dim_a)
+        assert big_g.shape == (groups, dim_g, dim_g)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("loss_kind", ["mse", "ce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_reductions_and_losses(dim, reduction, loss_kind, batch_size):
+    _seeded(3)
+    conv = _conv(dim, kernel_size=3, stride=(1, 2, 1), padding=1, groups=2, out_channels=6)
+    _check_conv_model(
+        _conv_model(conv, dim),
+        dim,
+        seed=3,
+        reduction=reduction,
+        loss_kind=loss_kind,
+        batch_size=batch_size,
+    )
+
+
+@pytest.mark.parametrize("loss_kind", ["mse", "ce"])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_factors_same_for_mean_and_sum(dim, loss_kind):
+    gen = _seeded(4)
+    model = _conv_model(_conv(dim, kernel_size=2, padding="same", padding_mode="reflect"), dim)
+    x = randn(3, C_IN, *SPATIAL[dim], generator=gen)
+    y = make_target(loss_kind, 3, NUM_OUTPUTS, gen)
+    factors = {
+        reduction: library_kfac_factors(
+            copy.deepcopy(model), make_per_example_loss(loss_kind, reduction), x, y, reduction
+        )
+        for reduction in ("mean", "sum")
+    }
+    assert_factor_dicts_equal(factors["mean"], factors["sum"])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_followed_by_inplace_relu(dim, reduction, groups):
+    _seeded(5)
+    conv = _conv(dim, out_channels=6, kernel_size=3, padding=1, groups=groups)
+    model = _conv_model(nn.Sequential(conv, nn.ReLU(inplace=True)), dim)
+    rec, _ = _check_conv_model(model, dim, seed=5, reduction=reduction, names=("0.0", "2"))
+    # The ReLU must actually clip something, otherwise the in-place case is vacuous.
+    assert (rec.layers["0.0"].output < 0).any()
+
+
+CURVLINOPS_CASES = {
+    "basic": {"kernel_size": 3, "padding": 1},
+    "stride_padding": {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 2)},
+    "dilation": {"kernel_size": 2, "dilation": 2, "padding": 1},
+    "same_odd": {"kernel_size": 3, "padding": "same"},
+}
+
+
+@pytest.mark.parametrize("loss_kind", ["mse", "ce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", list(CURVLINOPS_CASES))
+def test_conv2d_matches_curvlinops(case, bias, reduction, loss_kind):
+    gen = _seeded(6)
+    batch_size = 3
+    model = _conv_model(_conv(2, bias=bias, **CURVLINOPS_CASES[case]), 2)
+    x = randn(batch_size, C_IN, *SPATIAL[2], generator=gen)
+    y = make_target(loss_kind, batch_size, NUM_OUTPUTS, gen)
+    loss_fn = make_loss(loss_kind, reduction)
+
+    input_covs, grad_covs = curvlinops_factors(model, loss_fn, x, y)
+    rec = record(model, loss_fn, x, y, ["0", "2"])
+    actual = library_kfac_factors(model, loss_fn, x, y, reduction)
+
+    scale = curvlinops_gradient_scale(loss_fn, (batch_size, NUM_OUTPUTS))
+    for name in ("0", "2"):
+        ref_a, ref_g = reference_factors(rec.layers[name], reduction)
+        # The independent reference agrees with curvlinops ...
+        torch.testing.assert_close(ref_a, input_covs[name], **EXACT)
+        torch.testing.assert_close(ref_g * scale, grad_covs[name], **EXACT)
+        # ... and so does the library.
+        torch.testing.assert_close(actual[name][0], input_covs[name], **EXACT)
+        torch.testing.assert_close(actual[name][1] * scale, grad_covs[name], **EXACT)
+
+
+# KFACPreconditioner options -> damping type of the dense reference.
+SOLVERS = {
+    "default": ({}, "factored"),
+    "eigh_exact": ({"inverse_method": "eigh", "damping_type": "exact"}, "exact"),
+}
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("groups", [1, 2, C_IN], ids=["groups1", "groups2", "depthwise"])
+@pytest.mark.parametrize("enable_pi_correction", [True, False], ids=["pi", "nopi"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_preconditioner_matches_dense_solve(dim, bias, enable_pi_correction, groups, solver):
+    """Grouped blocks are preconditioned group by group (each group with its own pi)."""
+    options, damping_type = SOLVERS[solver]
+    gen = _seeded(7)
+    batch_size, damping = 2, 1e-2
+    conv = _conv(
+        dim,
+        out_channels=C_IN,
+        kernel_size=2,
+        stride=2,
+        groups=groups,
+        bias=bias,
+        padding_mode="replicate",
+    )
+    model = _conv_model(conv, dim)
+    x = randn(batch_size, C_IN, *SPATIAL[dim], generator=gen)
+    y = make_target("ce", batch_size, NUM_OUTPUTS, gen)
+    loss_fn = make_loss("ce", "mean")
+
+    rec = record(model, loss_fn, x, y, ["0", "2"])
+    grads, factors = library_preconditioned(
+        model, loss_fn, x, y, "mean", damping, enable_pi_correction, **options
+    )
+    assert set(factors) == {"0", "2"}
+    for name, name_groups in (("0", groups), ("2", 1)):
+        big_a, big_g = reference_factors(rec.layers[name], "mean")
+        torch.testing.assert_close(factors[name][0], big_a, **EXACT)
+        torch.testing.assert_close(factors[name][1], big_g, **EXACT)
+        matrix = layer_gradient_matrix(rec.param_grads, name, name_groups)
+        expected = dense_preconditioned(big_a, big_g, matrix, damping, enable_pi_correction, damping_type)
+        actual = layer_gradient_matrix(grads, name, name_groups)
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, **SOLVE)
+    assert grads["0.weight"].shape == conv.weight.shape
+
+
+@pytest.mark.parametrize("enable_pi_correction", [True, False], ids=["pi", "nopi"])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_preconditioner_mean_equals_sum(dim, enable_pi_correction):
+    gen = _seeded(8)
+    model = _conv_model(_conv(dim, kernel_size=3, padding=1, padding_mode="reflect"), dim)
+    x = randn(3, C_IN, *SPATIAL[dim], generator=gen)
+    y = make_target("ce", 3, NUM_OUTPUTS, gen)
+    results = {
+        reduction: library_preconditioned(
+            copy.deepcopy(model),
+            make_per_example_loss("ce", reduction),
+            x,
+            y,
+            reduction,
+            1e-2,
+            enable_pi_correction,
+        )[0]
+        for reduction in ("mean", "sum")
+    }
+    assert set(results["mean"]) == set(results["sum"])
+    for name, mean_grad in results["mean"].items():
+        torch.testing.assert_close(results["sum"][name], mean_grad, **SOLVE)
