@@ -25,9 +25,7 @@ def examples(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
     """Write a uint8 array as an IDX file (gzipped when ``compress``)."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(
-        ">" + "I" * array.ndim, *array.shape
-    )
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
     payload = header + array.astype(np.uint8).tobytes()
     if compress:
         path.with_name(path.name + ".gz").write_bytes(gzip.compress(payload))

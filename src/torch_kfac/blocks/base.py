@@ -113,9 +113,13 @@ class KroneckerBlock:
         rows = rows.reshape(groups, n * t, -1)
         if center:
             rows = rows - rows.mean(dim=1, keepdim=True)
+        moment = rows.mT @ rows
         if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(groups, n * t, 1)], dim=-1)
-        self._pending["A"].append(rows.mT @ rows / (n * t))
+            # [a, 1] without copying the rows: [[sum a a^T, sum a], [sum a^T, NT]].
+            col = rows.sum(dim=1).unsqueeze(-1)
+            corner = col.new_full((groups, 1, 1), float(n * t))
+            moment = torch.cat([torch.cat([moment, col], -1), torch.cat([col.mT, corner], -1)], -2)
+        self._pending["A"].append(moment / (n * t))
 
     def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
         """Add one call's per-example-gradient second moment 1/N sum g g^T to the pending G."""
