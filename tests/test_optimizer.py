@@ -372,8 +372,7 @@ def test_levenberg_marquardt_rule_on_constructed_cases(new_loss: float, q: float
     opt = KFAC(
         make_mlp(), 0.1, 1e-2, adapt_damping=True, damping_adaptation_interval=2, damping_adaptation_decay=0.9
     )
-    opt.state["kfac"].update(prev_loss=torch.tensor(1.0), qmodel_change=torch.tensor(q))
-    opt._adapt_damping(torch.tensor(new_loss))
+    opt._lm_rule(torch.tensor(new_loss - 1.0), torch.tensor(q))
     factor = {"up": 1 / 0.81, "down": 0.81, "same": 1.0}[direction]
     assert opt.damping.item() == pytest.approx(1e-2 * factor, rel=1e-12)
 

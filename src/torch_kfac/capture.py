@@ -46,12 +46,15 @@ class StatisticsCapture:
         self.explicit = False
         self._forward_on = False
         self._backward_on = False
+        self._paused = False
         self._handles: list[RemovableHandle] = [
             block.module.register_forward_hook(partial(self._forward_hook, block))
             for block in blocks.values()
         ]
 
     def _recording(self) -> bool:
+        if self._paused:
+            return False
         if self.explicit:
             return self._forward_on
         return torch.is_grad_enabled() and self.is_due()
@@ -68,7 +71,7 @@ class StatisticsCapture:
             output.register_hook(partial(self._grad_hook, block))
 
     def _grad_hook(self, block: KroneckerBlock, grad: Tensor) -> None:
-        if self.explicit and not self._backward_on:
+        if self._paused or (self.explicit and not self._backward_on):
             return
         block.record_output_grad(grad, self.reduction, self.center)
 
@@ -95,6 +98,15 @@ class StatisticsCapture:
             yield
         finally:
             self._backward_on = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside (the optimizer's own extra forward passes)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
 
     def remove(self) -> None:
         """Remove every hook; the model is left as it was before."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -38,8 +39,15 @@ def check_number(
     return value
 
 
-def check_interval(name: str, value: object) -> int:
-    """A positive whole number of steps."""
+def check_interval(name: str, value: Any) -> Any:
+    """A positive whole number of steps, or a schedule (callable of the step) returning one."""
+    if callable(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def resolve(value: Any, step: int) -> Any:
+    """A hyperparameter's value at `step`: called with the step if it is a schedule (a callable)."""
+    return value(step) if callable(value) else value

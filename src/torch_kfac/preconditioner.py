@@ -8,7 +8,7 @@ of every supported layer with the natural gradient, and any `torch.optim` optimi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch_kfac.blocks import KroneckerBlock, block_type_for
 from torch_kfac.blocks.base import REDUCTIONS
 from torch_kfac.capture import StatisticsCapture
-from torch_kfac.options import check_choice, check_interval, check_number
+from torch_kfac.options import check_choice, check_interval, check_number, resolve
 
 INVERSE_METHODS = ("cholesky", "eigh")
 DAMPING_TYPES = ("factored", "exact")
@@ -41,8 +41,10 @@ class KFACPreconditioner:
         model: the network; every submodule with a registered block type gets a block.
         damping: Tikhonov damping lambda added to the curvature (per-example-loss scale).
         cov_ema_decay: decay of the zero-debiased running average of the factors.
-        factor_update_steps: record statistics and update the factors every this many steps.
-        inverse_update_steps: recompute inverses/eigendecompositions every this many steps.
+        factor_update_steps: record statistics and update the factors every this many steps
+            (an int, or a callable of the step returning one).
+        inverse_update_steps: recompute inverses/eigendecompositions every this many steps
+            (an int or a callable of the step).
         reduction: how the loss was reduced over the batch, 'mean' or 'sum'. With 'sum' the
             curvature is that of the summed loss (N times the per-example Fisher), so the
             preconditioned gradient equals that of the mean-reduced loss.
@@ -62,8 +64,8 @@ class KFACPreconditioner:
         *,
         damping: float = 1e-3,
         cov_ema_decay: float = 0.95,
-        factor_update_steps: int = 1,
-        inverse_update_steps: int = 10,
+        factor_update_steps: int | Callable[[int], int] = 1,
+        inverse_update_steps: int | Callable[[int], int] = 10,
         reduction: str = "mean",
         enable_pi_correction: bool = True,
         inverse_method: str = "cholesky",
@@ -115,12 +117,12 @@ class KFACPreconditioner:
         self.global_state["damping"].fill_(float(value))
 
     def _factors_due(self) -> bool:
-        return self.update_factors_manually or self.steps % self.factor_update_steps == 0
+        interval = check_interval("factor_update_steps", resolve(self.factor_update_steps, self.steps))
+        return self.update_factors_manually or self.steps % interval == 0
 
     def _inverses_due(self, block: KroneckerBlock) -> bool:
-        return block.has_factors() and (
-            self.steps % self.inverse_update_steps == 0 or not block.has_inverses()
-        )
+        interval = check_interval("inverse_update_steps", resolve(self.inverse_update_steps, self.steps))
+        return block.has_factors() and (self.steps % interval == 0 or not block.has_inverses())
 
     # -------------------------------------------------------------------- tracking
     def track_forward(self) -> AbstractContextManager[None]:
@@ -130,6 +132,10 @@ class KFACPreconditioner:
     def track_backward(self) -> AbstractContextManager[None]:
         """Context: record output gradients only inside it (switches to explicit tracking)."""
         return self._capture.track_backward()
+
+    def paused(self) -> AbstractContextManager[None]:
+        """Context: record no statistics (extra forward passes of the optimizer itself)."""
+        return self._capture.paused()
 
     def pending_statistics(self) -> list[Tensor]:
         """Statistics recorded since the last fold, for a finiteness check."""
