@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.autograd import forward_ad
+from torch.func import functional_call
 
 from torch_kfac.losses import output_hessian
 
@@ -50,23 +51,18 @@ class ExactCurvature:
     ) -> tuple[Tensor, list[Tensor]]:
         """Model outputs and J v for each direction v (a dict of parameter name -> tensor)."""
         params = {n: p.detach() for n, p in self.model.named_parameters()}
-        names = [n for n in params if any(n in d for d in directions)]
         args = as_args(inputs)
-
-        def outputs_of(*values: Tensor) -> Tensor:
-            return functional_call(self.model, {**params, **dict(zip(names, values, strict=True))}, args)
-
-        primals = tuple(params[n] for n in names)
         outputs, jvps = None, []
-        with preserved_buffers(self.model):
+        # Forward-mode AD with dual numbers (torch.autograd.forward_ad rather than torch.func,
+        # which refuses the in-place buffer updates of batch norm in training mode).
+        with preserved_buffers(self.model), torch.no_grad(), forward_ad.dual_level():
             for direction in directions:
-                tangents = tuple(
-                    direction[n] if n in direction else torch.zeros_like(params[n]) for n in names
-                )
-                outputs, jv = jvp(outputs_of, primals, tangents)
-                jvps.append(jv.detach())
+                duals = {n: forward_ad.make_dual(params[n], v) for n, v in direction.items()}
+                out = functional_call(self.model, {**params, **duals}, args)
+                outputs, jv = forward_ad.unpack_dual(out)
+                jvps.append(torch.zeros_like(outputs) if jv is None else jv)
         assert outputs is not None
-        return outputs.detach(), jvps
+        return outputs, jvps
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
         """M_ij = v_i^T C v_j for the directions, a (k, k) tensor."""

@@ -1,0 +1,78 @@
+"""Output Hessians of the supported losses against torch.func.hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian
+
+from torch_kfac.losses import output_hessian
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def dense_output_hessian(loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Hessian of the reduced loss w.r.t. the flattened outputs."""
+    shape = outputs.shape
+    return hessian(lambda o: loss_fn(o.reshape(shape), targets))(outputs.reshape(-1))
+
+
+CASES = {
+    "ce-mean": (nn.CrossEntropyLoss(), (6, 4), "class"),
+    "ce-sum": (nn.CrossEntropyLoss(reduction="sum"), (6, 4), "class"),
+    "ce-seq": (nn.CrossEntropyLoss(), (3, 4, 5), "class"),
+    "ce-ignore": (nn.CrossEntropyLoss(ignore_index=1), (6, 4), "class"),
+    "ce-weight": (
+        nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)),
+        (6, 4),
+        "class",
+    ),
+    "ce-smooth": (nn.CrossEntropyLoss(label_smoothing=0.1), (6, 4), "class"),
+    "ce-probs": (nn.CrossEntropyLoss(), (6, 4), "probs"),
+    "mse-mean": (nn.MSELoss(), (6, 3), "real"),
+    "mse-sum": (nn.MSELoss(reduction="sum"), (6, 3), "real"),
+    "bce-mean": (nn.BCEWithLogitsLoss(), (6, 3), "binary"),
+    "bce-weight": (
+        nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)),
+        (6, 3),
+        "binary",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matvec_equals_the_dense_hessian(case: str) -> None:
+    loss_fn, shape, kind = CASES[case]
+    outputs = torch.randn(*shape)
+    if kind == "class":
+        targets = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    elif kind == "probs":
+        targets = torch.rand(*shape).softmax(1)
+    elif kind == "binary":
+        targets = torch.randint(0, 2, shape).double()
+    else:
+        targets = torch.randn(*shape)
+    dense = dense_output_hessian(loss_fn, outputs, targets)
+    u = torch.randn(*shape)
+    hu = output_hessian(loss_fn).matvec(outputs, targets, u)
+    torch.testing.assert_close(hu.reshape(-1), dense @ u.reshape(-1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (nn.NLLLoss(), "CrossEntropyLoss on logits"),
+        (nn.L1Loss(), "no output Hessian"),
+        (nn.CrossEntropyLoss(reduction="none"), "reduction"),
+    ],
+)
+def test_unsupported_losses_are_refused_clearly(loss_fn: nn.Module, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        output_hessian(loss_fn)
+
+
+def test_bce_pos_weight_is_refused() -> None:
+    fn = output_hessian(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)))
+    with pytest.raises(ValueError, match="pos_weight"):
+        fn.matvec(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3))

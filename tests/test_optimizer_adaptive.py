@@ -1,0 +1,291 @@
+"""KFAC's second-order machinery: LM damping on the same batch, the exact quadratic model,
+step rejection, schedules, burn-in and per-step statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import make_data, make_mlp
+from tests.test_qmodel import dense_ggn, flat
+from torch_kfac import KFAC
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def one_step(opt: KFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A step with `batch=`; returns gradients and parameters before it (by name)."""
+    opt.zero_grad()
+    loss = LOSS(model(x), y)
+    loss.backward()
+    record = {f"g/{n}": p.grad.clone() for n, p in model.named_parameters()}
+    record |= {f"p/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(loss=loss, batch=(x, y))
+    return record
+
+
+def test_learning_rate_and_momentum_minimise_the_exact_quadratic() -> None:
+    model = make_mlp()
+    opt = KFAC(
+        model,
+        damping=1e-2,
+        loss_fn=LOSS,
+        adaptive_learning_rate=True,
+        adaptive_momentum=True,
+        inverse_update_steps=1,
+    )
+    x, y = make_data()
+    names = [n for n, _ in model.named_parameters()]
+    theta0 = one_step(opt, model, x, y)
+    record = one_step(opt, model, x, y)
+    theta1 = {n: record[f"p/{n}"] for n in names}
+    theta2 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = flat({n: record[f"g/{n}"] for n in names}, names)
+    # Directions: -F^-1 g with the inverses this step used, and the previous change.
+    v1 = {}
+    for name, block in opt.blocks.items():
+        mat = block.to_matrix(record[f"g/{name}.weight"], record[f"g/{name}.bias"])
+        v1[f"{name}.weight"], v1[f"{name}.bias"] = block.from_matrix(
+            -block.precondition(mat, opt.damping, True)
+        )
+    basis = torch.stack([flat(v1, names), flat({n: theta1[n] - theta0[f"p/{n}"] for n in names}, names)], 1)
+    alpha, mu = opt.last_stats["learning_rate"], opt.last_stats["momentum"]
+    change = flat({n: theta2[n] - theta1[n] for n in names}, names)
+    torch.testing.assert_close(change, basis @ torch.stack([alpha, mu]), rtol=1e-9, atol=1e-13)
+
+    at_theta1 = make_mlp()
+    at_theta1.load_state_dict(theta1)
+    damped = dense_ggn(at_theta1, LOSS, x, y) + opt.damping * torch.eye(len(g))
+    expected = -torch.linalg.solve(basis.T @ damped @ basis, basis.T @ g)
+    torch.testing.assert_close(torch.stack([alpha, mu]), expected, rtol=1e-8, atol=1e-12)
+
+    def q(c: torch.Tensor) -> torch.Tensor:
+        d = basis @ c
+        return g @ d + 0.5 * d @ damped @ d
+
+    best = torch.stack([alpha, mu])
+    grid = torch.linspace(-0.05, 0.05, 41)
+    values = torch.stack([q(best + torch.stack([a, b])) for a in grid for b in grid])
+    assert q(best) <= values.min() + 1e-12
+    assert alpha.item() > 0
+
+
+def test_exact_q_for_damping_equals_the_dense_model() -> None:
+    model = make_mlp()
+    opt = KFAC(
+        model,
+        0.2,
+        1e-2,
+        momentum=0.0,
+        loss_fn=LOSS,
+        adapt_damping=True,
+        qmodel_curvature="exact",
+        damping_adaptation_interval=1,
+    )
+    x, y = make_data()
+    record = one_step(opt, model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    delta = flat({n: p.detach() - record[f"p/{n}"] for n, p in model.named_parameters()}, names)
+    before = make_mlp()
+    before.load_state_dict({n: record[f"p/{n}"] for n in names})
+    g = flat({n: record[f"g/{n}"] for n in names}, names)
+    expected = g @ delta + 0.5 * delta @ dense_ggn(before, LOSS, x, y) @ delta
+    torch.testing.assert_close(opt.last_stats["qmodel_change"], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_damping_rule_uses_the_new_loss_on_the_same_batch() -> None:
+    model = make_mlp()
+    opt = KFAC(
+        model, 0.3, 1e-2, momentum=0.0, loss_fn=LOSS, adapt_damping=True, damping_adaptation_interval=1
+    )
+    x, y = make_data()
+    one_step(opt, model, x, y)
+    stats = opt.last_stats
+    with torch.no_grad():
+        new_loss = LOSS(model(x), y)
+    torch.testing.assert_close(stats["new_loss"], new_loss)
+    rho = (stats["new_loss"] - stats["loss"]) / stats["qmodel_change"]
+    torch.testing.assert_close(stats["rho"], rho)
+    omega = 0.99
+    expected = 1e-2 * omega if rho > 0.75 else 1e-2 / omega if rho < 0.25 else 1e-2
+    assert opt.damping.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_closure_drives_the_same_batch_rule_without_touching_grads() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.3, 1e-2, adapt_damping=True, damping_adaptation_interval=1)
+    x, y = make_data()
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        opt.zero_grad()
+        loss = LOSS(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(calls) == 2
+    assert opt.last_stats["rho"] is not None and torch.isfinite(opt.last_stats["rho"])
+
+
+def test_rejected_step_restores_parameters_and_state_exactly() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, loss_fn=LOSS, reject_steps=True, momentum=0.9, damping_adaptation_interval=2)
+    x, y = make_data()
+    for _ in range(2):
+        one_step(opt, model, x, y)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = opt.state_dict()
+    damping = opt.damping.item()
+    opt.learning_rate = 1e4  # a step that must overshoot
+    one_step(opt, model, x, y)
+    assert opt.last_stats["rejected"]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n])
+    after = opt.state_dict()
+    for key, value in state["state"].items():
+        for k, v in value.items():
+            if k == "damping":
+                continue
+            assert (
+                torch.equal(v, after["state"][key][k])
+                if isinstance(v, torch.Tensor)
+                else v == after["state"][key][k]
+            ), k
+    assert opt.damping.item() == pytest.approx(damping / 0.99**2)
+    opt.learning_rate = 0.1
+    one_step(opt, model, x, y)
+    assert not opt.last_stats["rejected"]
+
+
+def test_schedules_take_effect() -> None:
+    model = make_mlp()
+    opt = KFAC(model, lambda k: 0.1 if k < 2 else 0.0, 1e-2, momentum=0.0, factor_update_steps=lambda k: 2)
+    x, y = make_data()
+    for k in range(4):
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        recorded = opt.blocks["0"].has_pending("A")
+        assert recorded == (k % 2 == 0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        assert moved == (k < 2)
+        assert opt.learning_rate == (0.1 if k < 2 else 0.0)
+
+
+def test_damping_schedule_and_weight_decay_schedule() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, lambda k: 0.5 / (k + 1), weight_decay=lambda k: 0.01 * k)
+    x, y = make_data()
+    for k in range(3):
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        opt.step()
+        assert opt.damping.item() == pytest.approx(0.5 / (k + 1))
+        assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01 * k)
+
+
+def test_burn_in_accumulates_factors_only() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, burn_in_steps=3)
+    x, y = make_data()
+    start = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
+    assert opt.blocks["0"].state["A_weight"].item() == pytest.approx(1 - 0.95**3)
+    opt.zero_grad()
+    LOSS(model(x), y).backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
+
+
+def test_statistics_are_present_and_finite() -> None:
+    model = make_mlp()
+    opt = KFAC(
+        model,
+        damping=1e-2,
+        loss_fn=LOSS,
+        adaptive_learning_rate=True,
+        adaptive_momentum=True,
+        adapt_damping=True,
+        damping_adaptation_interval=1,
+        reject_steps=True,
+    )
+    x, y = make_data()
+    for _ in range(3):
+        one_step(opt, model, x, y)
+    stats = opt.last_stats
+    for key in (
+        "loss",
+        "new_loss",
+        "rho",
+        "damping",
+        "learning_rate",
+        "momentum",
+        "qmodel_change",
+        "grad_norm",
+        "update_norm",
+    ):
+        assert torch.isfinite(torch.as_tensor(stats[key])).all(), key
+    assert stats["rejected"] in (False, True) and not stats["skipped"]
+    assert stats["new_loss"] < stats["loss"]
+
+
+def test_adaptive_configuration_trains() -> None:
+    model = make_mlp()
+    opt = KFAC(
+        model,
+        damping=1e-1,
+        loss_fn=LOSS,
+        adaptive_learning_rate=True,
+        adaptive_momentum=True,
+        adapt_damping=True,
+        damping_adaptation_interval=1,
+        inverse_update_steps=1,
+    )
+    x, y = make_data()
+    losses = []
+    for _ in range(30):
+        one_step(opt, model, x, y)
+        losses.append(opt.last_stats["loss"].item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"adaptive_learning_rate": True}, "loss_fn"),
+        ({"qmodel_curvature": "exact"}, "loss_fn"),
+        ({"loss_fn": nn.CrossEntropyLoss(reduction="sum")}, "reduction"),
+        ({"loss_fn": nn.NLLLoss(), "qmodel_curvature": "exact"}, "CrossEntropyLoss"),
+        ({"qmodel_curvature": "dense"}, "qmodel_curvature"),
+        ({"burn_in_steps": -1}, "burn_in_steps"),
+        ({"damping_rho_thresholds": (0.8, 0.2)}, "damping_rho_thresholds"),
+    ],
+)
+def test_invalid_adaptive_options(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KFAC(make_mlp(), 0.1, 1e-2, **kwargs)
+
+
+def test_missing_batch_or_loss_is_a_clear_error() -> None:
+    model = make_mlp()
+    opt = KFAC(model, damping=1e-2, loss_fn=LOSS, adaptive_learning_rate=True)
+    x, y = make_data()
+    loss = LOSS(model(x), y)
+    loss.backward()
+    with pytest.raises(ValueError, match="batch"):
+        opt.step(loss=loss)
+    with pytest.raises(ValueError, match="loss"):
+        opt.step(batch=(x, y))
+    assert math.isfinite(loss.item())

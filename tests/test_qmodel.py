@@ -1,0 +1,93 @@
+"""Exact curvature products against the dense GGN, and the quadratic-model solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from tests.conftest import make_data, make_mlp
+from torch_kfac import KFACPreconditioner
+from torch_kfac.qmodel import ExactCurvature, quadratic_value, solve_coefficients
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def flat(d: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """Concatenate a direction dict in parameter order."""
+    return torch.cat([d[n].reshape(-1) for n in names])
+
+
+def dense_ggn(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """J^T H J over all parameters (flattened in named_parameters order)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params)
+
+    def out(*values: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, dict(zip(names, values, strict=True)), (x,))
+
+    outputs = out(*params.values())
+    jac = jacrev(out, argnums=tuple(range(len(names))))(*params.values())
+    j = torch.cat([jj.reshape(outputs.numel(), -1) for jj in jac], 1)
+    h = hessian(lambda o: loss_fn(o.reshape(outputs.shape), y))(outputs.reshape(-1))
+    return j.T @ h @ j
+
+
+def test_gram_equals_dense_ggn_quadratic_forms() -> None:
+    model = make_mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = make_data()
+    names = [n for n, _ in model.named_parameters()]
+    dirs = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(3)]
+    gram = ExactCurvature(model, loss_fn).gram(x, y, dirs)
+    vs = torch.stack([flat(d, names) for d in dirs])
+    torch.testing.assert_close(gram, vs @ dense_ggn(model, loss_fn, x, y) @ vs.T, rtol=1e-10, atol=1e-12)
+
+
+def test_gram_with_partial_directions_and_mse() -> None:
+    model = make_mlp()
+    loss_fn = nn.MSELoss()
+    x = torch.randn(7, 5)
+    y = torch.randn(7, 3)
+    names = [n for n, _ in model.named_parameters()]
+    only_last = {"2.weight": torch.randn(3, 8), "2.bias": torch.randn(3)}
+    full = {n: torch.zeros_like(p) for n, p in model.named_parameters()} | only_last
+    gram = ExactCurvature(model, loss_fn).gram(x, y, [only_last])
+    v = flat(full, names)
+    torch.testing.assert_close(gram[0, 0], v @ dense_ggn(model, loss_fn, x, y) @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_extra_passes_leave_buffers_and_statistics_alone() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    pre = KFACPreconditioner(model)
+    x, y = make_data()
+    running = model[1].running_mean.clone()
+    with pre.paused():
+        ExactCurvature(model, nn.CrossEntropyLoss()).gram(x, y, [{"0.weight": torch.ones(4, 5)}])
+    assert torch.equal(running, model[1].running_mean)
+    assert not any(b.has_pending("A") for b in pre.blocks.values())
+
+
+def test_solve_matches_brute_force_minimisation() -> None:
+    gen = torch.Generator().manual_seed(4)
+    root = torch.randn(2, 2, generator=gen)
+    gram = root @ root.T + 0.1 * torch.eye(2)
+    linear = torch.randn(2, generator=gen)
+    coeffs = solve_coefficients(gram, linear)
+    grid = torch.linspace(-3, 3, 601)
+    a, b = torch.meshgrid(grid + coeffs[0], grid + coeffs[1], indexing="ij")
+    cand = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+    values = cand @ linear + 0.5 * ((cand @ gram) * cand).sum(1)
+    assert quadratic_value(gram, linear, coeffs) <= values.min() + 1e-12
+    fixed = solve_coefficients(gram, linear, {1: 0.3})
+    assert fixed[1].item() == 0.3
+    line = torch.stack([grid + fixed[0], torch.full_like(grid, 0.3)], 1)
+    line_values = line @ linear + 0.5 * ((line @ gram) * line).sum(1)
+    assert quadratic_value(gram, linear, fixed) <= line_values.min() + 1e-12
+
+
+def test_singular_system_gets_the_minimum_norm_solution() -> None:
+    gram = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    coeffs = solve_coefficients(gram, torch.tensor([-1.0, 0.0]))
+    torch.testing.assert_close(coeffs, torch.tensor([0.5, 0.0]))
