@@ -4,7 +4,7 @@
 torch optimizer. `register_block` adds a curvature block for a module type of your own.
 """
 
-from torch_kfac.blocks import ConvBlock, KroneckerBlock, LinearBlock, register_block
+from torch_kfac.blocks import ConvBlock, CurvatureBlock, KroneckerBlock, LinearBlock, register_block
 from torch_kfac.optimizer import KFAC
 from torch_kfac.preconditioner import KFACPreconditioner
 
@@ -13,6 +13,7 @@ __version__ = "0.2.0"
 __all__ = [
     "KFAC",
     "ConvBlock",
+    "CurvatureBlock",
     "KFACPreconditioner",
     "KroneckerBlock",
     "LinearBlock",

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from torch_kfac.blocks.base import KroneckerBlock
+from torch_kfac.blocks.base import CurvatureBlock
 
 
 class StatisticsCapture:
@@ -34,7 +34,7 @@ class StatisticsCapture:
 
     def __init__(
         self,
-        blocks: dict[str, KroneckerBlock],
+        blocks: dict[str, CurvatureBlock],
         is_due: Callable[[], bool],
         reduction: str,
         center: bool = False,
@@ -60,7 +60,7 @@ class StatisticsCapture:
         return torch.is_grad_enabled() and self.is_due()
 
     def _forward_hook(
-        self, block: KroneckerBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
+        self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
     ) -> None:
         if inputs and isinstance(inputs[0], Tensor):
             block.batch_size = block.num_examples(inputs)
@@ -70,7 +70,7 @@ class StatisticsCapture:
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(partial(self._grad_hook, block))
 
-    def _grad_hook(self, block: KroneckerBlock, grad: Tensor) -> None:
+    def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
         if self._paused or (self.explicit and not self._backward_on):
             return
         block.record_output_grad(grad, self.reduction, self.center)
@@ -80,7 +80,7 @@ class StatisticsCapture:
         """Record layer inputs of the forward passes run inside (explicit mode)."""
         self.explicit = True
         for block in self.blocks.values():
-            block.clear_pending("A")
+            block.clear_pending(block.FORWARD_FACTORS)
         self._forward_on = True
         try:
             yield
@@ -92,7 +92,7 @@ class StatisticsCapture:
         """Record output gradients of the backward passes run inside (explicit mode)."""
         self.explicit = True
         for block in self.blocks.values():
-            block.clear_pending("G")
+            block.clear_pending(tuple(k for k in block.FACTORS if k not in block.FORWARD_FACTORS))
         self._backward_on = True
         try:
             yield

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torch_kfac.blocks import KroneckerBlock
+from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.options import check_choice, check_interval, check_number, resolve
 from torch_kfac.preconditioner import KFACPreconditioner, iter_block_params
 from torch_kfac.qmodel import (
@@ -239,7 +239,7 @@ class KFAC(Optimizer):
 
     # ------------------------------------------------------------ original torch_kfac API
     @property
-    def blocks(self) -> dict[str, KroneckerBlock]:
+    def blocks(self) -> dict[str, CurvatureBlock]:
         """Qualified module name -> curvature block (with `A`, `G`)."""
         return self.preconditioner.blocks
 

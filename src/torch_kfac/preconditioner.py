@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.blocks import KroneckerBlock, block_type_for
+from torch_kfac.blocks import CurvatureBlock, block_type_for
 from torch_kfac.blocks.base import REDUCTIONS
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.options import check_choice, check_interval, check_number, resolve
@@ -120,7 +120,7 @@ class KFACPreconditioner:
         interval = check_interval("factor_update_steps", resolve(self.factor_update_steps, self.steps))
         return self.update_factors_manually or self.steps % interval == 0
 
-    def _inverses_due(self, block: KroneckerBlock) -> bool:
+    def _inverses_due(self, block: CurvatureBlock) -> bool:
         interval = check_interval("inverse_update_steps", resolve(self.inverse_update_steps, self.steps))
         return block.has_factors() and (self.steps % interval == 0 or not block.has_inverses())
 
@@ -139,7 +139,7 @@ class KFACPreconditioner:
 
     def pending_statistics(self) -> list[Tensor]:
         """Statistics recorded since the last fold, for a finiteness check."""
-        return [b.pending(k) for b in self.blocks.values() for k in ("A", "G") if b.has_pending(k)]
+        return [b.pending(k) for b in self.blocks.values() for k in b.FACTORS if b.has_pending(k)]
 
     def update_factors(self) -> bool:
         """Fold the recorded statistics into the running factors.
@@ -189,7 +189,7 @@ class KFACPreconditioner:
             raise RuntimeError("reduction='sum' needs the batch size: run a forward pass first")
         return 1.0 / sizes[0]
 
-    def precondition(self, block: KroneckerBlock, mat: Tensor) -> Tensor:
+    def precondition(self, block: CurvatureBlock, mat: Tensor) -> Tensor:
         """Natural gradient of one block's gradient matrix; the raw matrix if no factors yet."""
         if not block.has_inverses():
             return mat
@@ -314,9 +314,9 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, KroneckerBlock], dict[str, str]]:
+def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureBlock], dict[str, str]]:
     """One block per supported module; reasons for each module left to the fallback."""
-    blocks: dict[str, KroneckerBlock] = {}
+    blocks: dict[str, CurvatureBlock] = {}
     reasons: dict[str, str] = {}
     owner: dict[int, str] = {}
     unknown = skip - {name for name, _ in model.named_modules()}
@@ -349,7 +349,7 @@ def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, KroneckerB
     return blocks, reasons
 
 
-def iter_block_params(blocks: dict[str, KroneckerBlock]) -> Iterator[Tensor]:
+def iter_block_params(blocks: dict[str, CurvatureBlock]) -> Iterator[Tensor]:
     """Every parameter handled by a block."""
     for block in blocks.values():
         yield from block.parameters()

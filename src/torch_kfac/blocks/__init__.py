@@ -1,19 +1,20 @@
 """Curvature blocks and the registry that maps module types to them.
 
 `register_block(MyModule, MyBlock)` is the extension point for a layer type of your own: subclass
-`KroneckerBlock`, say how the module's inputs and output gradients become rows, register it, and
-every optimizer built afterwards gives such modules a K-FAC block.
+`KroneckerBlock` (or `CurvatureBlock` for curvature of another shape), say how the module's inputs
+and output gradients become rows, register it, and every optimizer built afterwards gives such
+modules a curvature block.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from torch_kfac.blocks.base import KroneckerBlock
+from torch_kfac.blocks.base import CurvatureBlock, KroneckerBlock
 from torch_kfac.blocks.conv import ConvBlock
 from torch_kfac.blocks.linear import LinearBlock
 
-_REGISTRY: dict[type[nn.Module], type[KroneckerBlock]] = {
+_REGISTRY: dict[type[nn.Module], type[CurvatureBlock]] = {
     nn.Linear: LinearBlock,
     nn.Conv1d: ConvBlock,
     nn.Conv2d: ConvBlock,
@@ -21,16 +22,16 @@ _REGISTRY: dict[type[nn.Module], type[KroneckerBlock]] = {
 }
 
 
-def register_block(module_type: type[nn.Module], block_type: type[KroneckerBlock]) -> None:
+def register_block(module_type: type[nn.Module], block_type: type[CurvatureBlock]) -> None:
     """Use `block_type` for every module of `module_type` (and its subclasses)."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
-    if not (isinstance(block_type, type) and issubclass(block_type, KroneckerBlock)):
-        raise TypeError(f"block_type must be a KroneckerBlock subclass, got {block_type!r}")
+    if not (isinstance(block_type, type) and issubclass(block_type, CurvatureBlock)):
+        raise TypeError(f"block_type must be a CurvatureBlock subclass, got {block_type!r}")
     _REGISTRY[module_type] = block_type
 
 
-def block_type_for(module: nn.Module) -> type[KroneckerBlock] | None:
+def block_type_for(module: nn.Module) -> type[CurvatureBlock] | None:
     """The block class registered for the module's type or its nearest registered base class."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
@@ -40,6 +41,7 @@ def block_type_for(module: nn.Module) -> type[KroneckerBlock] | None:
 
 __all__ = [
     "ConvBlock",
+    "CurvatureBlock",
     "KroneckerBlock",
     "LinearBlock",
     "block_type_for",

@@ -29,15 +29,20 @@ from torch_kfac.linalg import add_to_diagonal, damped_inverse, pi_adjustment, sy
 REDUCTIONS = ("mean", "sum")
 
 
-class KroneckerBlock:
-    """Curvature block F ~ A (x) G for a module with a `weight` of shape (out, ...) and optional `bias`.
+class CurvatureBlock:
+    """What the optimizer needs from a curvature block: statistics in, preconditioning out.
 
-    Subclass it for a new module type, implement `activation_rows` and `output_grad_rows`, and
-    register it with `torch_kfac.register_block`.
+    A block handles the parameters (`weight`, optional `bias`) of one module. It records
+    statistics from the module's inputs (forward) and output gradients (backward), folds them into
+    zero-debiased running factors named in `FACTORS` (kept in `state` as `<name>_ema` and
+    `<name>_weight`), refreshes cached inverses, and multiplies gradients laid out by `to_matrix`
+    by its damped inverse curvature.
     """
 
-    #: Factor names kept in `state`; the optimizer saves them with its state dict.
-    FACTOR_KEYS: ClassVar[tuple[str, ...]] = ("A_ema", "A_weight", "G_ema", "G_weight")
+    #: Names of the running factors.
+    FACTORS: ClassVar[tuple[str, ...]] = ()
+    #: The factors fed by the forward pass (cleared when `track_forward()` starts a new pass).
+    FORWARD_FACTORS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
         weight = getattr(module, "weight", None)
@@ -48,19 +53,51 @@ class KroneckerBlock:
         self.groups = int(getattr(module, "groups", 1))
         #: Running factors and cached inverses; the optimizer stores this dict in its `state`.
         self.state: dict[str, Tensor] = {}
-        self._pending: dict[str, list[Tensor]] = {"A": [], "G": []}
+        self._pending: dict[str, list[Tensor]] = {k: [] for k in self.FACTORS}
         #: Number of examples in the last batch seen by the layer (dim 0 of its input).
         self.batch_size: int | None = None
 
-    # ----------------------------------------------------------------- layer-specific hooks
-    def activation_rows(self, inputs: tuple[Tensor, ...]) -> Tensor:
-        """The layer's inputs as rows a, shape (groups, N, T, d_in) without the bias column."""
+    # --------------------------------------------------------------------- to implement
+    def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
+        """Record the forward statistics of one call."""
         raise NotImplementedError
 
-    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
-        """Output gradients as rows g, shape (groups, N, T, d_out)."""
+    def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
+        """Record the backward statistics of one call (`reduction` of the loss over the batch)."""
         raise NotImplementedError
 
+    def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
+        """Refresh the cached inverses from the current factors."""
+        raise NotImplementedError
+
+    def has_inverses(self) -> bool:
+        """Whether `precondition` can run."""
+        raise NotImplementedError
+
+    def precondition(
+        self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"
+    ) -> Tensor:
+        """Damped inverse curvature times a gradient in `to_matrix` layout."""
+        raise NotImplementedError
+
+    def curvature_product(self, mat: Tensor) -> Tensor:
+        """Undamped curvature times a tensor in `to_matrix` layout."""
+        raise NotImplementedError
+
+    def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
+        """Weight- and bias-shaped tensors in the block's layout."""
+        raise NotImplementedError
+
+    def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of `to_matrix`: the weight-shaped and bias-shaped parts."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        """Factor shapes and memory, for the registration report."""
+        parts = [f"{k} {tuple(self.state[f'{k}_ema'].shape)}" for k in self.FACTORS if self.has_factor(k)]
+        return ", ".join(parts) or "no factors yet"
+
+    # ------------------------------------------------------------------------ shared
     def num_examples(self, inputs: tuple[Tensor, ...]) -> int:
         """Number of examples N in a call's inputs (dim 0 of the first input)."""
         return int(inputs[0].shape[0])
@@ -81,6 +118,81 @@ class KroneckerBlock:
         """The parameters this block preconditions."""
         return [p for p in (self.weight, self.bias) if p is not None]
 
+    def grad_matrix(self) -> Tensor | None:
+        """The current gradient as matrices (groups, d_out, d_in [+1]), or None without one."""
+        if self.weight.grad is None:
+            return None
+        bias_grad = None
+        if self.bias is not None:
+            bias_grad = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return self.to_matrix(self.weight.grad, bias_grad)
+
+    def has_pending(self, key: str) -> bool:
+        """Whether statistics for factor `key` wait to be folded in."""
+        return bool(self._pending[key])
+
+    def pending(self, key: str) -> Tensor:
+        """The pending statistics of factor `key`, averaged over the calls recorded."""
+        items = self._pending[key]
+        return items[0] if len(items) == 1 else torch.stack(items).mean(0)
+
+    def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:
+        """Drop pending statistics (of the given factors, or all)."""
+        for k in self.FACTORS if keys is None else keys:
+            self._pending[k] = []
+
+    def fold_pending(self, decay: float) -> None:
+        """Fold the pending statistics into the zero-debiased running averages."""
+        for key in self.FACTORS:
+            if not self._pending[key]:
+                continue
+            batch = self.pending(key)
+            ema, weight = self.state.get(f"{key}_ema"), self.state.get(f"{key}_weight")
+            if ema is None or weight is None:
+                ema = torch.zeros_like(batch)
+                weight = batch.new_zeros(())
+            self.state[f"{key}_ema"] = ema.mul_(decay).add_(batch, alpha=1.0 - decay)
+            self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
+            self._pending[key] = []
+
+    def follow_weight(self) -> None:
+        """Move the state to the weight's device and dtype (after `model.to(...)`)."""
+        w = self.weight
+        for key, value in self.state.items():
+            if value.device != w.device or (value.is_floating_point() and value.dtype != w.dtype):
+                self.state[key] = value.to(device=w.device, dtype=w.dtype)
+
+    def has_factors(self) -> bool:
+        """Whether every factor has been estimated at least once."""
+        return all(self.has_factor(k) for k in self.FACTORS)
+
+    def has_factor(self, key: str) -> bool:
+        """Whether factor `key` has been estimated at least once."""
+        return f"{key}_ema" in self.state
+
+    def _factor(self, key: str) -> Tensor:
+        return self.state[f"{key}_ema"] / self.state[f"{key}_weight"]
+
+
+class KroneckerBlock(CurvatureBlock):
+    """Curvature block F ~ A (x) G for a module with a `weight` of shape (out, ...) and optional `bias`.
+
+    Subclass it for a new module type, implement `activation_rows` and `output_grad_rows`, and
+    register it with `torch_kfac.register_block`.
+    """
+
+    FACTORS = ("A", "G")
+    FORWARD_FACTORS = ("A",)
+
+    # ----------------------------------------------------------------- layer-specific hooks
+    def activation_rows(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """The layer's inputs as rows a, shape (groups, N, T, d_in) without the bias column."""
+        raise NotImplementedError
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        """Output gradients as rows g, shape (groups, N, T, d_out)."""
+        raise NotImplementedError
+
     def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
         """Stack a weight-shaped and a bias-shaped tensor into matrices (groups, d_out, d_in [+1])."""
         out = weight_like.shape[0]
@@ -94,15 +206,6 @@ class KroneckerBlock:
         if self.bias is None:
             return mat.reshape(self.weight.shape), None
         return mat[..., :-1].reshape(self.weight.shape), mat[..., -1].reshape(self.bias.shape)
-
-    def grad_matrix(self) -> Tensor | None:
-        """The current gradient as matrices (groups, d_out, d_in [+1]), or None without one."""
-        if self.weight.grad is None:
-            return None
-        bias_grad = None
-        if self.bias is not None:
-            bias_grad = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
-        return self.to_matrix(self.weight.grad, bias_grad)
 
     # -------------------------------------------------------------------- statistics
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
@@ -131,48 +234,6 @@ class KroneckerBlock:
         # Per-example gradients are n * dL/dy for a mean-reduced loss: (1/n) (n g)(n g)^T = n g g^T.
         scale = float(n) if reduction == "mean" else 1.0 / n
         self._pending["G"].append(rows.mT @ rows * scale)
-
-    def has_pending(self, key: str) -> bool:
-        """Whether statistics for factor `key` ('A' or 'G') wait to be folded in."""
-        return bool(self._pending[key])
-
-    def pending(self, key: str) -> Tensor:
-        """The pending statistics of factor `key`, averaged over the calls recorded."""
-        items = self._pending[key]
-        return items[0] if len(items) == 1 else torch.stack(items).mean(0)
-
-    def clear_pending(self, key: str | None = None) -> None:
-        """Drop pending statistics (of one factor, or both)."""
-        for k in (key,) if key else ("A", "G"):
-            self._pending[k] = []
-
-    def fold_pending(self, decay: float) -> None:
-        """Fold the pending statistics into the zero-debiased running averages of A and G."""
-        for key in ("A", "G"):
-            if not self._pending[key]:
-                continue
-            batch = self.pending(key)
-            ema, weight = self.state.get(f"{key}_ema"), self.state.get(f"{key}_weight")
-            if ema is None or weight is None:
-                ema = torch.zeros_like(batch)
-                weight = batch.new_zeros(())
-            self.state[f"{key}_ema"] = ema.mul_(decay).add_(batch, alpha=1.0 - decay)
-            self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
-            self._pending[key] = []
-
-    def follow_weight(self) -> None:
-        """Move the state to the weight's device and dtype (after `model.to(...)`)."""
-        w = self.weight
-        for key, value in self.state.items():
-            if value.device != w.device or (value.is_floating_point() and value.dtype != w.dtype):
-                self.state[key] = value.to(device=w.device, dtype=w.dtype)
-
-    def has_factors(self) -> bool:
-        """Whether both factors have been estimated at least once."""
-        return "A_ema" in self.state and "G_ema" in self.state
-
-    def _factor(self, key: str) -> Tensor:
-        return self.state[f"{key}_ema"] / self.state[f"{key}_weight"]
 
     @property
     def A(self) -> Tensor:
