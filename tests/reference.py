@@ -370,8 +370,15 @@ def dense_preconditioned(
 # ---------------------------------------------------------------------------------------
 
 
-def curvlinops_factors(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor):
-    """curvlinops' empirical KFAC-expand factors (bias folded into A), whole batch at once.
+def curvlinops_factors(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    fisher_type: str = "empirical",
+    mc_samples: int = 1,
+):
+    """curvlinops' KFAC-expand factors (bias folded into A), whole batch at once.
 
     Returns ``(input_covariances, gradient_covariances)`` dicts keyed by module name.
     """
@@ -384,7 +391,8 @@ def curvlinops_factors(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tenso
         params,
         [(x, y)],
         check_deterministic=False,
-        fisher_type="empirical",
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
         kfac_approx="expand",
         separate_weight_and_bias=False,
     )

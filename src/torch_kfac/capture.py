@@ -47,12 +47,15 @@ class StatisticsCapture:
         self._forward_on = False
         self._backward_on = False
         self._paused = False
+        self._forced: list[Tensor] | None = None
         self._handles: list[RemovableHandle] = [
             block.module.register_forward_hook(partial(self._forward_hook, block))
             for block in blocks.values()
         ]
 
     def _recording(self) -> bool:
+        if self._forced is not None:
+            return True
         if self._paused:
             return False
         if self.explicit:
@@ -61,7 +64,7 @@ class StatisticsCapture:
 
     def _forward_hook(
         self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
-    ) -> None:
+    ) -> Any:
         if inputs and isinstance(inputs[0], Tensor):
             block.batch_size = block.num_examples(inputs)
         if not self._recording():
@@ -69,9 +72,15 @@ class StatisticsCapture:
         block.record_inputs(inputs, self.center)
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(partial(self._grad_hook, block))
+            if self._forced is not None:
+                # The optimizer's own backward passes stop at these tensors; hand the rest of the
+                # model a copy so an in-place activation cannot overwrite the one we keep.
+                self._forced.append(output)
+                return output * 1
+        return None
 
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
-        if self._paused or (self.explicit and not self._backward_on):
+        if self._forced is None and (self._paused or (self.explicit and not self._backward_on)):
             return
         block.record_output_grad(grad, self.reduction, self.center)
 
@@ -98,6 +107,16 @@ class StatisticsCapture:
             yield
         finally:
             self._backward_on = False
+
+    @contextmanager
+    def forced(self) -> Iterator[list[Tensor]]:
+        """Record everything inside, whatever the mode; yields the layers' output tensors."""
+        outputs: list[Tensor] = []
+        previous, self._forced = self._forced, outputs
+        try:
+            yield outputs
+        finally:
+            self._forced = previous
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -1,13 +1,19 @@
-"""Loss-specific curvature: the Hessian of a reduced loss with respect to the model's outputs.
+"""Loss-specific curvature pieces: the model's predictive distribution behind each loss.
 
-The generalised Gauss-Newton matrix of a loss L(f(theta)) is J^T H J with J the Jacobian of the
-outputs and H the Hessian of L with respect to them. For the quadratic model only products in
-output space are needed: v^T GGN w = (J v)^T H (J w). `OutputHessian` computes H u for the losses
-whose negative log-likelihood form makes the GGN the Fisher (cross-entropy, sigmoid
-cross-entropy, squared error).
+Each supported loss is the negative log-likelihood of a distribution over targets given the
+model's outputs. For a reduced loss L = sum_i w_i l_i over loss terms i (examples, or positions of
+a sequence; w_i = 1/count for a mean), `LossCurvature` provides
 
-A loss of your own: subclass `OutputHessian`, implement `matvec`, and register it with
-`register_output_hessian(MyLoss, MyHessian)`.
+* `matvec(outputs, targets, u)`: H u with H the Fisher of that distribution in output space,
+  weighted by w (for these losses the Hessian of L with respect to the outputs, so
+  (J v)^T H (J w) is the generalised Gauss-Newton product used by the quadratic model);
+* `sample_targets(outputs, targets, generator)`: targets drawn from the predictive distribution,
+  for the Monte-Carlo Fisher (the gradient of `loss_fn` on them is a sample of the Fisher);
+* `fisher_columns(outputs, targets)`: vectors v_k, shaped like the outputs, with
+  sum_k v_k v_k^T = sum_i w_i^2 H_i: backpropagating each gives the exact (type-2) Fisher in the
+  same scaling as backpropagating the gradient of L (the empirical and MC Fisher).
+
+A loss of your own: subclass `LossCurvature` and `register_loss(MyLoss, MyCurvature)`.
 """
 
 from __future__ import annotations
@@ -16,21 +22,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-
-
-class OutputHessian:
-    """H u for the Hessian H of a reduced loss with respect to the model outputs."""
-
-    def __init__(self, loss_fn: nn.Module) -> None:
-        self.loss_fn = loss_fn
-
-    def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
-        """H u, same shape as the outputs."""
-        raise NotImplementedError
-
-    def inner(self, outputs: Tensor, targets: Tensor, u: Tensor, w: Tensor) -> Tensor:
-        """u^T H w."""
-        return (u * self.matvec(outputs, targets, w)).sum()
 
 
 def _reduction(loss_fn: nn.Module) -> str:
@@ -42,83 +33,223 @@ def _reduction(loss_fn: nn.Module) -> str:
     return reduction
 
 
-class CrossEntropyHessian(OutputHessian):
-    """Softmax cross-entropy on logits (class dim 1): per position H = diag(p) - p p^T.
+class LossCurvature:
+    """Output-space curvature and sampling of one loss module."""
+
+    #: Dimension of the outputs that holds the classes/features of one loss term.
+    class_dim: int = -1
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        self.loss_fn = loss_fn
+        self.reduction = _reduction(loss_fn)
+
+    def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        """H u, shaped like the outputs."""
+        raise NotImplementedError
+
+    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Targets drawn from the model's predictive distribution."""
+        raise NotImplementedError
+
+    def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Columns v_k, stacked on a new dim 0, of the weighted Fisher square root."""
+        raise NotImplementedError
+
+    def inner(self, outputs: Tensor, targets: Tensor, u: Tensor, w: Tensor) -> Tensor:
+        """u^T H w."""
+        return (u * self.matvec(outputs, targets, w)).sum()
+
+    def terms_per_example(self, outputs: Tensor) -> int:
+        """Loss terms (positions) per example: the output's size outside batch and class dims."""
+        per_example = outputs[0].numel() if outputs.dim() > 1 else 1
+        return max(1, per_example // outputs.shape[self.class_dim]) if outputs.dim() > 1 else 1
+
+    def _elementwise_weight(self, outputs: Tensor) -> float:
+        return 1.0 / outputs.numel() if self.reduction == "mean" else 1.0
+
+
+class _CategoricalBase(LossCurvature):
+    """Shared by cross-entropy (logits) and NLL (log-probabilities): classes on dim 1."""
+
+    class_dim = 1
+
+    def _weights(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-position weight w_i of the reduced loss (shape of the outputs without dim 1)."""
+        loss_fn = self.loss_fn
+        if targets.is_floating_point():  # class probabilities: every position counts once
+            weight = torch.ones_like(outputs.select(1, 0))
+        else:
+            valid = targets != loss_fn.ignore_index  # type: ignore[union-attr]
+            weight = valid.to(outputs.dtype)
+            if loss_fn.weight is not None:  # type: ignore[union-attr]
+                weight = weight * loss_fn.weight.to(outputs.dtype)[targets.clamp(min=0) * valid]  # type: ignore[union-attr]
+        return weight / weight.sum() if self.reduction == "mean" else weight
+
+    def _probs(self, outputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Class indices sampled per position; ignored positions stay ignored."""
+        if getattr(self.loss_fn, "label_smoothing", 0.0) or getattr(self.loss_fn, "weight", None) is not None:
+            raise ValueError(
+                f"fisher_type='mc' with {type(self.loss_fn).__name__}(weight=... or label_smoothing=...) "
+                "has no sampled-target form; use fisher_type='type-2' (exact) or 'empirical'"
+            )
+        probs = self._probs(outputs).detach().movedim(1, -1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        sampled = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+        if not targets.is_floating_point():
+            sampled = torch.where(targets == self.loss_fn.ignore_index, targets, sampled)  # type: ignore[union-attr]
+        return sampled
+
+
+class CrossEntropyCurvature(_CategoricalBase):
+    """Softmax cross-entropy on logits: per position H = diag(p) - p p^T.
 
     Label smoothing leaves H unchanged (the loss is linear in the target distribution); class
     weights scale each position by its weight; `ignore_index` positions contribute nothing.
     """
 
+    def _probs(self, outputs: Tensor) -> Tensor:
+        return outputs.softmax(dim=1)
+
     def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         """(diag(p) - p p^T) u per position, times the reduction's weights."""
-        loss_fn: nn.CrossEntropyLoss = self.loss_fn  # type: ignore[assignment]
-        reduction = _reduction(loss_fn)
-        probs = outputs.detach().softmax(dim=1)
+        probs = self._probs(outputs.detach())
         hu = probs * u - probs * (probs * u).sum(dim=1, keepdim=True)
-        if targets.is_floating_point():  # class probabilities: every position counts once
-            weight = torch.ones_like(probs.select(1, 0))
-        else:
-            valid = targets != loss_fn.ignore_index
-            weight = valid.to(outputs.dtype)
-            if loss_fn.weight is not None:
-                weight = weight * loss_fn.weight.to(outputs.dtype)[targets.clamp(min=0) * valid]
-        if reduction == "mean":
-            weight = weight / weight.sum()
-        return hu * weight.unsqueeze(1)
+        return hu * self._weights(outputs, targets).unsqueeze(1)
+
+    def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """sqrt(p_k) (e_k - p) per class k: (diag(sqrt p) - p sqrt(p)^T) is a square root of H."""
+        probs = self._probs(outputs.detach())
+        weight = self._weights(outputs, targets).unsqueeze(1)
+        eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
+        shape = (probs.shape[1], 1, probs.shape[1]) + (1,) * (probs.dim() - 2)
+        onehot = eye.reshape(shape)
+        root = probs.sqrt().movedim(1, 0).unsqueeze(2)  # (C, N, 1, ...)
+        return root * (onehot - probs.unsqueeze(0)) * weight
 
 
-class MSEHessian(OutputHessian):
-    """Squared error: H = 2 I (sum) or 2 I / numel (mean)."""
+class NLLCurvature(_CategoricalBase):
+    """NLL on log-probabilities: Fisher in log-probability space H = diag(p).
+
+    Its Hessian with respect to log-probabilities is zero; the Fisher is the curvature that,
+    backpropagated through the model's log-softmax, gives the softmax Fisher.
+    """
+
+    def _probs(self, outputs: Tensor) -> Tensor:
+        return outputs.exp()
 
     def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
-        """2 u, divided by the number of elements for a mean."""
-        scale = 2.0 / outputs.numel() if _reduction(self.loss_fn) == "mean" else 2.0
-        return scale * u
+        """p * u per position, times the reduction's weights."""
+        return self._probs(outputs.detach()) * u * self._weights(outputs, targets).unsqueeze(1)
+
+    def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """sqrt(p_k) e_k per class k."""
+        probs = self._probs(outputs.detach())
+        weight = self._weights(outputs, targets).unsqueeze(1)
+        eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
+        onehot = eye.reshape((probs.shape[1], 1, probs.shape[1]) + (1,) * (probs.dim() - 2))
+        return onehot * probs.sqrt().unsqueeze(0) * weight
 
 
-class BCEWithLogitsHessian(OutputHessian):
-    """Sigmoid cross-entropy on logits: H = diag(s (1 - s)), s = sigmoid(output)."""
+class MSECurvature(LossCurvature):
+    """Squared error, a Gaussian likelihood: H = 2 I per element, weighted by the reduction."""
 
     def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
-        """s (1 - s) u (weighted), divided by the number of elements for a mean."""
-        loss_fn: nn.BCEWithLogitsLoss = self.loss_fn  # type: ignore[assignment]
-        if loss_fn.pos_weight is not None:
-            raise ValueError("BCEWithLogitsLoss(pos_weight=...) is not supported by the exact curvature")
+        """2 w u."""
+        return 2.0 * self._elementwise_weight(outputs) * u
+
+    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
+        """outputs + N(0, 1/2): the gradient 2 (f - y) then has covariance 2 I = H per element."""
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
+        return outputs.detach() + noise * 0.5**0.5
+
+    def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """sqrt(2) w e_k for each feature k of the last dim."""
+        return _diagonal_columns(torch.full_like(outputs, 2.0**0.5 * self._elementwise_weight(outputs)))
+
+
+class BCEWithLogitsCurvature(LossCurvature):
+    """Sigmoid cross-entropy on logits, a Bernoulli likelihood: H = diag(s (1 - s))."""
+
+    def _check(self) -> None:
+        if getattr(self.loss_fn, "pos_weight", None) is not None:
+            raise ValueError(
+                "BCEWithLogitsLoss(pos_weight=...) is not supported by the Fisher and GGN curvature"
+            )
+
+    def _element_weights(self, outputs: Tensor) -> Tensor | float:
+        w = self._elementwise_weight(outputs)
+        weight = getattr(self.loss_fn, "weight", None)
+        return w * weight if weight is not None else w
+
+    def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        """s (1 - s) u, weighted."""
+        self._check()
         s = outputs.detach().sigmoid()
-        hu = s * (1 - s) * u
-        if loss_fn.weight is not None:
-            hu = hu * loss_fn.weight
-        return hu / outputs.numel() if _reduction(loss_fn) == "mean" else hu
+        return s * (1 - s) * u * self._element_weights(outputs)
+
+    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Bernoulli draws with probability sigmoid(output)."""
+        self._check()
+        if getattr(self.loss_fn, "weight", None) is not None:
+            raise ValueError(
+                "fisher_type='mc' with BCEWithLogitsLoss(weight=...) has no sampled-target form; "
+                "use fisher_type='type-2' or 'empirical'"
+            )
+        return torch.bernoulli(outputs.detach().sigmoid(), generator=generator)
+
+    def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """sqrt(s (1 - s)) w e_k for each feature k of the last dim."""
+        self._check()
+        s = outputs.detach().sigmoid()
+        return _diagonal_columns((s * (1 - s)).sqrt() * self._element_weights(outputs))
 
 
-_REGISTRY: dict[type[nn.Module], Callable[[nn.Module], OutputHessian]] = {
-    nn.CrossEntropyLoss: CrossEntropyHessian,
-    nn.MSELoss: MSEHessian,
-    nn.BCEWithLogitsLoss: BCEWithLogitsHessian,
+def _diagonal_columns(scale: Tensor) -> Tensor:
+    """Columns e_k * scale over the last dim, stacked on a new dim 0."""
+    k = scale.shape[-1]
+    eye = torch.eye(k, dtype=scale.dtype, device=scale.device)
+    onehot = eye.reshape((k,) + (1,) * (scale.dim() - 1) + (k,))
+    return onehot * scale.unsqueeze(0)
+
+
+_REGISTRY: dict[type[nn.Module], Callable[[nn.Module], LossCurvature]] = {
+    nn.CrossEntropyLoss: CrossEntropyCurvature,
+    nn.NLLLoss: NLLCurvature,
+    nn.MSELoss: MSECurvature,
+    nn.BCEWithLogitsLoss: BCEWithLogitsCurvature,
 }
 
 
-def register_output_hessian(
-    loss_type: type[nn.Module], hessian: Callable[[nn.Module], OutputHessian]
-) -> None:
-    """Use `hessian(loss_fn)` for losses of `loss_type` in the exact curvature."""
-    _REGISTRY[loss_type] = hessian
+def register_loss(loss_type: type[nn.Module], curvature: Callable[[nn.Module], LossCurvature]) -> None:
+    """Use `curvature(loss_fn)` for losses of `loss_type` (Fisher types, quadratic model)."""
+    if not (isinstance(loss_type, type) and issubclass(loss_type, nn.Module)):
+        raise TypeError(f"loss_type must be an nn.Module subclass, got {loss_type!r}")
+    _REGISTRY[loss_type] = curvature
 
 
-def output_hessian(loss_fn: nn.Module) -> OutputHessian:
-    """The output Hessian of a supported loss module; a clear error for any other."""
+def loss_curvature(loss_fn: nn.Module) -> LossCurvature:
+    """The curvature of a supported loss module; a clear error for any other."""
+    if not isinstance(loss_fn, nn.Module):
+        raise ValueError(f"loss_fn must be a loss module such as nn.CrossEntropyLoss(), got {loss_fn!r}")
     for cls in type(loss_fn).__mro__:
         if cls in _REGISTRY:
-            hessian = _REGISTRY[cls](loss_fn)
-            _reduction(loss_fn)
-            return hessian
-    if isinstance(loss_fn, nn.NLLLoss):
-        raise ValueError(
-            "NLLLoss has a zero Hessian with respect to log-probabilities: use CrossEntropyLoss on "
-            "logits for the exact curvature"
-        )
+            return _REGISTRY[cls](loss_fn)
     supported = ", ".join(t.__name__ for t in _REGISTRY)
     raise ValueError(
-        f"loss_fn {type(loss_fn).__name__} has no output Hessian (supported: {supported}); "
-        "add one with torch_kfac.losses.register_output_hessian"
+        f"loss_fn {type(loss_fn).__name__} is not supported (supported: {supported}); "
+        "add it with torch_kfac.losses.register_loss"
     )
+
+
+__all__ = [
+    "BCEWithLogitsCurvature",
+    "CrossEntropyCurvature",
+    "LossCurvature",
+    "MSECurvature",
+    "NLLCurvature",
+    "loss_curvature",
+    "register_loss",
+]

@@ -76,14 +76,17 @@ class KFAC(Optimizer):
         update_cov_manually: fold statistics into the factors only in `update_cov()`.
         center: centered covariances.
         enable_pi_correction: pi-adjusted factored damping.
-        reduction: 'mean' or 'sum', how the loss was reduced over the batch.
+        reduction: 'mean', 'sum' or 'mean_positions', how the loss was reduced (see
+            `KFACPreconditioner`).
+        fisher_type, mc_samples: the curvature's Fisher type ('empirical', 'mc', 'type-2'); 'mc'
+            and 'type-2' need `loss_fn` and `step(batch=...)` (see `KFACPreconditioner`).
         factor_update_steps, inverse_update_steps, inverse_method, damping_type, skip_modules:
             see `KFACPreconditioner`.
         max_damping: upper bound of the adapted damping.
         damping_rho_thresholds: (low, high) of the Levenberg-Marquardt rule, default (1/4, 3/4).
         loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`); with `step(batch=(x, y))` the
-            optimizer evaluates the loss after the update on the same batch and the exact
-            curvature needed by the options below.
+            optimizer evaluates the loss after the update on the same batch, samples labels for
+            the MC Fisher and computes the exact curvature needed by the options below.
         qmodel_curvature: curvature of q(delta) for the damping rule: 'kfac' (the K-FAC model) or
             'exact' (the GGN/Fisher of `loss_fn` on the batch; one forward-mode pass).
         adaptive_learning_rate, adaptive_momentum: choose them each step by minimising the exact
@@ -131,6 +134,8 @@ class KFAC(Optimizer):
         adaptive_momentum: bool = False,
         reject_steps: bool = False,
         burn_in_steps: int = 0,
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
     ) -> None:
         if lr is not None and learning_rate is not None:
             raise ValueError("pass the learning rate once: lr or learning_rate, not both")
@@ -184,25 +189,11 @@ class KFAC(Optimizer):
         if isinstance(burn_in_steps, bool) or not isinstance(burn_in_steps, int) or burn_in_steps < 0:
             raise ValueError(f"burn_in_steps must be a non-negative integer, got {burn_in_steps!r}")
         self.burn_in_steps = burn_in_steps
-        self.loss_fn = loss_fn
-        self._exact: ExactCurvature | None = None
-        if loss_fn is not None:
-            if not isinstance(loss_fn, nn.Module):
-                raise ValueError(
-                    f"loss_fn must be a loss module such as nn.CrossEntropyLoss(), got {loss_fn!r}"
-                )
-            if getattr(loss_fn, "reduction", reduction) != reduction:
-                raise ValueError(
-                    f"loss_fn reduces by {loss_fn.reduction!r} but reduction={reduction!r}: make them agree"
-                )
-        if self._uses_qmodel or self.qmodel_curvature == "exact":
-            if loss_fn is None:
-                raise ValueError(
-                    "loss_fn is required for adaptive_learning_rate, adaptive_momentum and "
-                    "qmodel_curvature='exact'"
-                )
-            self._exact = ExactCurvature(model, loss_fn)
-
+        if (self._uses_qmodel or self.qmodel_curvature == "exact") and loss_fn is None:
+            raise ValueError(
+                "loss_fn is required for adaptive_learning_rate, adaptive_momentum and "
+                "qmodel_curvature='exact'"
+            )
         self.preconditioner = KFACPreconditioner(
             model,
             damping=float(damping),
@@ -216,7 +207,12 @@ class KFAC(Optimizer):
             center=center,
             update_factors_manually=update_cov_manually,
             skip_modules=skip_modules,
+            fisher_type=fisher_type,
+            mc_samples=mc_samples,
+            loss_fn=loss_fn,
         )
+        self.loss_fn = loss_fn
+        self._exact = ExactCurvature(model, loss_fn) if loss_fn is not None else None
         self.model = model
         self._named_params = dict(model.named_parameters())
         self._param_names = {id(p): n for n, p in self._named_params.items()}
@@ -347,7 +343,7 @@ class KFAC(Optimizer):
         extra = [p.grad for p in fallback.values()] + ([loss_t] if loss_t is not None else [])
         stats: dict[str, Any] = {"step": k, "loss": loss_t, "skipped": True, "rejected": False}
         self.last_stats = stats
-        mats = pre.prepare(extra)
+        mats = pre.prepare(extra, batch)
         if mats is None:
             return loss_t if loss is not None else None
         stats["skipped"] = False
@@ -546,6 +542,7 @@ class KFAC(Optimizer):
         if self.qmodel_curvature == "exact":
             inputs, targets = batch
             with pre.paused():
+                assert self._exact is not None
                 curv = self._exact.gram(inputs, targets, [delta])[0, 0] * scale
         else:
             curv = pre.damping.new_zeros(())
@@ -592,6 +589,7 @@ class KFAC(Optimizer):
             directions.append(previous)
         inputs, targets = batch
         with pre.paused():
+            assert self._exact is not None
             curvature = self._exact.gram(inputs, targets, directions) * scale
         k = len(directions)
         overlap = torch.stack(

@@ -18,9 +18,14 @@ from torch import Tensor, nn
 from torch_kfac.blocks import CurvatureBlock, block_type_for
 from torch_kfac.blocks.base import REDUCTIONS
 from torch_kfac.capture import StatisticsCapture
+from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.options import check_choice, check_interval, check_number, resolve
+from torch_kfac.qmodel import as_args, preserved_buffers
 
 INVERSE_METHODS = ("cholesky", "eigh")
+FISHER_TYPES = ("empirical", "mc", "type-2")
+#: The reduction `loss_fn` must have for each of the preconditioner's reductions.
+_LOSS_REDUCTION = {"mean": "mean", "sum": "sum", "mean_positions": "mean"}
 DAMPING_TYPES = ("factored", "exact")
 
 
@@ -45,9 +50,19 @@ class KFACPreconditioner:
             (an int, or a callable of the step returning one).
         inverse_update_steps: recompute inverses/eigendecompositions every this many steps
             (an int or a callable of the step).
-        reduction: how the loss was reduced over the batch, 'mean' or 'sum'. With 'sum' the
-            curvature is that of the summed loss (N times the per-example Fisher), so the
-            preconditioned gradient equals that of the mean-reduced loss.
+        reduction: how the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions'
+            (averaged over the batch and over each example's sequence/spatial loss terms, e.g.
+            `CrossEntropyLoss()` on (N, C, T) logits; needs `loss_fn`). With 'sum' the curvature
+            is that of the summed loss (N times the per-example Fisher), so the preconditioned
+            gradient equals that of the mean-reduced loss.
+        fisher_type: 'empirical' (gradients of the loss on the data labels, recorded from your
+            own backward pass), 'mc' (labels sampled from the model's predictive distribution,
+            `mc_samples` of them) or 'type-2' (the exact Fisher/GGN, one backward pass per output
+            class). 'mc' and 'type-2' need `loss_fn` and `step(batch=(inputs, targets))`: on
+            factor-update steps the preconditioner runs its own forward and backward passes.
+        mc_samples: number of sampled labels per example for fisher_type='mc'.
+        loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
+            'mean_positions'; see `torch_kfac.losses` for the supported ones.
         enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
         inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
             'eigh' (eigendecompositions; damping applied at every step).
@@ -73,6 +88,9 @@ class KFACPreconditioner:
         center: bool = False,
         update_factors_manually: bool = False,
         skip_modules: Iterable[str] = (),
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
+        loss_fn: nn.Module | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -87,6 +105,25 @@ class KFACPreconditioner:
             raise ValueError("damping_type='exact' needs inverse_method='eigh'")
         self.enable_pi_correction = bool(enable_pi_correction)
         self.update_factors_manually = bool(update_factors_manually)
+        self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        self.mc_samples = check_interval("mc_samples", mc_samples)
+        self.loss_fn = loss_fn
+        self.loss_curvature: LossCurvature | None = None
+        if loss_fn is not None:
+            self.loss_curvature = loss_curvature(loss_fn)
+            wanted = _LOSS_REDUCTION[self.reduction]
+            if self.loss_curvature.reduction != wanted:
+                raise ValueError(
+                    f"loss_fn reduces by {self.loss_curvature.reduction!r}, which does not match "
+                    f"reduction={self.reduction!r} (expected {wanted!r}): make them agree"
+                )
+        elif self.fisher_type != "empirical" or self.reduction == "mean_positions":
+            what = (
+                "reduction='mean_positions'"
+                if self.fisher_type == "empirical"
+                else f"fisher_type={fisher_type!r}"
+            )
+            raise ValueError(f"{what} needs loss_fn=... (e.g. nn.CrossEntropyLoss())")
 
         self.model = model
         self.blocks, self.fallback_reasons = _make_blocks(model, set(skip_modules))
@@ -99,6 +136,16 @@ class KFACPreconditioner:
             "damping": torch.tensor(damping, dtype=dtype, device=device),
         }
         self._capture = StatisticsCapture(self.blocks, self._factors_due, self.reduction, center)
+        self._root_hook = (
+            model.register_forward_hook(self._observe_outputs) if self.reduction == "mean_positions" else None
+        )
+
+    def _observe_outputs(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+        """Count the loss terms per example from the model's outputs (reduction='mean_positions')."""
+        if isinstance(outputs, Tensor) and self.loss_curvature is not None:
+            terms = self.loss_curvature.terms_per_example(outputs)
+            for block in self.blocks.values():
+                block.loss_terms = terms
 
     # ------------------------------------------------------------------- schedule
     @property
@@ -117,6 +164,10 @@ class KFACPreconditioner:
         self.global_state["damping"].fill_(float(value))
 
     def _factors_due(self) -> bool:
+        """Whether the user's own passes should be recorded now (empirical Fisher only)."""
+        return self.fisher_type == "empirical" and self._factor_step()
+
+    def _factor_step(self) -> bool:
         interval = check_interval("factor_update_steps", resolve(self.factor_update_steps, self.steps))
         return self.update_factors_manually or self.steps % interval == 0
 
@@ -127,11 +178,51 @@ class KFACPreconditioner:
     # -------------------------------------------------------------------- tracking
     def track_forward(self) -> AbstractContextManager[None]:
         """Context: record layer inputs only inside it (switches to explicit tracking)."""
+        self._check_explicit()
         return self._capture.track_forward()
 
     def track_backward(self) -> AbstractContextManager[None]:
         """Context: record output gradients only inside it (switches to explicit tracking)."""
+        self._check_explicit()
         return self._capture.track_backward()
+
+    def _check_explicit(self) -> None:
+        if self.fisher_type != "empirical":
+            raise ValueError(
+                f"fisher_type={self.fisher_type!r} records its own passes in step(batch=...); the tracking "
+                "contexts decide what is recorded only with fisher_type='empirical'"
+            )
+
+    def fisher_pass(self, batch: tuple[Any, Tensor]) -> None:
+        """Record statistics from the preconditioner's own pass: sampled labels or Fisher columns.
+
+        A forward pass on the batch, then backward passes that stop at the layers' outputs (no
+        parameter gradient is computed or changed): `mc_samples` of the gradient of `loss_fn` on
+        labels drawn from the model ('mc'), or one per column of the exact Fisher's square root
+        ('type-2'). Model buffers (batch-norm statistics) are left as they were.
+        """
+        assert self.loss_fn is not None and self.loss_curvature is not None
+        inputs, targets = batch
+        with self._capture.forced() as layer_outputs, preserved_buffers(self.model), torch.enable_grad():
+            outputs = self.model(*as_args(inputs))
+            if not layer_outputs:
+                return
+            if self.fisher_type == "mc":
+                for i in range(self.mc_samples):
+                    sampled = self.loss_curvature.sample_targets(outputs, targets, None)
+                    loss = self.loss_fn(outputs, sampled)
+                    torch.autograd.grad(
+                        loss, layer_outputs, retain_graph=i + 1 < self.mc_samples, allow_unused=True
+                    )
+            else:
+                columns = self.loss_curvature.fisher_columns(outputs, targets)
+                # The pending statistics average over backward passes; the type-2 Fisher sums
+                # over columns, hence the sqrt(K) on each of the K columns.
+                columns = columns * columns.shape[0] ** 0.5
+                for i, column in enumerate(columns):
+                    torch.autograd.grad(
+                        outputs, layer_outputs, column, retain_graph=i + 1 < len(columns), allow_unused=True
+                    )
 
     def paused(self) -> AbstractContextManager[None]:
         """Context: record no statistics (extra forward passes of the optimizer itself)."""
@@ -182,7 +273,7 @@ class KFACPreconditioner:
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
         """Factor turning the gradient of the user's loss into that of the mean-reduced loss."""
-        if self.reduction == "mean":
+        if self.reduction != "sum":
             return 1.0
         sizes = [b.batch_size for b in self.blocks.values() if b.batch_size is not None]
         if not sizes:
@@ -205,13 +296,23 @@ class KFACPreconditioner:
                 mats[name] = mat * scale if scale != 1.0 else mat
         return mats
 
-    def prepare(self, extra: Iterable[Tensor] = ()) -> dict[str, Tensor] | None:
+    def prepare(
+        self, extra: Iterable[Tensor] = (), batch: tuple[Any, Tensor] | None = None
+    ) -> dict[str, Tensor] | None:
         """Start of a step: check finiteness, fold due statistics, refresh due inverses.
 
+        With fisher_type 'mc' or 'type-2', a factor-update step first runs `fisher_pass(batch)`.
         Returns the blocks' gradient matrices, or None (with one warning) when a gradient,
         a recorded statistic or an `extra` tensor is not finite; then nothing has changed.
         """
         self._follow_model()
+        if self.fisher_type != "empirical" and self._factor_step():
+            if batch is None:
+                raise ValueError(
+                    f"fisher_type={self.fisher_type!r} needs step(batch=(inputs, targets)) "
+                    "on factor-update steps"
+                )
+            self.fisher_pass(batch)
         mats = self.gradient_matrices()
         if not all_finite([*mats.values(), *self.pending_statistics(), *extra]):
             self.discard_statistics()
@@ -242,12 +343,13 @@ class KFACPreconditioner:
         self.global_state["step"] = self.steps + 1
 
     @torch.no_grad()
-    def step(self) -> bool:
+    def step(self, batch: tuple[Any, Tensor] | None = None) -> bool:
         """Replace the `.grad` of each block's parameters by the preconditioned gradient.
 
-        Returns False (after a warning) if the step was skipped for non-finite values.
+        `batch=(inputs, targets)` is needed by fisher_type 'mc' and 'type-2'. Returns False
+        (after a warning) if the step was skipped for non-finite values.
         """
-        mats = self.prepare()
+        mats = self.prepare(batch=batch)
         if mats is None:
             return False
         for name, mat in mats.items():
@@ -306,6 +408,9 @@ class KFACPreconditioner:
     def close(self) -> None:
         """Remove the hooks from the model."""
         self._capture.remove()
+        if self._root_hook is not None:
+            self._root_hook.remove()
+            self._root_hook = None
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

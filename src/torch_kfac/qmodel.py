@@ -1,7 +1,7 @@
 """The exact quadratic model of the loss along a few directions (Martens & Grosse 2015, section 7).
 
 For directions v_1..v_k, the model's Gram matrix M_ij = v_i^T C v_j with C the generalised
-Gauss-Newton matrix (the Fisher for the losses in `losses.py`) costs one forward-mode pass per
+Gauss-Newton matrix (equal to the Fisher for the losses in `losses.py`) costs one forward-mode pass per
 direction: C-products in output space, (J v_i)^T H (J v_j). The optimizer minimises
 q(c) = c^T b + 1/2 c^T (M + lambda V^T V) c over the coefficients of the update
 delta = sum_i c_i v_i (b_i = g^T v_i), which gives learning rate and momentum automatically.
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from torch_kfac.losses import output_hessian
+from torch_kfac.losses import loss_curvature
 
 
 def as_args(inputs: Any) -> tuple[Any, ...]:
@@ -44,7 +44,7 @@ class ExactCurvature:
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
         self.model = model
         self.loss_fn = loss_fn
-        self.hessian = output_hessian(loss_fn)
+        self.hessian = loss_curvature(loss_fn)
 
     def output_directions(
         self, inputs: Any, directions: Sequence[dict[str, Tensor]]

@@ -24,9 +24,23 @@ from torch import Tensor, nn
 
 from torch_kfac.linalg import add_to_diagonal, damped_inverse, pi_adjustment, symmetric_eigh
 
-#: How the loss was reduced over the batch: per-example gradients are N times the gradient of a
-#: mean-reduced loss and equal to the gradient of a sum-reduced one.
-REDUCTIONS = ("mean", "sum")
+#: How the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions' (averaged over the
+#: batch and over each example's T loss terms, e.g. tokens of a sequence or pixels of a mask).
+REDUCTIONS = ("mean", "sum", "mean_positions")
+
+
+def second_moment_scale(reduction: str, batch_size: int, loss_terms: int = 1) -> float:
+    """s with G = s * sum g g^T over the rows g of dL/d(output) of one call.
+
+    The factors are second moments of per-loss-term gradients: with N examples, a 'mean' loss
+    has per-example gradients N g, so G = (1/N) sum (N g)(N g)^T; 'sum' has G = (1/N) sum g g^T;
+    'mean_positions' has N T loss terms with gradients N T g, so G = (1/(N T)) sum (N T g)(N T g)^T.
+    """
+    if reduction == "sum":
+        return 1.0 / batch_size
+    if reduction == "mean":
+        return float(batch_size)
+    return float(batch_size * loss_terms)
 
 
 class CurvatureBlock:
@@ -56,6 +70,8 @@ class CurvatureBlock:
         self._pending: dict[str, list[Tensor]] = {k: [] for k in self.FACTORS}
         #: Number of examples in the last batch seen by the layer (dim 0 of its input).
         self.batch_size: int | None = None
+        #: Loss terms per example (for reduction='mean_positions'), set by the preconditioner.
+        self.loss_terms = 1
 
     # --------------------------------------------------------------------- to implement
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
@@ -231,8 +247,7 @@ class KroneckerBlock(CurvatureBlock):
         rows = rows.reshape(groups, n * t, -1)
         if center:
             rows = rows - rows.mean(dim=1, keepdim=True)
-        # Per-example gradients are n * dL/dy for a mean-reduced loss: (1/n) (n g)(n g)^T = n g g^T.
-        scale = float(n) if reduction == "mean" else 1.0 / n
+        scale = second_moment_scale(reduction, n, self.loss_terms)
         self._pending["G"].append(rows.mT @ rows * scale)
 
     @property
