@@ -70,7 +70,7 @@ class StatisticsCapture:
         if not self._recording():
             return
         block.record_inputs(inputs, self.center)
-        if isinstance(output, Tensor) and output.requires_grad:
+        if isinstance(output, Tensor) and output.requires_grad and block.needs_output_grads:
             output.register_hook(partial(self._grad_hook, block))
             if self._forced is not None:
                 # The optimizer's own backward passes stop at these tensors; hand the rest of the

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.blocks import CurvatureBlock, block_type_for
+from torch_kfac.blocks import CurvatureBlock, KroneckerBlock, block_type_for
 from torch_kfac.blocks.base import REDUCTIONS
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.losses import LossCurvature, loss_curvature
@@ -24,6 +24,8 @@ from torch_kfac.qmodel import as_args, preserved_buffers
 
 INVERSE_METHODS = ("cholesky", "eigh")
 FISHER_TYPES = ("empirical", "mc", "type-2")
+APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "forward-only")
+INVERSE_POWERS = (-1.0, -0.5)
 #: The reduction `loss_fn` must have for each of the preconditioner's reductions.
 _LOSS_REDUCTION = {"mean": "mean", "sum": "sum", "mean_positions": "mean"}
 DAMPING_TYPES = ("factored", "exact")
@@ -63,6 +65,12 @@ class KFACPreconditioner:
         mc_samples: number of sampled labels per example for fisher_type='mc'.
         loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
             'mean_positions'; see `torch_kfac.losses` for the supported ones.
+        approximation: curvature of the Linear/Conv blocks: 'kfac' (A (x) G), 'ekfac' (the
+            eigenbasis of A (x) G with a diagonal re-estimated from per-example gradients;
+            George et al. 2018), 'diagonal' (the exact diagonal E[per-example gradient^2]) or
+            'forward-only' (A (x) I, no backward statistics; Benzing 2022).
+        inverse_power: -1 (natural gradient) or -0.5 (square-root preconditioning; needs
+            inverse_method='eigh' unless the approximation is 'diagonal').
         enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
         inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
             'eigh' (eigendecompositions; damping applied at every step).
@@ -91,6 +99,8 @@ class KFACPreconditioner:
         fisher_type: str = "empirical",
         mc_samples: int = 1,
         loss_fn: nn.Module | None = None,
+        approximation: str = "kfac",
+        inverse_power: float = -1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -106,6 +116,16 @@ class KFACPreconditioner:
         self.enable_pi_correction = bool(enable_pi_correction)
         self.update_factors_manually = bool(update_factors_manually)
         self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        self.approximation = check_choice("approximation", approximation, APPROXIMATIONS)
+        if inverse_power not in INVERSE_POWERS:
+            raise ValueError(f"inverse_power must be -1 or -0.5, got {inverse_power!r}")
+        self.inverse_power = float(inverse_power)
+        if (
+            self.inverse_power != -1.0
+            and self.inverse_method == "cholesky"
+            and self.approximation in ("kfac", "forward-only")
+        ):
+            raise ValueError("inverse_power=-0.5 needs inverse_method='eigh'")
         self.mc_samples = check_interval("mc_samples", mc_samples)
         self.loss_fn = loss_fn
         self.loss_curvature: LossCurvature | None = None
@@ -127,6 +147,9 @@ class KFACPreconditioner:
 
         self.model = model
         self.blocks, self.fallback_reasons = _make_blocks(model, set(skip_modules))
+        for block in self.blocks.values():
+            if isinstance(block, KroneckerBlock):
+                block.configure(self.approximation, self.inverse_power)
         first = next(iter(model.parameters()), None)
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
         device = first.device if first is not None else None

@@ -108,6 +108,11 @@ class CurvatureBlock:
         """Inverse of `to_matrix`: the weight-shaped and bias-shaped parts."""
         raise NotImplementedError
 
+    @property
+    def needs_output_grads(self) -> bool:
+        """Whether the block records statistics in the backward pass."""
+        return True
+
     def extra_repr(self) -> str:
         """Factor shapes and memory, for the registration report."""
         parts = [f"{k} {tuple(self.state[f'{k}_ema'].shape)}" for k in self.FACTORS if self.has_factor(k)]
@@ -200,6 +205,10 @@ class KroneckerBlock(CurvatureBlock):
     FACTORS = ("A", "G")
     FORWARD_FACTORS = ("A",)
 
+    def __init__(self, module: nn.Module, name: str = "") -> None:
+        super().__init__(module, name)
+        self.configure()
+
     # ----------------------------------------------------------------- layer-specific hooks
     def activation_rows(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """The layer's inputs as rows a, shape (groups, N, T, d_in) without the bias column."""
@@ -224,31 +233,95 @@ class KroneckerBlock(CurvatureBlock):
         return mat[..., :-1].reshape(self.weight.shape), mat[..., -1].reshape(self.bias.shape)
 
     # -------------------------------------------------------------------- statistics
+    def configure(self, approximation: str = "kfac", power: float = -1.0) -> None:
+        """Choose the curvature approximation and the matrix power used to precondition.
+
+        'kfac': A (x) G. 'ekfac' (George et al. 2018): the eigenbasis of A (x) G with its diagonal
+        re-estimated from per-example gradients. 'diagonal': the exact diagonal of the Fisher,
+        E[(per-example gradient)^2]. 'forward-only' (Benzing 2022): A (x) I, no backward
+        statistics. `power` is -1 (natural gradient) or -1/2.
+        """
+        self.approximation = approximation
+        self.power = power
+        factors = {"kfac": ("A", "G"), "ekfac": ("A", "G", "S"), "diagonal": ("D",), "forward-only": ("A",)}
+        self.FACTORS = factors[approximation]  # type: ignore[misc]
+        self.FORWARD_FACTORS = ("A",) if "A" in self.FACTORS else ()  # type: ignore[misc]
+        self._pending = {k: [] for k in self.FACTORS}
+        self._saved_rows: list[Tensor] = []
+
+    @property
+    def needs_output_grads(self) -> bool:
+        """Whether backward statistics are used (not for the forward-only approximation)."""
+        return self.approximation != "forward-only"
+
+    def _joint_statistics(self) -> bool:
+        """Whether a backward statistic pairs output gradients with that call's inputs."""
+        return self.approximation == "diagonal" or (
+            self.approximation == "ekfac" and "A_eigvecs" in self.state
+        )
+
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
-        """Add one call's contribution 1/(N T) sum a~ a~^T to the pending A statistics."""
+        """Add one call's contribution 1/(N T) sum a~ a~^T to the pending A statistics.
+
+        EKFAC and the diagonal also keep the call's rows until its backward pass.
+        """
         rows = self.activation_rows(inputs).detach()
         groups, n, t, _ = rows.shape
         self.batch_size = n
-        rows = rows.reshape(groups, n * t, -1)
+        flat = rows.reshape(groups, n * t, -1)
         if center:
-            rows = rows - rows.mean(dim=1, keepdim=True)
-        moment = rows.mT @ rows
+            flat = flat - flat.mean(dim=1, keepdim=True)
+        if self._joint_statistics():
+            kept = flat.reshape(groups, n, t, -1)
+            if self.bias is not None:
+                kept = torch.cat([kept, kept.new_ones(groups, n, t, 1)], dim=-1)
+            self._saved_rows.append(kept)
+        if "A" not in self.FACTORS:
+            return
+        moment = flat.mT @ flat
         if self.bias is not None:
             # [a, 1] without copying the rows: [[sum a a^T, sum a], [sum a^T, NT]].
-            col = rows.sum(dim=1).unsqueeze(-1)
+            col = flat.sum(dim=1).unsqueeze(-1)
             corner = col.new_full((groups, 1, 1), float(n * t))
             moment = torch.cat([torch.cat([moment, col], -1), torch.cat([col.mT, corner], -1)], -2)
         self._pending["A"].append(moment / (n * t))
 
     def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
-        """Add one call's per-example-gradient second moment 1/N sum g g^T to the pending G."""
+        """Add one call's per-example-gradient second moment 1/N sum g g^T to the pending G.
+
+        EKFAC adds the squared per-example gradients in the current eigenbasis to S, the
+        diagonal approximation the squared per-example gradients to D.
+        """
+        if not self.needs_output_grads:
+            return
         rows = self.output_grad_rows(grad_output).detach()
         groups, n, t, _ = rows.shape
-        rows = rows.reshape(groups, n * t, -1)
+        flat = rows.reshape(groups, n * t, -1)
         if center:
-            rows = rows - rows.mean(dim=1, keepdim=True)
+            flat = flat - flat.mean(dim=1, keepdim=True)
         scale = second_moment_scale(reduction, n, self.loss_terms)
-        self._pending["G"].append(rows.mT @ rows * scale)
+        if "G" in self.FACTORS:
+            self._pending["G"].append(flat.mT @ flat * scale)
+        if not self._saved_rows:
+            return
+        # Backward runs in reverse order of the forward calls.
+        a_rows = self._saved_rows.pop()
+        g_rows = flat.reshape(groups, n, t, -1)
+        if self.approximation == "ekfac":
+            squares = per_example_squares(a_rows, g_rows, self.state["A_eigvecs"], self.state["G_eigvecs"])
+            self._pending["S"].append(squares * scale)
+        else:
+            self._pending["D"].append(per_example_squares(a_rows, g_rows) * scale)
+
+    def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:
+        """Drop pending statistics (of the given factors, or all) and rows kept for them."""
+        super().clear_pending(keys)
+        if keys is None or "A" in keys:
+            self._saved_rows = []
+
+    def has_factors(self) -> bool:
+        """Whether the factors the preconditioner is built from have been estimated."""
+        return all(self.has_factor(k) for k in self.FACTORS if k != "S")
 
     @property
     def A(self) -> Tensor:
@@ -279,21 +352,36 @@ class KroneckerBlock(CurvatureBlock):
 
     # ---------------------------------------------------------------- preconditioning
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
-        """Refresh the cached inverse ('cholesky') or eigendecomposition ('eigh') of the factors.
+        """Refresh the cached inverses ('cholesky') or eigendecompositions ('eigh').
 
-        With 'cholesky' the factored damping is baked into the inverses; with 'eigh' it is
-        applied at preconditioning time, so a new damping takes effect at once.
+        With 'cholesky' the damping is baked into the inverses; with 'eigh' it is applied at
+        preconditioning time, so a new damping takes effect at once. EKFAC restarts its
+        eigenbasis diagonal S from the Kronecker eigenvalues whenever the basis changes.
         """
-        a, g = self._factor("A"), self._factor("G")
         for key in ("A_inv", "G_inv", "A_eigvals", "A_eigvecs", "G_eigvals", "G_eigvecs"):
             self.state.pop(key, None)
-        if method == "cholesky":
+        if self.approximation == "diagonal":
+            return
+        a = self._factor("A")
+        g = self._factor("G") if "G" in self.FACTORS else None
+        if method == "cholesky" and self.approximation != "ekfac":
+            if g is None:
+                self.state["A_inv"] = damped_inverse(a, damping)
+                return
             a_damp, g_damp = self.factored_damping(a, g, damping, pi_correction)
             self.state["A_inv"] = damped_inverse(a, a_damp)
             self.state["G_inv"] = damped_inverse(g, g_damp)
-        else:
-            self.state["A_eigvals"], self.state["A_eigvecs"] = symmetric_eigh(a)
+            return
+        self.state["A_eigvals"], self.state["A_eigvecs"] = symmetric_eigh(a)
+        if g is not None:
             self.state["G_eigvals"], self.state["G_eigvecs"] = symmetric_eigh(g)
+        if self.approximation == "ekfac":
+            self._saved_rows = []  # rows kept for the old basis
+            self._pending["S"] = []
+            self.state["S_ema"] = self.state["G_eigvals"].unsqueeze(-1) * self.state["A_eigvals"].unsqueeze(
+                -2
+            )
+            self.state["S_weight"] = self.state["S_ema"].new_ones(())
 
     @staticmethod
     def factored_damping(a: Tensor, g: Tensor, damping: Tensor, pi_correction: bool) -> tuple[Tensor, Tensor]:
@@ -305,37 +393,63 @@ class KroneckerBlock(CurvatureBlock):
         return pi * root, root / pi
 
     def has_inverses(self) -> bool:
-        """Whether a cached inverse or eigendecomposition is available."""
+        """Whether a cached inverse, eigendecomposition or diagonal is available."""
+        if self.approximation == "diagonal":
+            return self.has_factor("D")
         return "A_inv" in self.state or "A_eigvecs" in self.state
 
     def precondition(
         self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"
     ) -> Tensor:
-        """Multiply gradient matrices by the damped inverse curvature of this block."""
-        if "A_inv" in self.state:
-            return self.state["G_inv"] @ mat @ self.state["A_inv"]
-        qa, qg = self.state["A_eigvecs"], self.state["G_eigvecs"]
-        la, lg = self.state["A_eigvals"], self.state["G_eigvals"]
+        """Multiply gradient matrices by the damped curvature raised to `power` (-1 or -1/2)."""
+        power = self.power
+        if self.approximation == "diagonal":
+            return mat * (self._factor("D") + damping).pow(power)
+        if "A_inv" in self.state:  # Cholesky inverses, power -1
+            right = mat @ self.state["A_inv"]
+            return self.state["G_inv"] @ right if "G_inv" in self.state else right
+        qa, la = self.state["A_eigvecs"], self.state["A_eigvals"]
+        if self.approximation == "forward-only":
+            return ((mat @ qa) * (la + damping).pow(power).unsqueeze(-2)) @ qa.mT
+        qg, lg = self.state["G_eigvecs"], self.state["G_eigvals"]
         rotated = qg.mT @ mat @ qa
-        if damping_type == "exact":
+        if self.approximation == "ekfac":
+            denom = self._factor("S") + damping
+        elif damping_type == "exact":
             denom = lg.unsqueeze(-1) * la.unsqueeze(-2) + damping
         else:
             a_damp, g_damp = self.factored_damping(
                 self._factor("A"), self._factor("G"), damping, pi_correction
             )
             denom = (lg.unsqueeze(-1) + g_damp) * (la.unsqueeze(-2) + a_damp)
-        return qg @ (rotated / denom) @ qa.mT
+        return qg @ (rotated * denom.pow(power)) @ qa.mT
 
     def curvature_product(self, mat: Tensor) -> Tensor:
-        """(A (x) G) applied to matrices: G M A, undamped."""
+        """The undamped curvature of the chosen approximation applied to matrices."""
+        if self.approximation == "diagonal":
+            return self._factor("D") * mat
+        if self.approximation == "forward-only":
+            return mat @ self._factor("A")
+        if self.approximation == "ekfac" and self.has_factor("S"):
+            qa, qg = self.state["A_eigvecs"], self.state["G_eigvecs"]
+            return qg @ ((qg.mT @ mat @ qa) * self._factor("S")) @ qa.mT
         return self._factor("G") @ mat @ self._factor("A")
 
     def dense_curvature(self, damping: float = 0.0) -> Tensor:
-        """The Kronecker block as a dense matrix (vec = column stacking), for tests and small layers."""
-        a, g = self.A, self.G
+        """The block's curvature as a dense matrix (vec = column stacking), for tests and small layers."""
         if self.groups != 1:
             raise ValueError("dense_curvature is defined for ungrouped blocks only")
-        return add_to_diagonal(torch.kron(a, g), damping)
+        d_out = self.weight.shape[0]
+        if self.approximation == "diagonal":
+            dense = torch.diag(self._factor("D")[0].mT.reshape(-1))
+        elif self.approximation == "forward-only":
+            dense = torch.kron(self.A, torch.eye(d_out, dtype=self.A.dtype, device=self.A.device))
+        elif self.approximation == "ekfac" and self.has_factor("S"):
+            basis = torch.kron(self.state["A_eigvecs"][0], self.state["G_eigvecs"][0])
+            dense = basis @ torch.diag(self._factor("S")[0].mT.reshape(-1)) @ basis.T
+        else:
+            dense = torch.kron(self.A, self.G)
+        return add_to_diagonal(dense, damping)
 
     def extra_repr(self) -> str:
         """Factor shapes and memory, for the registration report."""
@@ -345,3 +459,23 @@ class KroneckerBlock(CurvatureBlock):
         size = numel * self.weight.element_size()
         grp = f" x {self.groups} groups" if self.groups > 1 else ""
         return f"A {d_in}x{d_in}, G {d_out}x{d_out}{grp}, {size / 2**20:.2f} MiB per factor set"
+
+
+def per_example_squares(
+    a_rows: Tensor, g_rows: Tensor, qa: Tensor | None = None, qg: Tensor | None = None, chunk: int = 64
+) -> Tensor:
+    """sum_n (Q_G^T W_n Q_A)^2 with W_n = sum_t g_nt a_nt^T the per-example gradient matrices.
+
+    a_rows (groups, N, T, d_in), g_rows (groups, N, T, d_out); without bases Q the squares of
+    W_n themselves. Without shared positions (T = 1) this is one product of squared rows;
+    otherwise per-example gradients are formed `chunk` examples at a time to bound memory.
+    """
+    if qa is not None and qg is not None:
+        a_rows, g_rows = a_rows @ qa.unsqueeze(1), g_rows @ qg.unsqueeze(1)
+    if a_rows.shape[2] == 1:
+        return g_rows[:, :, 0].square().mT @ a_rows[:, :, 0].square()
+    total = g_rows.new_zeros(g_rows.shape[0], g_rows.shape[-1], a_rows.shape[-1])
+    for start in range(0, a_rows.shape[1], chunk):
+        grads = g_rows[:, start : start + chunk].mT @ a_rows[:, start : start + chunk]
+        total += grads.square().sum(1)
+    return total
