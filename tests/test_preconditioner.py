@@ -92,7 +92,7 @@ def test_state_dict_round_trip() -> None:
 
 
 def test_report_lists_blocks_and_fallbacks() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.PReLU(), torch.nn.Linear(4, 2))
     model[2].requires_grad_(False)
     text = repr(KFACPreconditioner(model))
     assert "0.weight: LinearBlock (A 5x5, G 4x4" in text

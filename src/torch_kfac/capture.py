@@ -48,10 +48,12 @@ class StatisticsCapture:
         self._backward_on = False
         self._paused = False
         self._forced: list[Tensor] | None = None
-        self._handles: list[RemovableHandle] = [
-            block.module.register_forward_hook(partial(self._forward_hook, block))
-            for block in blocks.values()
-        ]
+        self._handles: list[RemovableHandle] = []
+        for block in blocks.values():
+            block.reduction, block.center = reduction, center
+            if type(block).before_forward is not CurvatureBlock.before_forward:
+                self._handles.append(block.module.register_forward_pre_hook(partial(self._pre_hook, block)))
+            self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block)))
 
     def _recording(self) -> bool:
         if self._forced is not None:
@@ -61,6 +63,9 @@ class StatisticsCapture:
         if self.explicit:
             return self._forward_on
         return torch.is_grad_enabled() and self.is_due()
+
+    def _pre_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        block.before_forward(self._recording(), self._forced)
 
     def _forward_hook(
         self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
@@ -132,3 +137,5 @@ class StatisticsCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for block in self.blocks.values():
+            block.remove()

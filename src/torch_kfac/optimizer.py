@@ -229,14 +229,14 @@ class KFAC(Optimizer):
         super().__init__(model.parameters(), defaults)
         self.state[_GLOBAL].update(self.preconditioner.global_state)  # type: ignore[index]
         for block in self.preconditioner.blocks.values():
-            self.state[block.weight].update(block.state)
+            self.state[block.parameters()[0]].update(block.state)
         self._rebind()
 
     def _rebind(self) -> None:
         """Point each block's state (factors, inverses) and the global state into `self.state`."""
         pre = self.preconditioner
         for block in pre.blocks.values():
-            block.state = self.state[block.weight]
+            block.state = self.state[block.parameters()[0]]
         pre.global_state = self.state[_GLOBAL]  # type: ignore[index]
 
     # ------------------------------------------------------------ original torch_kfac API
@@ -483,7 +483,7 @@ class KFAC(Optimizer):
         updates = self._block_updates(mats, lr, mu, hyper["norm_constraint"])
         for name, update in updates.items():
             block = self.preconditioner.blocks[name]
-            for p, u in zip(block.parameters(), block.from_matrix(update), strict=False):
+            for p, u in zip(block.parameters(), block.unpack(update), strict=True):
                 delta[self._param_names[id(p)]] = self._change(p, u, lr, wd)
         for n, p in fallback.items():
             delta[n] = self._change(p, self._velocity(self.state[p], grads[n], mu), lr, wd)
@@ -558,7 +558,7 @@ class KFAC(Optimizer):
                 parts = [delta.get(self._param_names[id(p)]) for p in block.parameters()]
                 if parts[0] is None:
                     continue
-                mat = block.to_matrix(parts[0], parts[1] if len(parts) > 1 else None)
+                mat = block.pack(parts)
                 curv = curv + (mat * block.curvature_product(mat)).sum()
         return linear + 0.5 * (curv + c * dot(delta, delta))
 
@@ -580,9 +580,7 @@ class KFAC(Optimizer):
         v1: dict[str, Tensor] = {}
         for name, mat in mats.items():
             block = pre.blocks[name]
-            for p, u in zip(
-                block.parameters(), block.from_matrix(pre.precondition(block, mat)), strict=False
-            ):
+            for p, u in zip(block.parameters(), block.unpack(pre.precondition(block, mat)), strict=True):
                 v1[self._param_names[id(p)]] = -u
         v1.update({n: -grads[n] for n in fallback})
         directions = [v1]

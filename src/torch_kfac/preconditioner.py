@@ -356,7 +356,7 @@ class KFACPreconditioner:
         for block in self.blocks.values():
             block.follow_weight()
         if self.blocks:
-            w = next(iter(self.blocks.values())).weight
+            w = next(iter(self.blocks.values())).parameters()[0]
             damping = self.global_state["damping"]
             if damping.device != w.device or damping.dtype != w.dtype:
                 self.global_state["damping"] = damping.to(device=w.device, dtype=w.dtype)
@@ -377,12 +377,12 @@ class KFACPreconditioner:
             return False
         for name, mat in mats.items():
             block = self.blocks[name]
-            weight_grad, bias_grad = block.from_matrix(self.precondition(block, mat))
-            block.weight.grad.copy_(weight_grad)
-            if block.bias is not None:
-                if block.bias.grad is None:
-                    block.bias.grad = torch.zeros_like(block.bias)
-                block.bias.grad.copy_(bias_grad)
+            for param, new_grad in zip(
+                block.parameters(), block.unpack(self.precondition(block, mat)), strict=True
+            ):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.copy_(new_grad)
         self.finish_step()
         return True
 
@@ -422,7 +422,7 @@ class KFACPreconditioner:
         for name, block in self.blocks.items():
             block.state.clear()
             block.state.update(
-                {k: v.to(block.weight.device).clone() for k, v in state["blocks"][name].items()}
+                {k: v.to(block.parameters()[0].device).clone() for k, v in state["blocks"][name].items()}
             )
         damping = self.global_state["damping"]
         self.global_state.update(state["global"])

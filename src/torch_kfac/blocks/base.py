@@ -59,9 +59,6 @@ class CurvatureBlock:
     FORWARD_FACTORS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"{type(module).__name__} {name!r} has no weight tensor for K-FAC")
         self.module = module
         self.name = name
         self.groups = int(getattr(module, "groups", 1))
@@ -72,6 +69,9 @@ class CurvatureBlock:
         self.batch_size: int | None = None
         #: Loss terms per example (for reduction='mean_positions'), set by the preconditioner.
         self.loss_terms = 1
+        #: The loss's reduction and centering, set by the preconditioner.
+        self.reduction = "mean"
+        self.center = False
 
     # --------------------------------------------------------------------- to implement
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
@@ -108,6 +108,30 @@ class CurvatureBlock:
         """Inverse of `to_matrix`: the weight-shaped and bias-shaped parts."""
         raise NotImplementedError
 
+    def pack(self, tensors: list[Tensor]) -> Tensor:
+        """One tensor per parameter (in `parameters()` order) in the block's layout.
+
+        Blocks of modules with other parameters than weight and bias override `parameters`,
+        `pack` and `unpack`.
+        """
+        return self.to_matrix(tensors[0], tensors[1] if len(tensors) > 1 else None)
+
+    def unpack(self, mat: Tensor) -> list[Tensor]:
+        """Inverse of `pack`: one tensor per parameter, in `parameters()` order."""
+        return [t for t in self.from_matrix(mat) if t is not None]
+
+    def before_forward(self, recording: bool, keep: list[Tensor] | None) -> None:
+        """Called before each forward call of the module, for blocks that record internally.
+
+        Such a block records its statistics itself during the call when `recording` (it has the
+        `reduction`, `center` and `loss_terms` attributes for that), and appends the tensors at
+        which its backward statistics are taken to `keep` when that is a list: the
+        preconditioner's own Fisher passes backpropagate to them.
+        """
+
+    def remove(self) -> None:
+        """Undo anything the block attached to its module (called by `close()`)."""
+
     @property
     def needs_output_grads(self) -> bool:
         """Whether the block records statistics in the backward pass."""
@@ -140,13 +164,11 @@ class CurvatureBlock:
         return [p for p in (self.weight, self.bias) if p is not None]
 
     def grad_matrix(self) -> Tensor | None:
-        """The current gradient as matrices (groups, d_out, d_in [+1]), or None without one."""
-        if self.weight.grad is None:
+        """The current gradient in the block's layout, or None if no parameter has one."""
+        params = self.parameters()
+        if all(p.grad is None for p in params):
             return None
-        bias_grad = None
-        if self.bias is not None:
-            bias_grad = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
-        return self.to_matrix(self.weight.grad, bias_grad)
+        return self.pack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
 
     def has_pending(self, key: str) -> bool:
         """Whether statistics for factor `key` wait to be folded in."""
@@ -177,8 +199,8 @@ class CurvatureBlock:
             self._pending[key] = []
 
     def follow_weight(self) -> None:
-        """Move the state to the weight's device and dtype (after `model.to(...)`)."""
-        w = self.weight
+        """Move the state to the parameters' device and dtype (after `model.to(...)`)."""
+        w = self.parameters()[0]
         for key, value in self.state.items():
             if value.device != w.device or (value.is_floating_point() and value.dtype != w.dtype):
                 self.state[key] = value.to(device=w.device, dtype=w.dtype)
@@ -206,6 +228,8 @@ class KroneckerBlock(CurvatureBlock):
     FORWARD_FACTORS = ("A",)
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
+        if not isinstance(getattr(module, "weight", None), Tensor):
+            raise TypeError(f"{type(module).__name__} {name!r} has no weight tensor for K-FAC")
         super().__init__(module, name)
         self.configure()
 
