@@ -17,6 +17,7 @@ Conventions (per-example-loss Fisher): with ``reduction="mean"`` the training lo
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -377,8 +378,9 @@ def curvlinops_factors(
     y: Tensor,
     fisher_type: str = "empirical",
     mc_samples: int = 1,
+    kfac_approx: str = "expand",
 ):
-    """curvlinops' KFAC-expand factors (bias folded into A), whole batch at once.
+    """curvlinops' KFAC factors (bias folded into A), whole batch at once.
 
     Returns ``(input_covariances, gradient_covariances)`` dicts keyed by module name.
     """
@@ -393,7 +395,7 @@ def curvlinops_factors(
         check_deterministic=False,
         fisher_type=fisher_type,
         mc_samples=mc_samples,
-        kfac_approx="expand",
+        kfac_approx=kfac_approx,
         separate_weight_and_bias=False,
     )
     op.compute_kronecker_factors()
@@ -488,3 +490,240 @@ def assert_factor_dicts_equal(
     for name, (big_a, big_g) in first.items():
         torch.testing.assert_close(second[name][0], big_a, **EXACT)
         torch.testing.assert_close(second[name][1], big_g, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-example parameter gradients (embedding, normalization and transposed-conv blocks)
+# ---------------------------------------------------------------------------------------
+
+
+def per_example_gradients_vmap(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Gradients of each example's own loss ``loss_fn(model(x_n[None]), y_n[None])``, by
+    ``torch.func.vmap(grad)``; keyed by qualified parameter name, shape (N, *param.shape).
+
+    For the losses of ``make_loss`` this one-example loss is the per-example loss of both reductions
+    (``N dL/dtheta`` restricted to example n for 'mean', ``dL/dtheta`` for 'sum'). Not valid for batch
+    norm in training mode, whose output couples the examples.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def example_loss(theta: dict[str, Tensor], xn: Tensor, yn: Tensor) -> Tensor:
+        out = functional_call(model, (theta, buffers), (xn.unsqueeze(0),))
+        return loss_fn(out, yn.unsqueeze(0))
+
+    return dict(vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y))
+
+
+def per_example_gradients_loop(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, reduction: str, names: Sequence[str]
+) -> dict[str, Tensor]:
+    """Per-example gradients of the named modules' parameters by an explicit loop over examples.
+
+    For example n, a forward hook makes only example n's output of each named module depend on the
+    module's parameters: the other examples' outputs are recomputed by a copy of the module with
+    detached parameters (same input, same mode, its own buffers). ``per_example_scale`` times the
+    gradient of the batch loss is then example n's gradient, with the batch coupling of batch norm
+    in training mode (its statistics) held as the forward pass computed them.
+    """
+    modules = dict(model.named_modules())
+    batch_size = x.shape[0]
+    names_params = [(f"{m}.{p}" if m else p, m, p) for m in names for p, _ in modules[m].named_parameters()]
+    result: dict[str, list[Tensor]] = {full: [] for full, _, _ in names_params}
+    for n in range(batch_size):
+
+        def make_hook(name: str, example: int = n):
+            frozen = _frozen_copy(modules[name])
+
+            def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+                detached = frozen(*args)
+                mask = torch.zeros(output.shape[0], dtype=torch.bool)
+                mask[example] = True
+                return torch.where(mask.reshape(-1, *([1] * (output.dim() - 1))), output, detached)
+
+            return hook
+
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
+        handles = [modules[name].register_forward_hook(make_hook(name)) for name in names]
+        try:
+            loss = loss_fn(model(x), y)
+            params = [getattr(modules[m], p) for _, m, p in names_params]
+            grads = torch.autograd.grad(loss, params)
+        finally:
+            for handle in handles:
+                handle.remove()
+            # Running statistics as they were (batch norm's backward needs them untouched until here).
+            with torch.no_grad():
+                for buf, value in saved:
+                    buf.copy_(value)
+        for (full, _, _), g in zip(names_params, grads, strict=True):
+            result[full].append(g * per_example_scale(batch_size, reduction))
+    return {k: torch.stack(v) for k, v in result.items()}
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are constants (its buffers are its own copies)."""
+    frozen = copy.deepcopy(module)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def scale_shift_rows(per_example: dict[str, Tensor], name: str) -> Tensor:
+    """(N, C, k): per-example (scale, shift) gradient pairs of norm layer ``name`` (k = 1 without shift)."""
+    weight = per_example[f"{name}.weight"]
+    columns = [weight.reshape(weight.shape[0], -1)]
+    bias = per_example.get(f"{name}.bias")
+    if bias is not None:
+        columns.append(bias.reshape(bias.shape[0], -1))
+    return torch.stack(columns, dim=-1)
+
+
+def norm_factor(rows: Tensor) -> Tensor:
+    """Reference F: (C, k, k), ``F_c = 1/N sum_n v_nc v_nc^T`` by explicit accumulation."""
+    batch_size, channels, k = rows.shape
+    factor = torch.zeros(channels, k, k, dtype=rows.dtype)
+    for n in range(batch_size):
+        factor += rows[n, :, :, None] * rows[n, :, None, :]
+    return factor / batch_size
+
+
+def norm_dense_curvature(factor: Tensor, damping: float = 0.0) -> Tensor:
+    """The block-diagonal (C k, C k) matrix of per-channel F_c in column-stacking order of (C, k)."""
+    channels, k = factor.shape[0], factor.shape[-1]
+    dense = torch.zeros(k * channels, k * channels, dtype=factor.dtype)
+    for c in range(channels):
+        for i in range(k):
+            for j in range(k):
+                dense[i * channels + c, j * channels + c] = factor[c, i, j]
+    return dense + damping * torch.eye(k * channels, dtype=factor.dtype)
+
+
+def norm_gradient_matrix(param_grads: dict[str, Tensor], name: str) -> Tensor:
+    """(C, k): the norm layer's scale gradient and (if any) shift gradient as columns."""
+    columns = [param_grads[f"{name}.weight"].reshape(-1)]
+    if f"{name}.bias" in param_grads:
+        columns.append(param_grads[f"{name}.bias"].reshape(-1))
+    return torch.stack(columns, dim=-1)
+
+
+def norm_dense_preconditioned(factor: Tensor, matrix: Tensor, damping: float) -> Tensor:
+    """Solve ``(blockdiag(F) + d I) vec(P) = vec(M)`` densely; P in the (C, k) layout."""
+    solution = torch.linalg.solve(norm_dense_curvature(factor, damping), vec(matrix))
+    return unvec(solution, *matrix.shape)
+
+
+def embedding_factors(rec: LayerRecord, reduction: str) -> tuple[Tensor, Tensor]:
+    """Reference (A, G) of ``nn.Embedding`` on ids (N, *): A dense (V, V) from explicit one-hot
+    vectors (all zero for ``padding_idx``), G (d, d) from the recorded output gradients."""
+    module = rec.module
+    assert isinstance(module, nn.Embedding)
+    batch_size = rec.input.shape[0] if rec.input.dim() > 0 else 1
+    ids = rec.input.reshape(batch_size, -1)
+    onehot = F.one_hot(ids, module.num_embeddings).to(DTYPE)
+    if module.padding_idx is not None:
+        onehot[ids == module.padding_idx] = 0.0
+    g = rec.grad_output.reshape(batch_size, -1, 1, module.embedding_dim)
+    g = g * per_example_scale(batch_size, reduction)
+    big_a, big_g = _covariances(onehot.unsqueeze(2), g)
+    return big_a[0], big_g[0]
+
+
+def conv_transpose_equivalent(rec: LayerRecord) -> LayerRecord:
+    """The recorded transposed convolution as a stride-1 ``nn.ConvNd`` on the stride-dilated,
+    padded (or cropped) input, with the flipped, in/out-swapped kernel; same output and gradient.
+
+    The padding on the right is read off the recorded output size, so ``output_padding`` and
+    ``output_size`` need not be known here.
+    """
+    module = rec.module
+    assert isinstance(module, nn.modules.conv._ConvTransposeNd)
+    ndim = len(module.kernel_size)
+    x = rec.input
+    batch_size, c_in = x.shape[:2]
+    sizes = [(size - 1) * s + 1 for size, s in zip(x.shape[2:], module.stride, strict=True)]
+    dilated = torch.zeros(batch_size, c_in, *sizes, dtype=x.dtype)
+    for position in itertools.product(*(range(size) for size in x.shape[2:])):
+        target = tuple(p * s for p, s in zip(position, module.stride, strict=True))
+        dilated[(slice(None), slice(None), *target)] = x[(slice(None), slice(None), *position)]
+    for dim in range(ndim):
+        span = module.dilation[dim] * (module.kernel_size[dim] - 1)
+        left = span - module.padding[dim]
+        right = rec.output.shape[2 + dim] + span - left - dilated.shape[2 + dim]
+        axis = 2 + dim
+        if left < 0:
+            dilated = dilated.narrow(axis, -left, dilated.shape[axis] + left)
+        if right < 0:
+            dilated = dilated.narrow(axis, 0, dilated.shape[axis] + right)
+        zeros = list(dilated.shape)
+        parts = []
+        if left > 0:
+            zeros[axis] = left
+            parts.append(torch.zeros(zeros, dtype=x.dtype))
+        parts.append(dilated)
+        if right > 0:
+            zeros[axis] = right
+            parts.append(torch.zeros(zeros, dtype=x.dtype))
+        dilated = torch.cat(parts, dim=axis)
+    conv_type = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim]
+    groups, c_out = module.groups, module.out_channels
+    conv = conv_type(
+        c_in,
+        c_out,
+        module.kernel_size,
+        dilation=module.dilation,
+        groups=groups,
+        bias=module.bias is not None,
+    ).to(DTYPE)
+    with torch.no_grad():
+        conv.weight.copy_(conv_transpose_equivalent_weight(module.weight.detach(), groups))
+        if module.bias is not None:
+            conv.bias.copy_(module.bias.detach())
+    return LayerRecord(conv, dilated, rec.output, rec.grad_output)
+
+
+def conv_transpose_equivalent_weight(weight: Tensor, groups: int) -> Tensor:
+    """(C_in, C_out/g, k...) -> (C_out, C_in/g, k...): per group, swap in/out and flip the kernel."""
+    c_in, c_out_g = weight.shape[:2]
+    c_in_g = c_in // groups
+    spatial = tuple(range(2, weight.dim()))
+    out = torch.zeros(c_out_g * groups, c_in_g, *weight.shape[2:], dtype=weight.dtype)
+    for j in range(groups):
+        block = weight[j * c_in_g : (j + 1) * c_in_g]  # (C_in/g, C_out/g, k...)
+        out[j * c_out_g : (j + 1) * c_out_g] = block.transpose(0, 1).flip(spatial)
+    return out
+
+
+def library_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    reduction: str,
+    damping: float,
+    enable_pi_correction: bool,
+    **options,
+) -> tuple[dict[str, Tensor], KFACPreconditioner]:
+    """Run ``KFACPreconditioner.step`` once; the preconditioned gradients by qualified parameter
+    name and the preconditioner (for its blocks, whatever their factors)."""
+    pre = KFACPreconditioner(
+        model,
+        damping=damping,
+        reduction=reduction,
+        enable_pi_correction=enable_pi_correction,
+        **options,
+    )
+    loss_fn(model(x), y).backward()
+    pre.step()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return grads, pre
+
+
+def library_blocks(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, reduction: str, **options):
+    """``torch_kfac.KFAC``'s blocks after one forward/backward and one ``update_cov``."""
+    opt = KFAC(model, lr=0.1, damping=1e-3, momentum=0.0, reduction=reduction, **options)
+    loss_fn(model(x), y).backward()
+    opt.update_cov()
+    return opt.blocks

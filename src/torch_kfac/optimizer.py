@@ -80,8 +80,8 @@ class KFAC(Optimizer):
             `KFACPreconditioner`).
         fisher_type, mc_samples: the curvature's Fisher type ('empirical', 'mc', 'type-2'); 'mc'
             and 'type-2' need `loss_fn` and `step(batch=...)` (see `KFACPreconditioner`).
-        approximation, inverse_power: 'kfac', 'ekfac', 'diagonal' or 'forward-only'; power -1
-            or -0.5 (see `KFACPreconditioner`).
+        approximation, inverse_power, kfac_approx: 'kfac', 'ekfac', 'diagonal' or
+            'forward-only'; power -1 or -0.5; 'expand' or 'reduce' (see `KFACPreconditioner`).
         factor_update_steps, inverse_update_steps, inverse_method, damping_type, skip_modules:
             see `KFACPreconditioner`.
         max_damping: upper bound of the adapted damping.
@@ -140,6 +140,7 @@ class KFAC(Optimizer):
         mc_samples: int = 1,
         approximation: str = "kfac",
         inverse_power: float = -1.0,
+        kfac_approx: str = "expand",
     ) -> None:
         if lr is not None and learning_rate is not None:
             raise ValueError("pass the learning rate once: lr or learning_rate, not both")
@@ -216,6 +217,7 @@ class KFAC(Optimizer):
             loss_fn=loss_fn,
             approximation=approximation,
             inverse_power=inverse_power,
+            kfac_approx=kfac_approx,
         )
         self.loss_fn = loss_fn
         self._exact = ExactCurvature(model, loss_fn) if loss_fn is not None else None

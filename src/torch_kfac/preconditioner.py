@@ -25,6 +25,7 @@ from torch_kfac.qmodel import as_args, preserved_buffers
 INVERSE_METHODS = ("cholesky", "eigh")
 FISHER_TYPES = ("empirical", "mc", "type-2")
 APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "forward-only")
+KFAC_APPROXES = ("expand", "reduce")
 INVERSE_POWERS = (-1.0, -0.5)
 #: The reduction `loss_fn` must have for each of the preconditioner's reductions.
 _LOSS_REDUCTION = {"mean": "mean", "sum": "sum", "mean_positions": "mean"}
@@ -71,6 +72,9 @@ class KFACPreconditioner:
             'forward-only' (A (x) I, no backward statistics; Benzing 2022).
         inverse_power: -1 (natural gradient) or -0.5 (square-root preconditioning; needs
             inverse_method='eigh' unless the approximation is 'diagonal').
+        kfac_approx: weight sharing over sequence/spatial positions (Eschenhagen et al. 2023):
+            'expand' (positions count like examples) or 'reduce' (inputs averaged and output
+            gradients summed over positions before the second moments).
         enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
         inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
             'eigh' (eigendecompositions; damping applied at every step).
@@ -101,6 +105,7 @@ class KFACPreconditioner:
         loss_fn: nn.Module | None = None,
         approximation: str = "kfac",
         inverse_power: float = -1.0,
+        kfac_approx: str = "expand",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -117,6 +122,7 @@ class KFACPreconditioner:
         self.update_factors_manually = bool(update_factors_manually)
         self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
         self.approximation = check_choice("approximation", approximation, APPROXIMATIONS)
+        self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
         if inverse_power not in INVERSE_POWERS:
             raise ValueError(f"inverse_power must be -1 or -0.5, got {inverse_power!r}")
         self.inverse_power = float(inverse_power)
@@ -149,7 +155,7 @@ class KFACPreconditioner:
         self.blocks, self.fallback_reasons = _make_blocks(model, set(skip_modules))
         for block in self.blocks.values():
             if isinstance(block, KroneckerBlock):
-                block.configure(self.approximation, self.inverse_power)
+                block.configure(self.approximation, self.inverse_power, self.kfac_approx)
         first = next(iter(model.parameters()), None)
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
         device = first.device if first is not None else None

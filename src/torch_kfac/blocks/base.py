@@ -43,6 +43,13 @@ def second_moment_scale(reduction: str, batch_size: int, loss_terms: int = 1) ->
     return float(batch_size * loss_terms)
 
 
+def _graph_task_id() -> int | None:
+    """Id of the backward pass now running (None where PyTorch does not expose it)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    task = current() if current is not None else -1
+    return None if task < 0 else int(task)
+
+
 class CurvatureBlock:
     """What the optimizer needs from a curvature block: statistics in, preconditioning out.
 
@@ -65,6 +72,7 @@ class CurvatureBlock:
         #: Running factors and cached inverses; the optimizer stores this dict in its `state`.
         self.state: dict[str, Tensor] = {}
         self._pending: dict[str, list[Tensor]] = {k: [] for k in self.FACTORS}
+        self._pending_task: dict[str, int | None] = {}
         #: Number of examples in the last batch seen by the layer (dim 0 of its input).
         self.batch_size: int | None = None
         #: Loss terms per example (for reduction='mean_positions'), set by the preconditioner.
@@ -170,6 +178,21 @@ class CurvatureBlock:
             return None
         return self.pack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
 
+    def add_backward_statistic(self, key: str, value: Tensor) -> None:
+        """Pend a backward statistic: summed within one backward pass, averaged across passes.
+
+        A module called several times in one forward pass shares its weight like positions of
+        a sequence (the expand convention), so its output-gradient statistics add up; separate
+        backward passes (micro-batches, Monte-Carlo samples) are averaged.
+        """
+        task = _graph_task_id()
+        pending = self._pending[key]
+        if pending and task is not None and self._pending_task.get(key) == task:
+            pending[-1] = pending[-1] + value
+        else:
+            pending.append(value)
+            self._pending_task[key] = task
+
     def has_pending(self, key: str) -> bool:
         """Whether statistics for factor `key` wait to be folded in."""
         return bool(self._pending[key])
@@ -257,16 +280,22 @@ class KroneckerBlock(CurvatureBlock):
         return mat[..., :-1].reshape(self.weight.shape), mat[..., -1].reshape(self.bias.shape)
 
     # -------------------------------------------------------------------- statistics
-    def configure(self, approximation: str = "kfac", power: float = -1.0) -> None:
-        """Choose the curvature approximation and the matrix power used to precondition.
+    def configure(
+        self, approximation: str = "kfac", power: float = -1.0, kfac_approx: str = "expand"
+    ) -> None:
+        """Choose the curvature approximation, the matrix power and the weight-sharing rule.
 
         'kfac': A (x) G. 'ekfac' (George et al. 2018): the eigenbasis of A (x) G with its diagonal
         re-estimated from per-example gradients. 'diagonal': the exact diagonal of the Fisher,
         E[(per-example gradient)^2]. 'forward-only' (Benzing 2022): A (x) I, no backward
-        statistics. `power` is -1 (natural gradient) or -1/2.
+        statistics. `power` is -1 (natural gradient) or -1/2. `kfac_approx` (Eschenhagen et al.
+        2023) for weights shared over T positions: 'expand' treats positions like examples
+        (A averages a a^T over them, G sums g g^T); 'reduce' averages the inputs and sums the
+        output gradients over positions first, then takes second moments over examples.
         """
         self.approximation = approximation
         self.power = power
+        self.kfac_approx = kfac_approx
         factors = {"kfac": ("A", "G"), "ekfac": ("A", "G", "S"), "diagonal": ("D",), "forward-only": ("A",)}
         self.FACTORS = factors[approximation]  # type: ignore[misc]
         self.FORWARD_FACTORS = ("A",) if "A" in self.FACTORS else ()  # type: ignore[misc]
@@ -290,6 +319,8 @@ class KroneckerBlock(CurvatureBlock):
         EKFAC and the diagonal also keep the call's rows until its backward pass.
         """
         rows = self.activation_rows(inputs).detach()
+        if self.kfac_approx == "reduce":
+            rows = rows.mean(dim=2, keepdim=True)
         groups, n, t, _ = rows.shape
         self.batch_size = n
         flat = rows.reshape(groups, n * t, -1)
@@ -319,13 +350,15 @@ class KroneckerBlock(CurvatureBlock):
         if not self.needs_output_grads:
             return
         rows = self.output_grad_rows(grad_output).detach()
+        if self.kfac_approx == "reduce":
+            rows = rows.sum(dim=2, keepdim=True)
         groups, n, t, _ = rows.shape
         flat = rows.reshape(groups, n * t, -1)
         if center:
             flat = flat - flat.mean(dim=1, keepdim=True)
         scale = second_moment_scale(reduction, n, self.loss_terms)
         if "G" in self.FACTORS:
-            self._pending["G"].append(flat.mT @ flat * scale)
+            self.add_backward_statistic("G", flat.mT @ flat * scale)
         if not self._saved_rows:
             return
         # Backward runs in reverse order of the forward calls.
@@ -333,9 +366,9 @@ class KroneckerBlock(CurvatureBlock):
         g_rows = flat.reshape(groups, n, t, -1)
         if self.approximation == "ekfac":
             squares = per_example_squares(a_rows, g_rows, self.state["A_eigvecs"], self.state["G_eigvecs"])
-            self._pending["S"].append(squares * scale)
+            self.add_backward_statistic("S", squares * scale)
         else:
-            self._pending["D"].append(per_example_squares(a_rows, g_rows) * scale)
+            self.add_backward_statistic("D", per_example_squares(a_rows, g_rows) * scale)
 
     def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:
         """Drop pending statistics (of the given factors, or all) and rows kept for them."""
