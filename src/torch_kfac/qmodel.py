@@ -1,10 +1,10 @@
 """The exact quadratic model of the loss along a few directions (Martens & Grosse 2015, section 7).
 
 For directions v_1..v_k, the model's Gram matrix M_ij = v_i^T C v_j with C the generalised
-Gauss-Newton matrix (equal to the Fisher for the losses in `losses.py`) costs one forward-mode pass per
-direction: C-products in output space, (J v_i)^T H (J v_j). The optimizer minimises
-q(c) = c^T b + 1/2 c^T (M + lambda V^T V) c over the coefficients of the update
-delta = sum_i c_i v_i (b_i = g^T v_i), which gives learning rate and momentum automatically.
+Gauss-Newton matrix (equal to the Fisher for the losses in `losses.py`) costs one vectorised
+forward-mode pass over all directions: C-products in output space, (J v_i)^T H (J v_j). The
+optimizer minimises q(c) = c^T b + 1/2 c^T (M + lambda V^T V) c over the coefficients of the
+update delta = sum_i c_i v_i (b_i = g^T v_i), which gives learning rate and momentum.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad
-from torch.func import functional_call
+from torch.func import functional_call, jvp, vmap
 
 from torch_kfac.losses import loss_curvature
 
@@ -51,18 +50,27 @@ class ExactCurvature:
     ) -> tuple[Tensor, list[Tensor]]:
         """Model outputs and J v for each direction v (a dict of parameter name -> tensor)."""
         params = {n: p.detach() for n, p in self.model.named_parameters()}
+        buffers = dict(self.model.named_buffers())
+        names = [n for n in params if any(n in d for d in directions)]
         args = as_args(inputs)
-        outputs, jvps = None, []
-        # Forward-mode AD with dual numbers (torch.autograd.forward_ad rather than torch.func,
-        # which refuses the in-place buffer updates of batch norm in training mode).
-        with preserved_buffers(self.model), torch.no_grad(), forward_ad.dual_level():
-            for direction in directions:
-                duals = {n: forward_ad.make_dual(params[n], v) for n, v in direction.items()}
-                out = functional_call(self.model, {**params, **duals}, args)
-                outputs, jv = forward_ad.unpack_dual(out)
-                jvps.append(torch.zeros_like(outputs) if jv is None else jv)
-        assert outputs is not None
-        return outputs, jvps
+
+        def outputs_of(*values: Tensor) -> Tensor:
+            # Buffers are cloned inside the transformed function: batch norm may update them
+            # in place there, and the model's own buffers stay untouched.
+            state = {
+                **params,
+                **{n: b.clone() for n, b in buffers.items()},
+                **dict(zip(names, values, strict=True)),
+            }
+            return functional_call(self.model, state, args)
+
+        primals = tuple(params[n] for n in names)
+        # All directions in one vectorised forward-mode pass.
+        tangents = tuple(
+            torch.stack([d[n] if n in d else torch.zeros_like(params[n]) for d in directions]) for n in names
+        )
+        outputs, jvps = vmap(lambda *tans: jvp(outputs_of, primals, tans))(*tangents)
+        return outputs[0], list(jvps.unbind(0))
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
         """M_ij = v_i^T C v_j for the directions, a (k, k) tensor."""

@@ -1,0 +1,150 @@
+"""Cost of K-FAC's adaptive machinery per step, measured side by side in one run.
+
+Configurations on the Martens & Grosse autoencoder (784-1000-500-250-30-250-500-1000-784, tanh,
+sigmoid cross-entropy summed over pixels and averaged over the batch):
+
+* adam: torch.optim.Adam.
+* kfac: fixed learning rate, momentum and damping.
+* kfac+lm: Levenberg-Marquardt damping from a same-batch loss evaluation every 5 steps.
+* kfac+qmodel: learning rate and momentum from the exact quadratic model every step (two
+  forward-mode passes) plus the Levenberg-Marquardt damping of kfac+lm.
+
+Every configuration runs the same number of steps on the same synthetic binary images (the cost
+does not depend on the data); the median step time and its ratio to `kfac` are written to
+`benchmarks/results/adaptive_step_cost.json` and `.md`.
+
+    python benchmarks/adaptive_step_cost.py [--batch-size 1000] [--steps 30] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torch_kfac import KFAC
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+
+
+def autoencoder() -> nn.Sequential:
+    """The deep autoencoder; no activation on the code layer and on the output logits."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(SIZES)):
+        layers.append(nn.Linear(d_in, d_out))
+        if i not in (3, len(SIZES) - 2):
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class PixelSumBCE(nn.BCEWithLogitsLoss):
+    """Sigmoid cross-entropy summed over pixels, averaged over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__(reduction="mean")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, target) * logits.shape[-1]
+
+
+def make_optimizer(name: str, model: nn.Module, loss_fn: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of configuration `name`."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    common = {"damping": 1.0, "factor_update_steps": 1, "inverse_update_steps": 10, "loss_fn": loss_fn}
+    if name == "kfac":
+        return KFAC(model, 0.05, momentum=0.9, **common)
+    if name == "kfac+lm":
+        return KFAC(model, 0.05, momentum=0.9, adapt_damping=True, damping_adaptation_interval=5, **common)
+    return KFAC(
+        model,
+        adaptive_learning_rate=True,
+        adaptive_momentum=True,
+        adapt_damping=True,
+        damping_adaptation_interval=5,
+        **common,
+    )
+
+
+def time_steps(name: str, batch: torch.Tensor, steps: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of each of `steps` optimizer steps (forward, backward and step)."""
+    torch.manual_seed(0)
+    model = autoencoder().to(batch.device)
+    loss_fn = PixelSumBCE()
+    opt = make_optimizer(name, model, loss_fn)
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(model(batch), batch)
+        loss.backward()
+        if isinstance(opt, KFAC):
+            opt.step(loss=loss, batch=(batch, batch))
+        else:
+            opt.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Run every configuration and write the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS / "adaptive_step_cost")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.rand(args.batch_size, 784, generator=gen) > 0.5).float().to(device)
+    names = ["adam", "kfac", "kfac+lm", "kfac+qmodel"]
+    medians: dict[str, float] = {}
+    for name in names:
+        times = time_steps(name, batch, args.steps + 2, sync)[2:]  # drop warm-up steps
+        medians[name] = statistics.median(times)
+    rows = {n: {"median_ms": 1e3 * t, "ratio_to_kfac": t / medians["kfac"]} for n, t in medians.items()}
+    command = "python benchmarks/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:])
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": command.strip(),
+        "device": device_name,
+        "batch_size": args.batch_size,
+        "results": rows,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    lines = [
+        f"Command: `{command.strip()}` on {device_name}, batch {args.batch_size}, "
+        f"median of {args.steps} steps.",
+        "",
+        "| configuration | median step (ms) | ratio to kfac |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {n} | {r['median_ms']:.1f} | {r['ratio_to_kfac']:.2f} |" for n, r in rows.items()]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
