@@ -269,14 +269,14 @@ class KFAC(Optimizer):
 
     @property
     def covariances(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Module name -> (A, G), the running factors (e.g. to all-reduce them by hand)."""
-        return {n: (b.A, b.G) for n, b in self.blocks.items() if b.has_factors()}
+        """Module name -> (A, G), the running Kronecker factors (e.g. to all-reduce them by hand)."""
+        return {n: (b.A, b.G) for n, b in self.blocks.items() if _kronecker(b) and b.has_factors()}
 
     @covariances.setter
     def covariances(self, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
-        unknown = set(factors) - set(self.blocks)
+        unknown = {n for n in factors if n not in self.blocks or not _kronecker(self.blocks[n])}
         if unknown:
-            raise ValueError(f"covariances names modules without a block: {sorted(unknown)}")
+            raise ValueError(f"covariances names modules without a Kronecker (A, G) block: {sorted(unknown)}")
         for name, (a, g) in factors.items():
             self.blocks[name].A, self.blocks[name].G = a, g
         self.preconditioner.update_inverses(force=True)
@@ -676,3 +676,8 @@ class KFAC(Optimizer):
 def _norm(tensors: Iterable[Tensor]) -> Tensor:
     """Euclidean norm of a collection of tensors."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def _kronecker(block: CurvatureBlock) -> bool:
+    """Whether a block has the two Kronecker factors A and G."""
+    return "A" in block.FACTORS and "G" in block.FACTORS

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.blocks import CurvatureBlock, KroneckerBlock, block_type_for
+from torch_kfac.blocks import CurvatureBlock, block_type_for
 from torch_kfac.blocks.base import REDUCTIONS
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.losses import LossCurvature, loss_curvature
@@ -154,8 +154,7 @@ class KFACPreconditioner:
         self.model = model
         self.blocks, self.fallback_reasons = _make_blocks(model, set(skip_modules))
         for block in self.blocks.values():
-            if isinstance(block, KroneckerBlock):
-                block.configure(self.approximation, self.inverse_power, self.kfac_approx)
+            block.configure(self.approximation, self.inverse_power, self.kfac_approx)
         first = next(iter(model.parameters()), None)
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
         device = first.device if first is not None else None
@@ -478,7 +477,11 @@ def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureB
                 reasons[other] = f"parameter shared with {name!r}"
             reasons[name] = f"parameter shared with {shared[0]!r}"
             continue
-        blocks[name] = block_type(module, name)
+        try:
+            blocks[name] = block_type(module, name)
+        except ValueError as err:  # a configuration the block refuses, e.g. a sparse embedding
+            reasons[name] = str(err)
+            continue
         owner.update({id(p): name for p in params})
     return blocks, reasons
 

@@ -12,14 +12,38 @@ from torch import nn
 
 from torch_kfac.blocks.base import CurvatureBlock, KroneckerBlock
 from torch_kfac.blocks.conv import ConvBlock
+from torch_kfac.blocks.conv_transpose import ConvTransposeBlock
+from torch_kfac.blocks.embedding import EmbeddingBlock
 from torch_kfac.blocks.linear import LinearBlock
+from torch_kfac.blocks.norm import (
+    BatchNormBlock,
+    GroupNormBlock,
+    InstanceNormBlock,
+    LayerNormBlock,
+    NormBlock,
+    RMSNormBlock,
+)
 
 _REGISTRY: dict[type[nn.Module], type[CurvatureBlock]] = {
     nn.Linear: LinearBlock,
     nn.Conv1d: ConvBlock,
     nn.Conv2d: ConvBlock,
     nn.Conv3d: ConvBlock,
+    nn.ConvTranspose1d: ConvTransposeBlock,
+    nn.ConvTranspose2d: ConvTransposeBlock,
+    nn.ConvTranspose3d: ConvTransposeBlock,
+    nn.Embedding: EmbeddingBlock,
+    nn.BatchNorm1d: BatchNormBlock,
+    nn.BatchNorm2d: BatchNormBlock,
+    nn.BatchNorm3d: BatchNormBlock,
+    nn.InstanceNorm1d: InstanceNormBlock,
+    nn.InstanceNorm2d: InstanceNormBlock,
+    nn.InstanceNorm3d: InstanceNormBlock,
+    nn.GroupNorm: GroupNormBlock,
+    nn.LayerNorm: LayerNormBlock,
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    _REGISTRY[nn.RMSNorm] = RMSNormBlock
 
 
 def register_block(module_type: type[nn.Module], block_type: type[CurvatureBlock]) -> None:
@@ -40,10 +64,18 @@ def block_type_for(module: nn.Module) -> type[CurvatureBlock] | None:
 
 
 __all__ = [
+    "BatchNormBlock",
     "ConvBlock",
+    "ConvTransposeBlock",
     "CurvatureBlock",
+    "EmbeddingBlock",
+    "GroupNormBlock",
+    "InstanceNormBlock",
     "KroneckerBlock",
+    "LayerNormBlock",
     "LinearBlock",
+    "NormBlock",
+    "RMSNormBlock",
     "block_type_for",
     "register_block",
 ]

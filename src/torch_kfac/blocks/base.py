@@ -128,6 +128,12 @@ class CurvatureBlock:
         """Inverse of `pack`: one tensor per parameter, in `parameters()` order."""
         return [t for t in self.from_matrix(mat) if t is not None]
 
+    def configure(
+        self, approximation: str = "kfac", power: float = -1.0, kfac_approx: str = "expand"
+    ) -> None:
+        """Apply the preconditioner's approximation options; blocks use what applies to them."""
+        self.power = float(power)
+
     def before_forward(self, recording: bool, keep: list[Tensor] | None) -> None:
         """Called before each forward call of the module, for blocks that record internally.
 
