@@ -49,7 +49,8 @@ class StatisticsCapture:
         self._paused = False
         self._forced: list[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
-        for block in blocks.values():
+        self.hooked = [member for block in blocks.values() for member in block.hooked()]
+        for block in self.hooked:
             block.reduction, block.center = reduction, center
             if type(block).before_forward is not CurvatureBlock.before_forward:
                 self._handles.append(block.module.register_forward_pre_hook(partial(self._pre_hook, block)))
@@ -93,7 +94,7 @@ class StatisticsCapture:
     def track_forward(self) -> Iterator[None]:
         """Record layer inputs of the forward passes run inside (explicit mode)."""
         self.explicit = True
-        for block in self.blocks.values():
+        for block in self.hooked:
             block.clear_pending(block.FORWARD_FACTORS)
         self._forward_on = True
         try:
@@ -105,7 +106,7 @@ class StatisticsCapture:
     def track_backward(self) -> Iterator[None]:
         """Record output gradients of the backward passes run inside (explicit mode)."""
         self.explicit = True
-        for block in self.blocks.values():
+        for block in self.hooked:
             block.clear_pending(tuple(k for k in block.FACTORS if k not in block.FORWARD_FACTORS))
         self._backward_on = True
         try:
@@ -137,5 +138,5 @@ class StatisticsCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for block in self.blocks.values():
+        for block in self.hooked:
             block.remove()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock, block_type_for
 from torch_kfac.blocks.base import REDUCTIONS
+from torch_kfac.blocks.tied import TiedBlock, supports_tying
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.options import check_choice, check_interval, check_number, resolve
@@ -172,7 +173,7 @@ class KFACPreconditioner:
         """Count the loss terms per example from the model's outputs (reduction='mean_positions')."""
         if isinstance(outputs, Tensor) and self.loss_curvature is not None:
             terms = self.loss_curvature.terms_per_example(outputs)
-            for block in self.blocks.values():
+            for block in self._capture.hooked:
                 block.loss_terms = terms
 
     # ------------------------------------------------------------------- schedule
@@ -303,7 +304,7 @@ class KFACPreconditioner:
         """Factor turning the gradient of the user's loss into that of the mean-reduced loss."""
         if self.reduction != "sum":
             return 1.0
-        sizes = [b.batch_size for b in self.blocks.values() if b.batch_size is not None]
+        sizes = [b.batch_size for b in self._capture.hooked if b.batch_size is not None]
         if not sizes:
             raise RuntimeError("reduction='sum' needs the batch size: run a forward pass first")
         return 1.0 / sizes[0]
@@ -462,27 +463,51 @@ def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureB
         if name in skip:
             reasons[name] = "listed in skip_modules"
             continue
-        params = [
-            p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None
-        ]
-        if not params or not all(p.requires_grad for p in params):
-            reasons[name] = "parameters frozen (requires_grad=False)"
-            continue
-        shared = [owner[id(p)] for p in params if id(p) in owner]
-        if shared:
-            # A parameter used by two modules (tied weights) needs a joint block; until then
-            # both modules use the plain update rather than a wrong curvature.
-            for other in shared:
-                blocks.pop(other, None)
-                reasons[other] = f"parameter shared with {name!r}"
-            reasons[name] = f"parameter shared with {shared[0]!r}"
-            continue
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue  # e.g. a norm layer without affine parameters: nothing to precondition
         try:
-            blocks[name] = block_type(module, name)
+            block = block_type(module, name)
         except ValueError as err:  # a configuration the block refuses, e.g. a sparse embedding
             reasons[name] = str(err)
             continue
-        owner.update({id(p): name for p in params})
+        params = block.parameters()
+        if not params or not all(p.requires_grad for p in params):
+            reasons[name] = "parameters frozen (requires_grad=False)"
+            continue
+        owners = {owner[id(p)] for p in params if id(p) in owner}
+        if not owners:
+            blocks[name] = block
+            owner.update({id(p): name for p in params})
+            continue
+        other = owners.pop()
+        first = blocks.get(other)
+        if (
+            first is not None
+            and not owners
+            and name.startswith(f"{other}.")
+            and {id(p) for p in params} <= {id(p) for p in first.parameters()}
+        ):
+            reasons[name] = f"handled by the block of {other!r}"  # e.g. an attention's out_proj
+            continue
+        shared = [p for p in params if id(p) in owner]
+        if (
+            first is not None
+            and not owners
+            and len(shared) == 1
+            and shared[0] is getattr(module, "weight", None)
+            and shared[0] is getattr(first.module, "weight", None)
+            and supports_tying(first)
+            and supports_tying(block)
+        ):
+            tied = TiedBlock(first, block)
+            del blocks[other]
+            blocks[tied.name] = tied
+            owner.update({id(p): tied.name for p in tied.parameters()})
+            continue
+        # Sharing we cannot express: both modules use the plain update, not a wrong curvature.
+        blocks.pop(other, None)
+        reasons[other] = f"parameter shared with {name!r} in a way K-FAC cannot handle"
+        reasons[name] = f"parameter shared with {other!r} in a way K-FAC cannot handle"
     return blocks, reasons
 
 

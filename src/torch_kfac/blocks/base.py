@@ -134,6 +134,10 @@ class CurvatureBlock:
         """Apply the preconditioner's approximation options; blocks use what applies to them."""
         self.power = float(power)
 
+    def hooked(self) -> list[CurvatureBlock]:
+        """The blocks whose modules the capture hooks: this one, or the members of a composite."""
+        return [self]
+
     def before_forward(self, recording: bool, keep: list[Tensor] | None) -> None:
         """Called before each forward call of the module, for blocks that record internally.
 
