@@ -52,6 +52,7 @@ class StatisticsCapture:
         self.hooked = [member for block in blocks.values() for member in block.hooked()]
         for block in self.hooked:
             block.reduction, block.center = reduction, center
+            block.backward_gate = self._backward_recording
             if type(block).before_forward is not CurvatureBlock.before_forward:
                 self._handles.append(block.module.register_forward_pre_hook(partial(self._pre_hook, block)))
             self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block)))
@@ -85,10 +86,13 @@ class StatisticsCapture:
                 return output * 1
         return None
 
+    def _backward_recording(self) -> bool:
+        """Whether output gradients arriving now are recorded."""
+        return self._forced is not None or not (self._paused or (self.explicit and not self._backward_on))
+
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
-        if self._forced is None and (self._paused or (self.explicit and not self._backward_on)):
-            return
-        block.record_output_grad(grad, self.reduction, self.center)
+        if self._backward_recording():
+            block.record_output_grad(grad, self.reduction, self.center)
 
     @contextmanager
     def track_forward(self) -> Iterator[None]:

@@ -488,6 +488,7 @@ def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureB
             and {id(p) for p in params} <= {id(p) for p in first.parameters()}
         ):
             reasons[name] = f"handled by the block of {other!r}"  # e.g. an attention's out_proj
+            block.remove()
             continue
         shared = [p for p in params if id(p) in owner]
         if (
@@ -505,7 +506,9 @@ def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureB
             owner.update({id(p): tied.name for p in tied.parameters()})
             continue
         # Sharing we cannot express: both modules use the plain update, not a wrong curvature.
-        blocks.pop(other, None)
+        block.remove()
+        if other in blocks:
+            blocks.pop(other).remove()
         reasons[other] = f"parameter shared with {name!r} in a way K-FAC cannot handle"
         reasons[name] = f"parameter shared with {other!r} in a way K-FAC cannot handle"
     return blocks, reasons

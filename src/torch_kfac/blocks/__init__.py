@@ -23,6 +23,7 @@ from torch_kfac.blocks.norm import (
     NormBlock,
     RMSNormBlock,
 )
+from torch_kfac.blocks.rnn import RNNBlock
 
 _REGISTRY: dict[type[nn.Module], type[CurvatureBlock]] = {
     nn.Linear: LinearBlock,
@@ -41,6 +42,9 @@ _REGISTRY: dict[type[nn.Module], type[CurvatureBlock]] = {
     nn.InstanceNorm3d: InstanceNormBlock,
     nn.GroupNorm: GroupNormBlock,
     nn.LayerNorm: LayerNormBlock,
+    nn.RNN: RNNBlock,
+    nn.LSTM: RNNBlock,
+    nn.GRU: RNNBlock,
 }
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     _REGISTRY[nn.RMSNorm] = RMSNormBlock
@@ -76,6 +80,7 @@ __all__ = [
     "LinearBlock",
     "NormBlock",
     "RMSNormBlock",
+    "RNNBlock",
     "block_type_for",
     "register_block",
 ]

@@ -17,6 +17,7 @@ Grouped layers are block-diagonal: every tensor carries a leading group dimensio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -80,6 +81,9 @@ class CurvatureBlock:
         #: The loss's reduction and centering, set by the preconditioner.
         self.reduction = "mean"
         self.center = False
+        #: Set by the capture: whether backward statistics are recorded right now (blocks that
+        #: hook tensors themselves check it in their hooks).
+        self.backward_gate: Callable[[], bool] | None = None
 
     # --------------------------------------------------------------------- to implement
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
