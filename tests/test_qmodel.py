@@ -91,3 +91,26 @@ def test_singular_system_gets_the_minimum_norm_solution() -> None:
     gram = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     coeffs = solve_coefficients(gram, torch.tensor([-1.0, 0.0]))
     torch.testing.assert_close(coeffs, torch.tensor([0.5, 0.0]))
+
+
+def test_gram_through_fused_attention() -> None:
+    """Forward-mode passes run attention through the math kernel (fused ones have no JVP)."""
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0].mean(1)
+
+    torch.manual_seed(0)
+    model = Attend()
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 4)
+    names = [n for n, _ in model.named_parameters()]
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    gram = ExactCurvature(model, nn.MSELoss()).gram(x, y, [direction])
+    v = flat(direction, names)
+    torch.testing.assert_close(
+        gram[0, 0], v @ dense_ggn(model, nn.MSELoss(), x, y) @ v, rtol=1e-8, atol=1e-10
+    )

@@ -399,13 +399,21 @@ class KFACPreconditioner:
         owned = {}
         for name, block in self.blocks.items():
             owned.update({id(p): (name, block) for p in block.parameters()})
+        # Parameters of a module with a block that the block leaves to the plain update.
+        unhandled = {
+            f"{name}.{local}" if name else local: why
+            for name, block in self.blocks.items()
+            for local, why in block.unhandled_parameters().items()
+        }
         for pname, param in self.model.named_parameters():
             if id(param) in owned:
                 mname, block = owned[id(param)]
                 lines.append(f"  {pname}: {type(block).__name__} ({block.extra_repr()})")
             else:
                 mname = pname.rpartition(".")[0]
-                reason = self.fallback_reasons.get(mname, "no curvature block for this module type")
+                reason = unhandled.get(pname) or self.fallback_reasons.get(
+                    mname, "no curvature block for this module type"
+                )
                 lines.append(f"  {pname}: fallback ({reason})")
         return "\n".join(lines)
 
@@ -456,12 +464,28 @@ def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureB
     unknown = skip - {name for name, _ in model.named_modules()}
     if unknown:
         raise ValueError(f"skip_modules names modules the model does not have: {sorted(unknown)}")
+    #: Modules whose block type owns their submodules -> why they have no block (None: they have one).
+    enclosing: dict[str, str | None] = {}
     for name, module in model.named_modules():
+        outer = next((o for o in enclosing if name.startswith(f"{o}.") or (o == "" and name)), None)
+        if outer is not None:
+            # Part of the enclosing module's block (MultiheadAttention's out_proj, whose forward the
+            # attention never calls: a block of its own would never see statistics).
+            if name in skip:
+                raise ValueError(f"skip_modules: {name!r} is part of {outer!r}; skip {outer!r} instead")
+            if enclosing[outer] is not None:
+                reasons[name] = f"part of {outer!r}: {enclosing[outer]}"
+            continue
         block_type = block_type_for(module)
         if block_type is None:
             continue
+        owns = bool(getattr(block_type, "OWNS_SUBMODULES", False))
+        if owns:
+            enclosing[name] = None
         if name in skip:
             reasons[name] = "listed in skip_modules"
+            if owns:
+                enclosing[name] = reasons[name]
             continue
         if not any(True for _ in module.parameters(recurse=False)):
             continue  # e.g. a norm layer without affine parameters: nothing to precondition
@@ -469,10 +493,15 @@ def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureB
             block = block_type(module, name)
         except ValueError as err:  # a configuration the block refuses, e.g. a sparse embedding
             reasons[name] = str(err)
+            if owns:
+                enclosing[name] = reasons[name]
             continue
         params = block.parameters()
         if not params or not all(p.requires_grad for p in params):
             reasons[name] = "parameters frozen (requires_grad=False)"
+            block.remove()
+            if owns:
+                enclosing[name] = reasons[name]
             continue
         owners = {owner[id(p)] for p in params if id(p) in owner}
         if not owners:

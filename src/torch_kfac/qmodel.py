@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_kfac.losses import loss_curvature
 
@@ -69,7 +70,9 @@ class ExactCurvature:
         tangents = tuple(
             torch.stack([d[n] if n in d else torch.zeros_like(params[n]) for d in directions]) for n in names
         )
-        outputs, jvps = vmap(lambda *tans: jvp(outputs_of, primals, tans))(*tangents)
+        # The math attention kernel: the fused CPU/GPU ones have no forward-mode derivative.
+        with sdpa_kernel(SDPBackend.MATH):
+            outputs, jvps = vmap(lambda *tans: jvp(outputs_of, primals, tans))(*tangents)
         return outputs[0], list(jvps.unbind(0))
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from torch_kfac.blocks.attention import MultiheadAttentionBlock
 from torch_kfac.blocks.base import CurvatureBlock, KroneckerBlock
 from torch_kfac.blocks.conv import ConvBlock
 from torch_kfac.blocks.conv_transpose import ConvTransposeBlock
@@ -42,6 +43,7 @@ _REGISTRY: dict[type[nn.Module], type[CurvatureBlock]] = {
     nn.InstanceNorm3d: InstanceNormBlock,
     nn.GroupNorm: GroupNormBlock,
     nn.LayerNorm: LayerNormBlock,
+    nn.MultiheadAttention: MultiheadAttentionBlock,
     nn.RNN: RNNBlock,
     nn.LSTM: RNNBlock,
     nn.GRU: RNNBlock,
@@ -78,6 +80,7 @@ __all__ = [
     "KroneckerBlock",
     "LayerNormBlock",
     "LinearBlock",
+    "MultiheadAttentionBlock",
     "NormBlock",
     "RMSNormBlock",
     "RNNBlock",

@@ -138,6 +138,10 @@ class CurvatureBlock:
         """Apply the preconditioner's approximation options; blocks use what applies to them."""
         self.power = float(power)
 
+    def unhandled_parameters(self) -> dict[str, str]:
+        """Parameters of the module (names relative to it) left to the plain update, with the reason."""
+        return {}
+
     def hooked(self) -> list[CurvatureBlock]:
         """The blocks whose modules the capture hooks: this one, or the members of a composite."""
         return [self]
