@@ -51,3 +51,22 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD matrix with eigenvalues clamped at zero."""
     eigvals, eigvecs = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
     return eigvals.clamp(min=0.0), eigvecs
+
+
+def kronecker_eigenvalues(
+    a_eigvals: Tensor, g_eigvals: Tensor, damping: Tensor, shifts: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Eigenvalues of the damped A (x) G on the (d_out, d_in) grid of eigenbasis coordinates.
+
+    Exact damping: l_G l_A^T + damping. Factored damping with `shifts` (a, g):
+    (l_G + g)(l_A + a)^T, the eigenvalues of (A + a I) (x) (G + g I).
+    """
+    if shifts is None:
+        return g_eigvals.unsqueeze(-1) * a_eigvals.unsqueeze(-2) + damping
+    a_shift, g_shift = shifts
+    return (g_eigvals.unsqueeze(-1) + g_shift) * (a_eigvals.unsqueeze(-2) + a_shift)
+
+
+def in_eigenbasis(mat: Tensor, a_eigvecs: Tensor, g_eigvecs: Tensor, scale: Tensor) -> Tensor:
+    """Q_G [(Q_G^T M Q_A) * scale] Q_A^T: a function of A (x) G applied to a gradient matrix."""
+    return g_eigvecs @ ((g_eigvecs.mT @ mat @ a_eigvecs) * scale) @ a_eigvecs.mT

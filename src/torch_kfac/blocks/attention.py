@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_kfac.blocks.base import CurvatureBlock, KroneckerBlock, second_moment_scale
-from torch_kfac.linalg import damped_inverse, symmetric_eigh
+from torch_kfac.blocks.base import KroneckerBlock, second_moment_scale
+from torch_kfac.blocks.switched import SwitchedForwardBlock
+from torch_kfac.linalg import damped_inverse, in_eigenbasis, kronecker_eigenvalues, symmetric_eigh
 
 #: Every factor pair a block can have; a block uses ("in", "out") or ("q", "k", "v", "out").
 PAIR_NAMES = ("in", "q", "k", "v", "out")
@@ -90,24 +91,7 @@ def _split_qkv(packed: Tensor, embed_dim: int) -> tuple[Tensor, ...]:
     return tuple(split[i] for i in range(parts))
 
 
-class _SwitchedForward:
-    """The module's `forward` while a block is attached: the block decides which forward runs.
-
-    Unarmed, it calls `previous` (the forward it replaced: another block's switch when two
-    optimizers share a model, None for the class's own forward). A top-level callable object
-    rather than a bound method, so a model with a block attached can still be pickled and
-    deep-copied (the copy carries its own copy of the block).
-    """
-
-    def __init__(self, block: MultiheadAttentionBlock, previous: _SwitchedForward | None) -> None:
-        self.block = block
-        self.previous = previous
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.block._dispatch(self.previous, *args, **kwargs)
-
-
-class MultiheadAttentionBlock(CurvatureBlock):
+class MultiheadAttentionBlock(SwitchedForwardBlock):
     """K-FAC block of `nn.MultiheadAttention`: one Kronecker pair per projection (see the module doc).
 
     The gradient layout (`pack`) is one flat vector: the [weight, bias] matrices of the pairs,
@@ -133,11 +117,7 @@ class MultiheadAttentionBlock(CurvatureBlock):
         super().__init__(module, name)
         self._pending = {k: [] for k in _ALL_FACTORS}
         self.approximation, self.power, self.kfac_approx = "kfac", -1.0, "expand"
-        self._armed = False
-        self._keep: list[Tensor] | None = None
-        self._detached = False
-        self._switch = _SwitchedForward(self, module.__dict__.get("forward"))
-        module.forward = self._switch  # type: ignore[method-assign]
+        self.attach()
 
     @staticmethod
     def _check_module(module: nn.Module, name: str) -> None:
@@ -155,11 +135,7 @@ class MultiheadAttentionBlock(CurvatureBlock):
                 f"{type(module).__name__} {name!r} overrides forward(); K-FAC re-implements "
                 f"MultiheadAttention's forward to see its projections and cannot reproduce yours: {skip}"
             )
-        if not isinstance(module.__dict__.get("forward"), _SwitchedForward | None):
-            raise ValueError(
-                f"MultiheadAttention {name!r} has a forward attribute of its own, whose semantics "
-                f"K-FAC's re-implementation cannot know: {skip}"
-            )
+        SwitchedForwardBlock.check_forward_attribute(module, name, "re-implementation")
         names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"]
         params = [getattr(module, n) for n in names] + [module.out_proj.weight, module.out_proj.bias]
         if not all(p.requires_grad for p in params if p is not None):
@@ -305,50 +281,15 @@ class MultiheadAttentionBlock(CurvatureBlock):
             return 1
         return int(query.shape[0] if self.module.batch_first else query.shape[1])
 
-    def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
-        """No-op: the block records inside the module's forward (the generic hooks must not)."""
-
-    def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
-        """No-op: output gradients arrive through the block's own tensor hooks."""
-
-    @property
-    def needs_output_grads(self) -> bool:
-        """False: the generic hooks must not record the module's output; the block does it itself."""
-        return False
-
-    def before_forward(self, recording: bool, keep: list[Tensor] | None) -> None:
-        """Arm the next forward call: run `attention_forward` and record when `recording`."""
-        self._armed, self._keep = recording, keep
-
-    def remove(self) -> None:
-        """Give the module back its own forward: drop the instance attribute (or restore the one replaced).
-
-        Switches of blocks removed earlier but still below ours in the chain are skipped.
-        """
-        self._armed, self._keep, self._detached = False, None, True
-        attrs = self.module.__dict__
-        if attrs.get("forward") is not self._switch:
-            return  # a later block sits on top; its removal skips this detached one
-        previous = self._switch.previous
-        while previous is not None and previous.block._detached:
-            previous = previous.previous
-        if previous is None:
-            del attrs["forward"]
-        else:
-            attrs["forward"] = previous
-
-    def _dispatch(self, previous: _SwitchedForward | None, *args: Any, **kwargs: Any) -> Any:
-        """The recording re-implementation when armed (once), else the forward this block replaced."""
-        recording, keep = self._armed, self._keep
-        self._armed, self._keep = False, None
+    def observe_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """N of the call's query."""
         query = args[0] if args else kwargs.get("query")
         if isinstance(query, Tensor):
             self.batch_size = self._examples(query)
-        if recording:
-            return self.attention_forward(*args, record=True, keep=keep, **kwargs)
-        if previous is not None:
-            return previous(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def recording_forward(self, *args: Any, keep: list[Tensor] | None = None, **kwargs: Any) -> Any:
+        """`attention_forward`, recording the projections' statistics."""
+        return self.attention_forward(*args, record=True, keep=keep, **kwargs)
 
     def _record_activations(
         self, x: Tensor, names: tuple[str, ...], steps: int, batch: int, bias: bool
@@ -643,15 +584,12 @@ class MultiheadAttentionBlock(CurvatureBlock):
             return self.state[f"G_{name}_inv"] @ mat @ self.state[f"A_{name}_inv"]
         qa, la = self.state[f"A_{name}_eigvecs"], self.state[f"A_{name}_eigvals"]
         qg, lg = self.state[f"G_{name}_eigvecs"], self.state[f"G_{name}_eigvals"]
-        if damping_type == "exact":
-            denom = lg.unsqueeze(-1) * la.unsqueeze(-2) + damping
-        else:
-            a_damp, g_damp = KroneckerBlock.factored_damping(
+        shifts = None
+        if damping_type != "exact":
+            shifts = KroneckerBlock.factored_damping(
                 self._factor(f"A_{name}"), self._factor(f"G_{name}"), damping, pi_correction
             )
-            denom = (lg.unsqueeze(-1) + g_damp) * (la.unsqueeze(-2) + a_damp)
-        # In the eigenbases Q_G^T M Q_A the damped curvature is diagonal.
-        return qg @ ((qg.mT @ mat @ qa) * denom.pow(self.power)) @ qa.mT
+        return in_eigenbasis(mat, qa, qg, kronecker_eigenvalues(la, lg, damping, shifts).pow(self.power))
 
     def precondition(
         self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"

@@ -23,7 +23,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.linalg import add_to_diagonal, damped_inverse, pi_adjustment, symmetric_eigh
+from torch_kfac.linalg import (
+    add_to_diagonal,
+    damped_inverse,
+    in_eigenbasis,
+    kronecker_eigenvalues,
+    pi_adjustment,
+    symmetric_eigh,
+)
 
 #: How the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions' (averaged over the
 #: batch and over each example's T loss terms, e.g. tokens of a sequence or pixels of a mask).
@@ -487,17 +494,14 @@ class KroneckerBlock(CurvatureBlock):
         if self.approximation == "forward-only":
             return ((mat @ qa) * (la + damping).pow(power).unsqueeze(-2)) @ qa.mT
         qg, lg = self.state["G_eigvecs"], self.state["G_eigvals"]
-        rotated = qg.mT @ mat @ qa
         if self.approximation == "ekfac":
-            denom = self._factor("S") + damping
-        elif damping_type == "exact":
-            denom = lg.unsqueeze(-1) * la.unsqueeze(-2) + damping
+            eigvals = self._factor("S") + damping
         else:
-            a_damp, g_damp = self.factored_damping(
-                self._factor("A"), self._factor("G"), damping, pi_correction
-            )
-            denom = (lg.unsqueeze(-1) + g_damp) * (la.unsqueeze(-2) + a_damp)
-        return qg @ (rotated * denom.pow(power)) @ qa.mT
+            shifts = None
+            if damping_type != "exact":
+                shifts = self.factored_damping(self._factor("A"), self._factor("G"), damping, pi_correction)
+            eigvals = kronecker_eigenvalues(la, lg, damping, shifts)
+        return in_eigenbasis(mat, qa, qg, eigvals.pow(power))
 
     def curvature_product(self, mat: Tensor) -> Tensor:
         """The undamped curvature of the chosen approximation applied to matrices."""

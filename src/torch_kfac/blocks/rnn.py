@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from torch_kfac.blocks.base import CurvatureBlock, KroneckerBlock, second_moment_scale
-from torch_kfac.linalg import damped_inverse, symmetric_eigh
+from torch_kfac.blocks.base import KroneckerBlock, second_moment_scale
+from torch_kfac.blocks.switched import SwitchedForwardBlock
+from torch_kfac.linalg import damped_inverse, in_eigenbasis, kronecker_eigenvalues, symmetric_eigh
 
 #: Gate blocks stacked in the rows of W_ih and W_hh, per recurrent mode.
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -56,24 +57,7 @@ class RecurrentMatrix:
     g_key: str
 
 
-class _SwitchedForward:
-    """The module's `forward` while a block is attached: the block decides which recurrence runs.
-
-    Unarmed, it calls `previous` (the forward it replaced: another block's switch when two
-    optimizers share a model, None for the class's fused forward). A top-level callable object
-    rather than a closure, so a model with a block attached can still be pickled and deep-copied
-    (a copy's block is never armed, so the copy runs the fused forward).
-    """
-
-    def __init__(self, block: RNNBlock, previous: _SwitchedForward | None) -> None:
-        self.block = block
-        self.previous = previous
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.block._dispatch(self.previous, *args, **kwargs)
-
-
-class RNNBlock(CurvatureBlock):
+class RNNBlock(SwitchedForwardBlock):
     """K-FAC block of `nn.RNN`, `nn.LSTM` or `nn.GRU`: one Kronecker pair per weight matrix.
 
     Handles every layer, both directions, `batch_first`, `bias=False`, LSTM projections
@@ -97,11 +81,7 @@ class RNNBlock(CurvatureBlock):
         self.param_names: list[str] = list(module._flat_weights_names)
         self.power = -1.0
         self.kfac_approx = "expand"
-        self._recording = False
-        self._keep: list[Tensor] | None = None
-        self._detached = False
-        self._switch = _SwitchedForward(self, module.__dict__.get("forward"))
-        module.forward = self._switch  # type: ignore[method-assign]
+        self.attach()
 
     @staticmethod
     def _check_module(module: nn.Module, name: str) -> None:
@@ -115,11 +95,7 @@ class RNNBlock(CurvatureBlock):
                 f"{type(module).__name__} {name!r} overrides forward(); K-FAC re-implements "
                 f"{base.__name__}'s recurrence to see its gates and cannot reproduce yours: {skip}"
             )
-        if not isinstance(module.__dict__.get("forward"), _SwitchedForward | None):
-            raise ValueError(
-                f"{type(module).__name__} {name!r} has a forward attribute of its own, whose semantics "
-                f"K-FAC's recurrence cannot know: {skip}"
-            )
+        SwitchedForwardBlock.check_forward_attribute(module, name, "recurrence")
         params = [getattr(module, n) for n in module._flat_weights_names]
         for weight_name, param in zip(module._flat_weights_names, params, strict=True):
             if not isinstance(param, nn.Parameter):
@@ -232,52 +208,17 @@ class RNNBlock(CurvatureBlock):
             return 1
         return int(x.shape[0 if self.module.batch_first else 1])
 
-    def before_forward(self, recording: bool, keep: list[Tensor] | None) -> None:
-        """Arm (or disarm) the next forward call: record statistics in the re-implemented recurrence."""
-        self._recording, self._keep = recording, keep
-
-    def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
-        """Nothing: the block records its statistics itself during the forward call."""
-
-    def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
-        """Nothing: gate gradients arrive through the block's own tensor hooks."""
-
-    @property
-    def needs_output_grads(self) -> bool:
-        """The capture's output hooks are not needed (the gates are not the module's output)."""
-        return False
-
-    def remove(self) -> None:
-        """Give the module back its own forward: drop the instance attribute (or restore the one replaced).
-
-        Switches of blocks removed earlier but still below ours in the chain are skipped.
-        """
-        self._recording, self._keep, self._detached = False, None, True
-        attrs = self.module.__dict__
-        if attrs.get("forward") is not self._switch:
-            return  # a later block sits on top; its removal skips this detached one
-        previous = self._switch.previous
-        while previous is not None and previous.block._detached:
-            previous = previous.previous
-        if previous is None:
-            del attrs["forward"]
-        else:
-            attrs["forward"] = previous
-
-    def _dispatch(self, previous: _SwitchedForward | None, *args: Any, **kwargs: Any) -> Any:
-        """The recording recurrence when armed (once), else the forward this block replaced."""
-        recording, keep = self._recording, self._keep
-        self._recording, self._keep = False, None
+    def observe_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """N of the call's input (a packed sequence's first batch size)."""
         first = args[0] if args else kwargs.get("input")
         if isinstance(first, PackedSequence):
             self.batch_size = int(first.batch_sizes[0])
         elif isinstance(first, Tensor) and first.dim() in (2, 3):
             self.batch_size = self.num_examples((first,))
-        if recording:
-            return self.recurrence(*args, keep=keep, **kwargs)
-        if previous is not None:
-            return previous(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def recording_forward(self, *args: Any, keep: list[Tensor] | None = None, **kwargs: Any) -> Any:
+        """The recurrence that records the factors' statistics."""
+        return self.recurrence(*args, keep=keep, **kwargs)
 
     # -------------------------------------------------------------------- recurrence
     def recurrence(
@@ -574,15 +515,11 @@ class RNNBlock(CurvatureBlock):
                 continue
             qa, la = self.state[f"{m.a_key}_eigvecs"], self.state[f"{m.a_key}_eigvals"]
             qg, lg = self.state[f"{m.g_key}_eigvecs"], self.state[f"{m.g_key}_eigvals"]
-            if damping_type == "exact":
-                denom = lg.unsqueeze(-1) * la.unsqueeze(-2) + damping
-            else:
-                a_damp, g_damp = KroneckerBlock.factored_damping(
-                    *self.factors(m.name), damping, pi_correction
-                )
-                # (G + g_damp I)^-1 M (A + a_damp I)^-1 in the eigenbases: divide by products.
-                denom = (lg.unsqueeze(-1) + g_damp) * (la.unsqueeze(-2) + a_damp)
-            result[m.name] = qg @ ((qg.mT @ grad @ qa) * denom.pow(self.power)) @ qa.mT
+            shifts = None
+            if damping_type != "exact":
+                shifts = KroneckerBlock.factored_damping(*self.factors(m.name), damping, pi_correction)
+            eigvals = kronecker_eigenvalues(la, lg, damping, shifts)
+            result[m.name] = in_eigenbasis(grad, qa, qg, eigvals.pow(self.power))
         return self._flatten_matrices(result)
 
     def curvature_product(self, mat: Tensor) -> Tensor:
