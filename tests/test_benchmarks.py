@@ -1,0 +1,92 @@
+"""Runs benchmarks/step_cost.py and benchmarks/time_to_loss.py in their quick modes and checks the outputs."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
+    """The benchmark modules, imported from benchmarks/ (their own `common` first on the path)."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    for name in ("common", "step_cost", "time_to_loss"):
+        module = sys.modules.get(name)
+        if module is not None and Path(getattr(module, "__file__", "") or "").parent != BENCH_DIR:
+            monkeypatch.delitem(sys.modules, name)
+    return {name: importlib.import_module(name) for name in ("common", "step_cost", "time_to_loss")}
+
+
+def test_step_cost_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Tiny models: every optimizer timed, every K-FAC phase with a positive floor, JSON and markdown."""
+    argv = ["--quick", "--models", "autoencoder", "convnet", "--reps", "1"]
+    argv += ["--optimizers", "kfac", "adam", "sgd", "--out", str(tmp_path)]
+    result = bench["step_cost"].main(argv)
+    saved = json.loads((tmp_path / "step_cost.json").read_text())
+    assert saved["command"].startswith("python ") and "--quick" in saved["command"]
+    assert [run["model"] for run in saved["runs"]] == ["autoencoder", "convnet"]
+    for run in result["runs"]:
+        assert run["errors"] == {}
+        assert set(run["optimizers"]) == {"kfac", "adam", "sgd"}
+        for rec in run["optimizers"].values():
+            assert math.isfinite(rec["step_ms"]) and rec["step_ms"] > 0
+            assert 0 < rec["forward_backward_ms"] <= rec["step_ms"] * run["cycle_steps"]
+        assert run["optimizers"]["adam"]["vs_adam_paired_median"] == pytest.approx(1.0)
+        phases = run["kfac_phases"]["kfac"]["phases"]
+        assert set(phases) == set(bench["step_cost"].PHASES)
+        assert phases["inverse"]["every_steps"] == 10 and phases["capture"]["every_steps"] == 1
+        for rec in phases.values():
+            assert rec["per_call_ms"] >= 0 and rec["floor_ms"] > 0
+            assert math.isfinite(rec["ratio_to_floor"])
+    rates = saved["rates"]
+    assert rates["matmul_flops"] > 0 and rates["bandwidth"] > 0 and rates["cholesky_inverse_s"] > 0
+    text = (tmp_path / "step_cost.md").read_text()
+    assert "## autoencoder, batch 8" in text and "| preconditioning |" in text and saved["command"] in text
+
+
+def test_time_to_loss_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Tiny workloads on synthetic data: curves, targets, PNG, JSON and markdown are produced and sane."""
+    argv = ["--quick", "--budget", "0.6", "--evals", "3", "--workloads", "autoencoder", "transformer"]
+    argv += ["--optimizers", "adam", "kfac", "--out", str(tmp_path)]
+    result = bench["time_to_loss"].main(argv)
+    saved = json.loads((tmp_path / "time_to_loss.json").read_text())
+    assert saved["command"] == result["command"] and "--quick" in saved["command"]
+    assert [w["name"] for w in saved["workloads"]] == ["autoencoder", "transformer"]
+    for work in saved["workloads"]:
+        assert "synthetic" in work["description"] or "Markov" in work["description"]
+        assert {run["optimizer"] for run in work["runs"]} == {"adam", "kfac"}
+        for run in work["runs"]:
+            curve = run["curve"]
+            assert run["steps"] >= 1 and len(curve) >= 2
+            assert curve[0]["steps"] == 0 and curve[0]["seconds"] == 0.0
+            assert all(a["seconds"] <= b["seconds"] for a, b in itertools.pairwise(curve))
+            assert all(math.isfinite(p["loss"]) for p in curve)
+            assert run["train_seconds"] >= 0.6
+        summary = work["summary"]
+        adam_target = next(t for t in summary["targets"] if t["name"].startswith("best Adam"))
+        assert adam_target["loss"] == pytest.approx(summary["best"]["adam"]["best_loss"])
+        assert summary["best"]["adam"]["to_target"][adam_target["name"]] is not None
+    transformer = saved["workloads"][1]
+    assert 0 < transformer["optimal_loss"] < math.log(32)
+    assert (tmp_path / "time_to_loss.png").read_bytes()[:8] == PNG_MAGIC
+    text = (tmp_path / "time_to_loss.md").read_text()
+    assert saved["command"] in text and "| adam |" in text and "| kfac |" in text
+
+    # Re-summarizing with a fixed target: no training, the target is reached from the start.
+    stored = str(tmp_path / "time_to_loss.json")
+    argv = ["--summarize-only", stored, "--targets", "autoencoder=1e9", "--out", str(tmp_path / "again")]
+    again = bench["time_to_loss"].main(argv)
+    summary = again["workloads"][0]["summary"]
+    assert summary["targets"][0]["loss"] == 1e9
+    assert summary["best"]["kfac"]["to_target"]["1e+09"] == {"seconds": 0.0, "steps": 0}
+    assert "recomputed by" in (tmp_path / "again" / "time_to_loss.md").read_text()
