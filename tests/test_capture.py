@@ -22,7 +22,7 @@ def expected_g(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) ->
 
 def test_statistics_recorded_only_on_factor_update_steps() -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.05, 1e-2, factor_update_steps=3, cov_ema_decay=0.5)
+    opt = KFAC(model, 0.05, 1e-2, factor_update_steps=3, warmup_steps=0, cov_ema_decay=0.5)
     x, y = make_data()
     changed = []
     previous = None

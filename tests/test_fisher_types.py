@@ -148,7 +148,16 @@ def test_mean_over_positions_is_the_token_level_fisher() -> None:
 def test_fisher_pass_leaves_gradients_buffers_and_schedule_alone() -> None:
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
     loss_fn = nn.CrossEntropyLoss()
-    opt = KFAC(model, 0.1, 1e-2, fisher_type="mc", loss_fn=loss_fn, factor_update_steps=2, cov_ema_decay=0.5)
+    opt = KFAC(
+        model,
+        0.1,
+        1e-2,
+        fisher_type="mc",
+        loss_fn=loss_fn,
+        factor_update_steps=2,
+        warmup_steps=0,
+        cov_ema_decay=0.5,
+    )
     x, y = make_data(n=8)
     previous = None
     for step in range(4):

@@ -166,7 +166,14 @@ def test_rejected_step_restores_parameters_and_state_exactly() -> None:
 
 def test_schedules_take_effect() -> None:
     model = make_mlp()
-    opt = KFAC(model, lambda k: 0.1 if k < 2 else 0.0, 1e-2, momentum=0.0, factor_update_steps=lambda k: 2)
+    opt = KFAC(
+        model,
+        lambda k: 0.1 if k < 2 else 0.0,
+        1e-2,
+        momentum=0.0,
+        factor_update_steps=lambda k: 2,
+        warmup_steps=0,
+    )
     x, y = make_data()
     for k in range(4):
         opt.zero_grad()

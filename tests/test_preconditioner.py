@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
+from torch_kfac.preconditioner import all_finite
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -106,3 +107,45 @@ def test_unsupported_sharing_falls_back_instead_of_wrong_curvature() -> None:
     pre = KFACPreconditioner(torch.nn.Sequential(enc, dec))
     assert pre.blocks == {}
     assert "cannot handle" in pre.describe()
+
+
+def test_warmup_refreshes_factors_and_inverses_every_step_then_at_the_intervals() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, factor_update_steps=4, inverse_update_steps=4, warmup_steps=3, cov_ema_decay=0.5
+    )
+    block = pre.blocks["0"]
+    factors, inverses, previous = [], [], (None, None)
+    for step in range(9):
+        x, y = make_data(seed=step)  # a new batch each step, so every fold changes the factors
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        current = (block.A.clone(), block.state["A_inv"].clone())
+        factors.append(previous[0] is None or not torch.equal(previous[0], current[0]))
+        inverses.append(previous[1] is None or not torch.equal(previous[1], current[1]))
+        previous = current
+    due = [step < 3 or step % 4 == 0 for step in range(9)]
+    assert factors == due and inverses == due
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_warmup_steps_must_be_a_non_negative_integer(value: object) -> None:
+    with pytest.raises(ValueError, match="warmup_steps"):
+        KFACPreconditioner(make_mlp(), warmup_steps=value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finiteness_check_finds_nan_and_inf_and_passes_large_finite_values(dtype: torch.dtype) -> None:
+    large = torch.full(
+        (64, 64), 0.5 * float(torch.finfo(dtype).max) if dtype.itemsize == 2 else 1e4, dtype=dtype
+    )
+    assert all_finite([large, torch.ones(3, dtype=dtype)])  # a half-precision sum would overflow
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = torch.ones(5, 5, dtype=dtype)
+        poisoned[2, 3] = bad
+        assert not all_finite([torch.ones(2, dtype=dtype), poisoned])
+    both = torch.zeros(4, dtype=dtype)
+    both[0], both[1] = float("inf"), -float("inf")
+    assert not all_finite([both])
+    assert all_finite([])

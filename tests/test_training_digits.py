@@ -68,3 +68,19 @@ def test_kfac_beats_tuned_adam(demo: ModuleType, digits: object, model: str) -> 
     # The demo's Adam learning rate is the grid's best here, and the grid brackets it.
     assert demo.ADAM_LR[model] == best_lr, report
     assert ADAM_GRID[0] < best_lr < ADAM_GRID[-1], report
+
+
+def test_warmup_keeps_early_inverses_fresh(demo: ModuleType, digits: object) -> None:
+    """With inverses refreshed only every 10 steps from the start, the CNN diverges at these settings.
+
+    In the first steps the output-gradient factors grow by about 100x, so an inverse computed at
+    step 0 makes the steps up to step 10 far too large; the default warm-up refreshes every step.
+    """
+    hparams = {"lr": 0.01, "damping": 0.01, "momentum": 0.9, "inverse_update_steps": 10}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the stale run skips non-finite steps
+        stale = final_loss(demo, digits, "kfac", "cnn", {**hparams, "warmup_steps": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fresh = final_loss(demo, digits, "kfac", "cnn", hparams)
+    assert fresh < 0.5 < stale, f"warm-up {fresh:.3g}, none {stale:.3g}"

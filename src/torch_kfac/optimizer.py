@@ -82,8 +82,8 @@ class KFAC(Optimizer):
             and 'type-2' need `loss_fn` and `step(batch=...)` (see `KFACPreconditioner`).
         approximation, inverse_power, kfac_approx: 'kfac', 'ekfac', 'diagonal' or
             'forward-only'; power -1 or -0.5; 'expand' or 'reduce' (see `KFACPreconditioner`).
-        factor_update_steps, inverse_update_steps, inverse_method, damping_type, skip_modules:
-            see `KFACPreconditioner`.
+        factor_update_steps, inverse_update_steps, warmup_steps, inverse_method, damping_type,
+            skip_modules: see `KFACPreconditioner`.
         max_damping: upper bound of the adapted damping.
         damping_rho_thresholds: (low, high) of the Levenberg-Marquardt rule, default (1/4, 3/4).
         loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`); with `step(batch=(x, y))` the
@@ -125,6 +125,7 @@ class KFAC(Optimizer):
         reduction: str = "mean",
         factor_update_steps: int | Callable[[int], int] = 1,
         inverse_update_steps: int | Callable[[int], int] = 10,
+        warmup_steps: int = 20,
         inverse_method: str = "cholesky",
         damping_type: str = "factored",
         max_damping: float = math.inf,
@@ -205,6 +206,7 @@ class KFAC(Optimizer):
             cov_ema_decay=cov_ema_decay,
             factor_update_steps=factor_update_steps,
             inverse_update_steps=inverse_update_steps,
+            warmup_steps=warmup_steps,
             reduction=reduction,
             enable_pi_correction=enable_pi_correction,
             inverse_method=inverse_method,

@@ -742,7 +742,7 @@ def test_unrecorded_steps_use_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(torch._VF, "lstm", counting)
     model = SequenceClassifier()
     x, y = sequence_data()
-    opt = KFAC(model, lr=0.1, damping=1e-2, factor_update_steps=2)
+    opt = KFAC(model, lr=0.1, damping=1e-2, factor_update_steps=2, warmup_steps=0)
     block = opt.blocks["lstm"]
     calls = []
     for step in range(4):

@@ -242,7 +242,7 @@ class CurvatureBlock:
             if ema is None or weight is None:
                 ema = torch.zeros_like(batch)
                 weight = batch.new_zeros(())
-            self.state[f"{key}_ema"] = ema.mul_(decay).add_(batch, alpha=1.0 - decay)
+            self.state[f"{key}_ema"] = ema.lerp_(batch, 1.0 - decay)
             self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
             self._pending[key] = []
 
