@@ -123,7 +123,7 @@ class KFAC(Optimizer):
         *,
         learning_rate: float | Schedule | None = None,
         reduction: str = "mean",
-        factor_update_steps: int | Callable[[int], int] = 1,
+        factor_update_steps: int | Callable[[int], int] = 10,
         inverse_update_steps: int | Callable[[int], int] = 10,
         warmup_steps: int = 20,
         inverse_method: str = "cholesky",

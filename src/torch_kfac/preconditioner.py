@@ -96,7 +96,7 @@ class KFACPreconditioner:
         *,
         damping: float = 1e-3,
         cov_ema_decay: float = 0.95,
-        factor_update_steps: int | Callable[[int], int] = 1,
+        factor_update_steps: int | Callable[[int], int] = 10,
         inverse_update_steps: int | Callable[[int], int] = 10,
         warmup_steps: int = 20,
         reduction: str = "mean",

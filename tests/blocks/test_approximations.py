@@ -77,7 +77,16 @@ def test_diagonal_is_the_exact_fisher_diagonal(kind: str) -> None:
 def test_ekfac_diagonal_in_the_kronecker_eigenbasis(kind: str) -> None:
     model, x, _, name = model_for(kind)
     y = labels(x.shape[0])
-    pre = run(model, x, y, approximation="ekfac", inverse_update_steps=100, warmup_steps=0, cov_ema_decay=0.0)
+    pre = run(
+        model,
+        x,
+        y,
+        approximation="ekfac",
+        factor_update_steps=1,
+        inverse_update_steps=100,
+        warmup_steps=0,
+        cov_ema_decay=0.0,
+    )
     block = pre.blocks[name]
     qa, qg = block.state["A_eigvecs"][0], block.state["G_eigvecs"][0]
     init = block.state["G_eigvals"][0][:, None] * block.state["A_eigvals"][0][None, :]
