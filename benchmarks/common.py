@@ -135,9 +135,9 @@ class TinyTransformerLM(nn.Module):
         self.head = nn.Linear(width, vocab)
 
     def forward(self, idx: Tensor) -> Tensor:
-        """Token ids (N, T) -> next-token logits (N, T, vocab)."""
+        """Token ids (N, T) -> next-token logits (N, vocab, T), the layout of `nn.CrossEntropyLoss`."""
         pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(pos))))
+        return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(pos)))).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -153,8 +153,8 @@ def class_ce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 
 def token_ce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy; 'mean' averages over all tokens."""
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction=reduction)
+    """Next-token cross-entropy of (N, vocab, T) logits; 'mean' averages over all tokens."""
+    return F.cross_entropy(logits, target, reduction=reduction)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -365,10 +365,12 @@ class PixelBCELoss(nn.BCEWithLogitsLoss):
         return super().forward(logits, target.flatten(1))
 
 
-#: Loss modules for K-FAC's exact quadratic model, and whether they sum over the batch.
-LOSS_MODULES: dict[Callable[..., Tensor], Callable[[], nn.Module]] = {
-    pixel_bce: PixelBCELoss,
-    class_ce: nn.CrossEntropyLoss,
+#: Loss modules for K-FAC (its exact quadratic model, MC Fisher, token-level Fisher) and the
+#: reduction to give KFAC for each: the token loss averages over batch and positions.
+LOSS_MODULES: dict[Callable[..., Tensor], tuple[Callable[[], nn.Module], str]] = {
+    pixel_bce: (PixelBCELoss, "sum"),
+    class_ce: (nn.CrossEntropyLoss, "mean"),
+    token_ce: (nn.CrossEntropyLoss, "mean_positions"),
 }
 
 
@@ -379,15 +381,16 @@ class KFACLossModuleTrainer(Trainer):
         super().__init__(model, loss_fn)
         if loss_fn not in LOSS_MODULES:
             raise NotImplementedError("no torch loss module registered for this workload's loss")
-        self.module = LOSS_MODULES[loss_fn]()
-        self.sums = self.module.reduction == "sum"
+        factory, reduction = LOSS_MODULES[loss_fn]
+        self.module = factory()
+        self.sums = reduction == "sum"
         self.name = "kfac-qmodel" if qmodel else "kfac"
         h = dict(hparams)
         if qmodel:
             h = {k: v for k, v in h.items() if k not in ("lr", "momentum")}
             h.update(adaptive_learning_rate=True, adaptive_momentum=True, adapt_damping=True)
         self.needs_loss = qmodel
-        self.optimizer = KFAC(model, loss_fn=self.module, reduction=self.module.reduction, **h)
+        self.optimizer = KFAC(model, loss_fn=self.module, reduction=reduction, **h)
         self._batch: Batch | None = None
 
     def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -426,7 +429,9 @@ def make_trainer(kind: str, model: nn.Module, loss_fn: LossFn, hparams: dict[str
         h.setdefault("momentum", 0.9)
         return TorchTrainer(model, loss_fn, torch.optim.SGD(model.parameters(), **h), kind)
     if kind == "kfac":
-        if h.get("fisher_type", "empirical") != "empirical":
+        # The MC Fisher needs the loss module; a loss averaged over positions needs it for its scale.
+        positions = LOSS_MODULES.get(loss_fn, (None, ""))[1] == "mean_positions"
+        if h.get("fisher_type", "empirical") != "empirical" or positions:
             return KFACLossModuleTrainer(model, loss_fn, h, qmodel=False)
         return TorchTrainer(model, loss_fn, KFAC(model, **h), kind)
     if kind == "kfac-qmodel":

@@ -44,7 +44,9 @@ def test_step_cost_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
         assert run["optimizers"]["adam"]["vs_adam_paired_median"] == pytest.approx(1.0)
         phases = run["kfac_phases"]["kfac"]["phases"]
         assert set(phases) == set(bench["step_cost"].PHASES)
-        assert phases["inverse"]["every_steps"] == 10 and phases["capture"]["every_steps"] == 1
+        defaults = bench["step_cost"].KFAC_DEFAULTS  # the library's default intervals
+        assert phases["inverse"]["every_steps"] == defaults["inverse_update_steps"] == 10
+        assert phases["capture"]["every_steps"] == defaults["factor_update_steps"] == 10
         for rec in phases.values():
             assert rec["per_call_ms"] >= 0 and rec["floor_ms"] > 0
             assert math.isfinite(rec["ratio_to_floor"])
