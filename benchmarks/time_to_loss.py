@@ -101,7 +101,7 @@ def default_grids(name: str, quick: bool) -> Grid:
             + [{"lr": 1e-3, "batch_size": 250}],
             "sgd": [{"lr": lr, "momentum": 0.9, "batch_size": bs} for lr in (3e-4, 1e-3, 3e-3)],
             "kfac": [{**h, "momentum": 0.9, "batch_size": bs} for h in kfac],
-            "kfac-qmodel": [{"damping": 1.0, "batch_size": bs}],
+            "kfac-qmodel": [{"damping": 1.0, "batch_size": b} for b in (250, 500, bs)],
         }
     bs = 256 if name == "convnet" else 32
     # Without the norm constraint every configuration of an earlier grid diverged on both workloads
