@@ -35,3 +35,22 @@ def test_symmetric_eigh_clamps_negative_rounding() -> None:
     vals, vecs = symmetric_eigh(torch.diag(torch.tensor([-1e-12, 3.0])))
     assert vals.min().item() == 0.0
     torch.testing.assert_close(vecs @ vecs.T, torch.eye(2))
+
+
+def test_eigh_that_fails_in_single_precision_is_retried_in_double(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = torch.linalg.eigh
+
+    def float32_fails(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return original(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", float32_fails)
+    gen = torch.Generator().manual_seed(0)
+    root = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    matrix = root @ root.T
+    vals, vecs = symmetric_eigh(matrix.float())
+    assert vals.dtype == vecs.dtype == torch.float32
+    torch.testing.assert_close((vecs * vals) @ vecs.T, matrix.float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError):
+        symmetric_eigh(torch.full((3, 3), float("nan"), dtype=torch.float64))

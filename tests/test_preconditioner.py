@@ -149,3 +149,32 @@ def test_finiteness_check_finds_nan_and_inf_and_passes_large_finite_values(dtype
     both[0], both[1] = float("inf"), -float("inf")
     assert not all_finite([both])
     assert all_finite([])
+
+
+@pytest.mark.parametrize("failure", ["no convergence", "not finite"])
+def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
+    x, y = make_data()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    block = pre.blocks["0"]
+    kept, other = dict(block.state), pre.blocks["2"].state["A_inv"]
+    original = block.update_inverses
+
+    def broken(*args: object) -> None:
+        if failure == "no convergence":
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        original(*args)
+        block.state["A_inv"] = torch.full_like(block.state["A_inv"], float("nan"))
+
+    block.update_inverses = broken  # type: ignore[method-assign]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="inverse update of block '0' failed"):
+        pre.step()
+    assert block.state.keys() == kept.keys()
+    assert all(block.state[k] is v for k, v in kept.items())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert pre.blocks["2"].state["A_inv"] is not other  # the other block was refreshed as usual

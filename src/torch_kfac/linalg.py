@@ -48,8 +48,18 @@ def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD matrix with eigenvalues clamped at zero."""
-    eigvals, eigvecs = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+    """Eigendecomposition of a symmetric PSD matrix with eigenvalues clamped at zero.
+
+    When the solver does not converge in single precision (ill-conditioned factors), it is
+    retried in float64; a failure there (e.g. a NaN entry) raises `torch.linalg.LinAlgError`.
+    """
+    sym = 0.5 * (matrix + matrix.mT)
+    try:
+        eigvals, eigvecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        if sym.dtype == torch.float64:
+            raise
+        eigvals, eigvecs = (t.to(sym.dtype) for t in torch.linalg.eigh(sym.double()))
     return eigvals.clamp(min=0.0), eigvecs
 
 

@@ -312,10 +312,25 @@ class KFACPreconditioner:
             block.state.clear()
 
     def update_inverses(self, force: bool = False) -> None:
-        """Refresh the inverses of blocks that are due (every block with factors if `force`)."""
-        for block in self.blocks.values():
+        """Refresh the inverses of blocks that are due (every block with factors if `force`).
+
+        A block whose new inverses cannot be computed (an eigendecomposition that does not
+        converge) or are not finite keeps its previous ones (none: the raw gradient), with a warning.
+        """
+        refreshed = []
+        for name, block in self.blocks.items():
             if block.has_factors() and (force or self._inverses_due(block)):
-                block.update_inverses(self.damping, self.enable_pi_correction, self.inverse_method)
+                previous = dict(block.state)
+                try:
+                    block.update_inverses(self.damping, self.enable_pi_correction, self.inverse_method)
+                except torch.linalg.LinAlgError as exc:
+                    _keep_inverses(name, block, previous, str(exc).splitlines()[0])
+                    continue
+                refreshed.append((name, block, previous))
+        if refreshed and not all_finite([t for _, b, p in refreshed for t in _new_tensors(b, p)]):
+            for name, block, previous in refreshed:
+                if not all_finite(_new_tensors(block, previous)):
+                    _keep_inverses(name, block, previous, "the result is not finite")
 
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
@@ -466,6 +481,22 @@ class KFACPreconditioner:
         if self._root_hook is not None:
             self._root_hook.remove()
             self._root_hook = None
+
+
+def _new_tensors(block: CurvatureBlock, previous: dict[str, Tensor]) -> list[Tensor]:
+    """The state tensors a block replaced since `previous` was copied (its new inverses)."""
+    return [t for k, t in block.state.items() if previous.get(k) is not t]
+
+
+def _keep_inverses(name: str, block: CurvatureBlock, previous: dict[str, Tensor], why: str) -> None:
+    """Put back a block's state from before a failed inverse update, and say so."""
+    block.state.clear()
+    block.state.update(previous)
+    warnings.warn(
+        f"K-FAC: the inverse update of block {name!r} failed ({why}); its previous inverses are kept",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
