@@ -1,12 +1,15 @@
 """Whole models train with every parameter in a curvature block, and K-FAC beats tuned Adam.
 
-Each model trains full-batch on data generated here, for the same number of steps with K-FAC
-and with Adam at the best learning rate of a grid run inside the test; K-FAC must reach a
-clearly lower training loss.
+Each model trains full-batch on data generated here, for the same 300 steps with K-FAC and with
+Adam at the best learning rate of a grid run inside the test; K-FAC must reach a clearly lower
+training loss above the data's floor (the lowest loss any model can reach; non-zero only for the
+token data, whose first target is ambiguous).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -122,7 +125,11 @@ def token_data() -> tuple[Tensor, Tensor]:
 
 
 def train(model_fn: Callable[[], nn.Module], data: tuple[Tensor, Tensor], make_opt, steps: int) -> float:
-    """Full-batch training; returns the final training loss (evaluation mode)."""
+    """Full-batch training in float32; returns the final training loss (evaluation mode).
+
+    The loss is evaluated in float64: after a few hundred steps it is far below float32's
+    resolution of a cross-entropy (about 1e-6 for logits of order 10).
+    """
     model = model_fn()
     opt = make_opt(model)
     x, y = data
@@ -130,9 +137,9 @@ def train(model_fn: Callable[[], nn.Module], data: tuple[Tensor, Tensor], make_o
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    model.eval()
+    model.eval().double()
     with torch.no_grad():
-        return F.cross_entropy(model(x), y).item()
+        return F.cross_entropy(model(x.double() if x.is_floating_point() else x), y).item()
 
 
 def tuned_adam(model_fn: Callable[[], nn.Module], data: tuple[Tensor, Tensor], steps: int) -> float:
@@ -143,14 +150,28 @@ def tuned_adam(model_fn: Callable[[], nn.Module], data: tuple[Tensor, Tensor], s
     )
 
 
-# model, data, K-FAC hyperparameters, steps, the fraction of Adam's loss K-FAC must beat.
+def bayes_floor(x: Tensor, y: Tensor) -> float:
+    """The lowest mean loss any causal model can reach on token data: -log of the empirical
+    frequency of each target among the sequences sharing its prefix (0 for other data)."""
+    if x.is_floating_point():
+        return 0.0  # distinct real-valued inputs: every label can be fitted
+    total = 0.0
+    for t in range(x.shape[1]):
+        prefixes = [tuple(row) for row in x[:, : t + 1].tolist()]
+        pairs = Counter(zip(prefixes, y[:, t].tolist(), strict=True))
+        counts = Counter(prefixes)
+        total -= sum(math.log(pairs[p, target] / counts[p]) for p, target in pairs.elements())
+    return total / y.numel()
+
+
+STEPS = 300
+# model, data, K-FAC hyperparameters, and the fraction of Adam's loss (above the floor) K-FAC must beat.
 CASES = {
-    "resnet": (resnet, image_data, {"lr": 0.3, "damping": 1e-2, "momentum": 0.5}, 40, 0.5),
+    "resnet": (resnet, image_data, {"lr": 0.1, "damping": 1e-2, "momentum": 0.9}, 0.5),
     "lstm": (
         SequenceClassifier,
         sequence_data,
-        {"lr": 0.1, "damping": 1e-2, "momentum": 0.9, "factor_update_steps": 1},
-        60,
+        {"lr": 0.1, "damping": 3e-3, "momentum": 0.9, "factor_update_steps": 1},
         0.5,
     ),
     "transformer": (
@@ -160,27 +181,28 @@ CASES = {
         {
             "lr": 0.1,
             "damping": 1e-2,
-            "momentum": 0.5,
+            "momentum": 0.9,
+            "norm_constraint": 1e-2,
             "reduction": "mean_positions",
             "loss_fn": nn.CrossEntropyLoss(),
         },
-        60,
-        0.75,
+        0.5,
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_parameter_has_a_curvature_block(case: str) -> None:
-    model_fn, _, hyper, _, _ = CASES[case]
+    model_fn, _, hyper, _ = CASES[case]
     report = KFAC(model_fn(), **hyper).preconditioner.describe()
     assert "fallback" not in report, report
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_kfac_beats_tuned_adam_in_the_same_number_of_steps(case: str) -> None:
-    model_fn, data_fn, hyper, steps, margin = CASES[case]
+    model_fn, data_fn, hyper, margin = CASES[case]
     data = data_fn()
-    adam = tuned_adam(model_fn, data, steps)
-    kfac = train(model_fn, data, lambda m: KFAC(m, inverse_update_steps=1, **hyper), steps)
-    assert kfac < margin * adam, (kfac, adam)
+    floor = bayes_floor(*data)
+    adam = tuned_adam(model_fn, data, STEPS) - floor
+    kfac = train(model_fn, data, lambda m: KFAC(m, inverse_update_steps=1, **hyper), STEPS) - floor
+    assert -1e-9 <= kfac < margin * adam, (kfac, adam, floor)
