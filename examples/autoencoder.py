@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 from data import DEFAULT_DATA_DIRS, load_fashion_mnist
-from example_utils import add_common_arguments, batch_indices, pick_device, progress, run, synthetic_images
+from example_utils import (
+    add_common_arguments,
+    add_image_arguments,
+    batch_indices,
+    image_split,
+    pick_device,
+    progress,
+    run,
+)
 from torch import nn
 
 from torch_kfac import KFAC
@@ -51,9 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_arguments(parser, steps=1000, batch_size=1000)
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIRS["fashion-mnist"], help="Fashion-MNIST folder")
-    parser.add_argument("--synthetic", action="store_true", help="random template images instead of data")
-    parser.add_argument("--synthetic-size", type=int, default=2048, help="training images with --synthetic")
+    add_image_arguments(parser, DEFAULT_DATA_DIRS["fashion-mnist"], "Fashion-MNIST folder")
     parser.add_argument(
         "--widths", type=int, nargs="+", default=list(LAYERS), help="layer widths (first = last = 784)"
     )
@@ -67,10 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    if args.synthetic:
-        images = synthetic_images(args.synthetic_size, 1, 28, seed=args.seed)[0]
-    else:
-        images = load_fashion_mnist(args.data_dir).x_train
+    images = image_split(args, load_fashion_mnist, 1, 28)[0]
     images = images.flatten(1).to(device)
     if images.shape[1] != args.widths[0] or args.widths[-1] != args.widths[0]:
         raise ValueError(f"--widths must start and end with {images.shape[1]}, got {args.widths}")

@@ -23,11 +23,12 @@ from cifar import DEFAULT_CIFAR10_DIR, augment, load_cifar10, normalize
 from example_utils import (
     accuracy,
     add_common_arguments,
+    add_image_arguments,
     batch_indices,
+    image_split,
     pick_device,
     progress,
     run,
-    synthetic_images,
 )
 from torch import Tensor, nn
 
@@ -84,9 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_arguments(parser, steps=2000, batch_size=128)
-    parser.add_argument("--data-dir", default=DEFAULT_CIFAR10_DIR, help="the cifar-10-batches-py folder")
-    parser.add_argument("--synthetic", action="store_true", help="random template images instead of data")
-    parser.add_argument("--synthetic-size", type=int, default=2048, help="training images with --synthetic")
+    add_image_arguments(parser, DEFAULT_CIFAR10_DIR, "the cifar-10-batches-py folder")
     parser.add_argument(
         "--blocks", type=int, default=1, help="basic blocks per stage (1: ResNet-8, 3: ResNet-20)"
     )
@@ -107,12 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    if args.synthetic:
-        x, y = synthetic_images(args.synthetic_size + 512, 3, 32, seed=args.seed)
-        x_train, y_train, x_test, y_test = x[:-512], y[:-512], x[-512:], y[-512:]
-    else:
-        data = load_cifar10(args.data_dir)
-        x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+    x_train, y_train, x_test, y_test = image_split(args, load_cifar10, 3, 32)
     x_train, x_test = normalize(x_train).to(device), normalize(x_test).to(device)
     y_train, y_test = y_train.to(device), y_test.to(device)
 

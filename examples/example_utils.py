@@ -21,6 +21,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, steps: int, batch_size
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def add_image_arguments(parser: argparse.ArgumentParser, data_dir: str, what: str) -> None:
+    """Add --data-dir (default `data_dir`), --synthetic and --synthetic-size to an image example."""
+    parser.add_argument("--data-dir", default=data_dir, help=what)
+    parser.add_argument("--synthetic", action="store_true", help="random template images instead of data")
+    parser.add_argument("--synthetic-size", type=int, default=2048, help="training images with --synthetic")
+
+
+def image_split(
+    args: argparse.Namespace, load: Callable[[str], Any], channels: int, size: int, test_size: int = 512
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_test, y_test): `load(args.data_dir)`'s splits, or synthetic images."""
+    if args.synthetic:
+        x, y = synthetic_images(args.synthetic_size + test_size, channels, size, seed=args.seed)
+        return x[:-test_size], y[:-test_size], x[-test_size:], y[-test_size:]
+    data = load(args.data_dir)
+    return data.x_train, data.y_train, data.x_test, data.y_test
+
+
 def pick_device(name: str) -> torch.device:
     """The device named by --device; 'auto' is CUDA when available, else the CPU."""
     if name == "auto":

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from data import DEFAULT_DATA_DIRS, load_fashion_mnist
-from example_utils import add_common_arguments, run, synthetic_images
+from example_utils import add_common_arguments, add_image_arguments, image_split, run
 from models import small_cnn
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -79,9 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_arguments(parser, steps=500, batch_size=128)
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIRS["fashion-mnist"], help="Fashion-MNIST folder")
-    parser.add_argument("--synthetic", action="store_true", help="random template images instead of data")
-    parser.add_argument("--synthetic-size", type=int, default=2048, help="training images with --synthetic")
+    add_image_arguments(parser, DEFAULT_DATA_DIRS["fashion-mnist"], "Fashion-MNIST folder")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--norm-constraint", type=float, default=1e-3, help="bound on lr^2 g^T F^-1 g")
@@ -93,12 +91,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Fit with a Lightning `Trainer`, return the training losses and validation accuracies."""
     args = parse_args(argv)
     L.seed_everything(args.seed, verbose=False)
-    if args.synthetic:
-        x, y = synthetic_images(args.synthetic_size + 512, 1, 28, seed=args.seed)
-        train, val = TensorDataset(x[:-512], y[:-512]), TensorDataset(x[-512:], y[-512:])
-    else:
-        data = load_fashion_mnist(args.data_dir)
-        train, val = TensorDataset(data.x_train, data.y_train), TensorDataset(data.x_test, data.y_test)
+    x_train, y_train, x_test, y_test = image_split(args, load_fashion_mnist, 1, 28)
+    train, val = TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
     gen = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=gen)
     val_loader = DataLoader(val, batch_size=1000)

@@ -28,11 +28,12 @@ from data import DEFAULT_DATA_DIRS, load_fashion_mnist
 from example_utils import (
     accuracy,
     add_common_arguments,
+    add_image_arguments,
     batch_indices,
+    image_split,
     pick_device,
     progress,
     run,
-    synthetic_images,
 )
 from models import mlp
 from torch import Tensor, nn
@@ -75,9 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_common_arguments(parser, steps=500, batch_size=128)
     parser.add_argument("--loop", choices=("tracked", "manual-mc"), default="tracked")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIRS["fashion-mnist"], help="Fashion-MNIST folder")
-    parser.add_argument("--synthetic", action="store_true", help="random template images instead of data")
-    parser.add_argument("--synthetic-size", type=int, default=2048, help="training images with --synthetic")
+    add_image_arguments(parser, DEFAULT_DATA_DIRS["fashion-mnist"], "Fashion-MNIST folder")
     parser.add_argument("--learning-rate", type=float, default=0.03)
     parser.add_argument("--damping", type=float, default=0.1, help="initial damping (adapted)")
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -89,12 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    if args.synthetic:
-        x, y = synthetic_images(args.synthetic_size + 512, 1, 28, seed=args.seed)
-        x_train, y_train, x_test, y_test = x[:-512], y[:-512], x[-512:], y[-512:]
-    else:
-        data = load_fashion_mnist(args.data_dir)
-        x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+    x_train, y_train, x_test, y_test = image_split(args, load_fashion_mnist, 1, 28)
     x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
 
     model = mlp(image_size=28, hidden=(256, 128)).to(device)
