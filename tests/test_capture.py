@@ -120,3 +120,23 @@ def test_inplace_activation_after_conv_and_linear() -> None:
     opt.step()
     torch.testing.assert_close(opt.blocks["5"].G, g.T @ g / 6, rtol=1e-12, atol=1e-14)
     assert opt.blocks["0"].has_factors() and opt.blocks["3"].has_factors()
+
+
+def test_tracked_statistics_are_folded_at_every_step_whatever_the_interval() -> None:
+    """With the original API's contexts the user decides when statistics are recorded."""
+    model = make_mlp()
+    opt = KFAC(model, 0.05, 1e-2, factor_update_steps=10, warmup_steps=0)
+    previous, changed = None, []
+    for step in range(5):
+        x, y = make_data(seed=step)
+        opt.zero_grad()
+        with opt.track_forward():
+            out = model(x)
+        loss = F.cross_entropy(out, y)
+        with opt.track_backward():
+            loss.backward()
+        opt.step(loss=loss)
+        current = opt.blocks["0"].A.clone()
+        changed.append(previous is None or not torch.equal(previous, current))
+        previous = current
+    assert changed == [True] * 5
