@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torch_kfac.blocks import CurvatureBlock
-from torch_kfac.options import check_choice, check_interval, check_number, resolve
+from torch_kfac.options import check_choice, check_count, check_interval, check_number, resolve
 from torch_kfac.preconditioner import KFACPreconditioner, iter_block_params
 from torch_kfac.qmodel import (
     ExactCurvature,
@@ -192,9 +192,7 @@ class KFAC(Optimizer):
         self.adaptive_learning_rate = bool(adaptive_learning_rate)
         self.adaptive_momentum = bool(adaptive_momentum)
         self.reject_steps = bool(reject_steps)
-        if isinstance(burn_in_steps, bool) or not isinstance(burn_in_steps, int) or burn_in_steps < 0:
-            raise ValueError(f"burn_in_steps must be a non-negative integer, got {burn_in_steps!r}")
-        self.burn_in_steps = burn_in_steps
+        self.burn_in_steps = check_count("burn_in_steps", burn_in_steps)
         if (self._uses_qmodel or self.qmodel_curvature == "exact") and loss_fn is None:
             raise ValueError(
                 "loss_fn is required for adaptive_learning_rate, adaptive_momentum and "

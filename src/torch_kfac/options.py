@@ -48,6 +48,13 @@ def check_interval(name: str, value: Any) -> Any:
     return value
 
 
+def check_count(name: str, value: Any) -> int:
+    """A whole number of steps that may be zero (a warm-up, a burn-in)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def resolve(value: Any, step: int) -> Any:
     """A hyperparameter's value at `step`: called with the step if it is a schedule (a callable)."""
     return value(step) if callable(value) else value

@@ -20,7 +20,7 @@ from torch_kfac.blocks.base import REDUCTIONS
 from torch_kfac.blocks.tied import TiedBlock, supports_tying
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.losses import LossCurvature, loss_curvature
-from torch_kfac.options import check_choice, check_interval, check_number, resolve
+from torch_kfac.options import check_choice, check_count, check_interval, check_number, resolve
 from torch_kfac.qmodel import as_args, preserved_buffers
 
 INVERSE_METHODS = ("cholesky", "eigh")
@@ -119,9 +119,7 @@ class KFACPreconditioner:
         self.cov_ema_decay = check_number("cov_ema_decay", cov_ema_decay, high=1.0, high_inclusive=False)
         self.factor_update_steps = check_interval("factor_update_steps", factor_update_steps)
         self.inverse_update_steps = check_interval("inverse_update_steps", inverse_update_steps)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = check_count("warmup_steps", warmup_steps)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
         self.damping_type = check_choice("damping_type", damping_type, DAMPING_TYPES)
