@@ -21,7 +21,6 @@ cycles), the median, and the mean's ratio to `kfac` are written to
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import statistics
@@ -31,13 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import KFAC_DEFAULTS
 from torch import nn
 
 from torch_kfac import KFAC
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Untimed steps: past K-FAC's curvature warm-up (every-step refreshes), plus a few.
-WARMUP = inspect.signature(KFAC).parameters["warmup_steps"].default + 3
+WARMUP = KFAC_DEFAULTS["warmup_steps"] + 3
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 

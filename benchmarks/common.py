@@ -31,6 +31,8 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 #: Layer widths of the Martens & Grosse (2015) MNIST autoencoder.
 AUTOENCODER_DIMS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
+#: The defaults of every KFAC constructor argument (intervals, warm-up, ...), read from its signature.
+KFAC_DEFAULTS = {k: v.default for k, v in inspect.signature(KFAC).parameters.items()}
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[..., Tensor]
 
@@ -413,8 +415,7 @@ class KFACLossModuleTrainer(Trainer):
 
 def qmodel_options() -> dict[str, Any] | None:
     """Keyword arguments that turn on KFAC's adaptive learning rate and momentum, if it has them."""
-    params = inspect.signature(KFAC.__init__).parameters
-    if "adaptive_learning_rate" in params and "adaptive_momentum" in params:
+    if "adaptive_learning_rate" in KFAC_DEFAULTS and "adaptive_momentum" in KFAC_DEFAULTS:
         return {"adaptive_learning_rate": True, "adaptive_momentum": True, "adapt_damping": True}
     return None
 

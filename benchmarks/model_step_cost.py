@@ -14,7 +14,6 @@ factors, inverses, momentum; Adam: moments) are written side by side, with their
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import KFAC_DEFAULTS
+
 from tests.test_models import CASES
 from torch_kfac import KFAC
 
@@ -42,7 +43,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 #: Untimed steps: past K-FAC's curvature warm-up (every-step refreshes), plus a few.
-WARMUP = inspect.signature(KFAC).parameters["warmup_steps"].default + 3
+WARMUP = KFAC_DEFAULTS["warmup_steps"] + 3
 OPTIMIZERS = ("adam", "kfac", "kfac-defaults")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 from common import (
+    KFAC_DEFAULTS,
     RESULTS_DIR,
     Clock,
     MachineRates,
@@ -65,9 +65,6 @@ from torch_kfac import KFAC
 #: Machine rates measured between update cycles during the whole run.
 RATE_SAMPLES: list[MachineRates] = []
 
-#: Steps during which K-FAC refreshes factors and inverses every step (its default), not timed.
-KFAC_DEFAULTS = {k: v.default for k, v in inspect.signature(KFAC).parameters.items()}
-KFAC_WARMUP_STEPS = KFAC_DEFAULTS["warmup_steps"]
 PHASES = ("forward_backward", "capture", "fold", "inverse", "precondition", "update")
 PHASE_LABELS = {
     "forward_backward": "forward+backward",
@@ -331,7 +328,7 @@ def bench_one(
             timer = PhaseTimer(trainer.optimizer, clock) if kind.startswith("kfac") else None  # type: ignore[attr-defined]
             contender = Contender(label, trainer, timer)
             # Warm-up past K-FAC's curvature warm-up (every-step refreshes), ending on a cycle boundary.
-            for _ in range(cycle * math.ceil(KFAC_WARMUP_STEPS / cycle)):
+            for _ in range(cycle * math.ceil(KFAC_DEFAULTS["warmup_steps"] / cycle)):
                 contender.run_step(x, y, clock, record=False)
             contenders.append(contender)
         except Exception as exc:  # a third-party library that fails is recorded, not fatal
