@@ -1,12 +1,15 @@
-"""Runs examples/demo.py end to end with tiny settings, and checks the examples' data loaders."""
+"""Runs examples/demo.py end to end on a tiny time budget, checks its race, and the examples' data loaders."""
 
 from __future__ import annotations
 
 import gzip
 import importlib
+import math
+import re
 import struct
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,21 +45,64 @@ def write_fake_mnist(folder: Path, n_train: int, n_test: int, compress: bool) ->
         write_idx(folder / f"{stem}-labels-idx1-ubyte", np.arange(n) % 10, compress)
 
 
-def check_output(out: str, results: list, png: Path, steps: int) -> None:
-    """The summary table lists every run and the PNG exists."""
-    assert "optimizer" in out and "test acc" in out and "ms/step" in out
+BUDGET = 0.05
+"""Training seconds per run in the tests: a few steps each."""
+
+
+def check_equal_budget(results: list, budget: float) -> None:
+    """Every run trained for the budget, and went past it by less than its last step's time."""
+    for r in results:
+        assert r.steps >= 1 and r.last_step_seconds > 0.0
+        assert budget <= r.seconds < budget + r.last_step_seconds, (r.optimizer, r.model, r.seconds)
+
+
+def table_rows(out: str) -> dict[tuple[str, str], list[str]]:
+    """The summary table's rows by (optimizer, model), cells split on runs of two or more spaces."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    assert header == [
+        "optimizer",
+        "model",
+        "steps",
+        "ms/step",
+        "seconds",
+        "train loss",
+        "test acc",
+        "target",
+        "s to target",
+        "K-FAC/Adam",
+    ]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[start + 2 : start + 6]]
+    return {(row[0], row[1]): row for row in rows}
+
+
+def check_output(out: str, results: list, png: Path, budget: float) -> None:
+    """Four runs on the same budget, the table's time-to-target columns, and the PNG."""
     assert {(r.optimizer, r.model) for r in results} == {
         (o, m) for o in ("kfac", "adam") for m in ("mlp", "cnn")
     }
+    check_equal_budget(results, budget)
     for r in results:
-        assert r.steps == steps
         assert np.isfinite(r.final_train_loss)
         assert 0.0 <= r.test_accuracy <= 1.0
         assert len(r.curve_seconds) == len(r.curve_loss) >= 2
-    table_rows = [line.split() for line in out.splitlines()]
-    for opt in ("kfac", "adam"):
-        for model in ("mlp", "cnn"):
-            assert [opt, model, str(steps)] in [row[:3] for row in table_rows]
+    rows = table_rows(out)
+    for r in results:
+        row = rows[r.optimizer, r.model]
+        assert row[2] == str(r.steps) and float(row[4]) == pytest.approx(r.seconds, abs=0.006)
+        adam_row = rows["adam", r.model]
+        assert float(row[7]) == float(adam_row[7])  # one target per model: Adam's loss at the budget
+        assert adam_row[9] == "-" and float(adam_row[8]) <= float(adam_row[4])  # Adam reaches its own loss
+    for model in ("mlp", "cnn"):
+        kfac_row = rows["kfac", model]
+        if kfac_row[8] == "not reached":
+            assert kfac_row[9] == "not reached"
+        elif float(rows["adam", model][8]) == 0.0:  # Adam ends above the initial loss (tiny budget)
+            assert kfac_row[9] == "n/a"
+        else:
+            ratio = float(kfac_row[8]) / float(rows["adam", model][8])
+            assert float(kfac_row[9]) == pytest.approx(ratio, abs=0.01, rel=0.05)
     assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC
     assert png.stat().st_size > 10_000
 
@@ -64,10 +110,10 @@ def check_output(out: str, results: list, png: Path, steps: int) -> None:
 def test_demo_digits_tiny(
     examples: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Default dataset, a few steps: table printed, PNG written where --out says."""
+    """Default dataset, a tiny budget: equal training time, table printed, PNG written where --out says."""
     png = tmp_path / "sub" / "digits.png"
-    results = examples["demo"].main(["--max-steps", "6", "--out", str(png), "--no-progress"])
-    check_output(capsys.readouterr().out, results, png, steps=6)
+    results = examples["demo"].main(["--budget", str(BUDGET), "--out", str(png), "--no-progress"])
+    check_output(capsys.readouterr().out, results, png, BUDGET)
 
 
 def test_demo_idx_dataset_tiny(
@@ -77,8 +123,87 @@ def test_demo_idx_dataset_tiny(
     write_fake_mnist(tmp_path / "mnist", n_train=96, n_test=20, compress=True)
     png = tmp_path / "mnist.png"
     argv = ["--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"), "--batch-size", "32"]
-    results = examples["demo"].main([*argv, "--out", str(png), "--no-progress"])
-    check_output(capsys.readouterr().out, results, png, steps=3)
+    results = examples["demo"].main([*argv, "--budget", str(BUDGET), "--out", str(png), "--no-progress"])
+    check_output(capsys.readouterr().out, results, png, BUDGET)
+
+
+def test_race_same_start_and_turns(examples: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same weights and batches; on a clock where a K-FAC step costs 3 units and Adam's 1, the run
+    that steps is never ahead of the other, and both stop exactly at the budget."""
+    demo = examples["demo"]
+    data = examples["data"].load_digits_tensors()
+    runs = [demo.Run(opt, "cnn", data, batch_size=64, seed=3) for opt in ("kfac", "adam")]
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    batches = [next(run.batches) for run in runs]
+    assert torch.equal(batches[0], batches[1])
+
+    clock = [0.0]
+    monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    behind: list[bool] = []
+
+    def charge(run: Any, other: Any, cost: float) -> None:
+        """Make ``run``'s optimizer step cost ``cost`` on the clock and note whether the run was behind."""
+        plain = run.optimizer.step
+
+        def step() -> None:
+            """Note the turn, advance the clock, take the real step."""
+            mine, theirs = run.result.seconds, other.result.seconds
+            behind.append(mine <= theirs or theirs >= 30.0)
+            clock[0] += cost
+            plain()
+
+        run.optimizer.step = step
+
+    charge(runs[0], runs[1], 3.0)
+    charge(runs[1], runs[0], 1.0)
+    results = demo.race(runs, budget=30.0, progress=False)
+    assert [(r.steps, r.seconds) for r in results] == [(10, 30.0), (30, 30.0)]
+    assert len(behind) == 40 and all(behind)
+
+
+def test_race_by_steps(examples: dict[str, ModuleType]) -> None:
+    """With a step count instead of a budget every run takes exactly that many steps."""
+    demo = examples["demo"]
+    data = examples["data"].load_digits_tensors()
+    runs = [demo.Run(opt, "mlp", data, batch_size=64, seed=0) for opt in ("kfac", "adam")]
+    results = demo.race(runs, steps=7, curve_points=4, progress=False)
+    assert [r.steps for r in results] == [7, 7]
+    assert all(len(r.curve_loss) == 4 for r in results)
+    with pytest.raises(ValueError, match="budget"):
+        demo.race(runs, progress=False)
+
+
+def test_time_to_target(examples: dict[str, ModuleType]) -> None:
+    """First time the curve reaches the target, log-loss interpolated in time; None when never."""
+    demo = examples["demo"]
+    result = demo.RunResult("kfac", "mlp", 3, 3.0, 0.01, 1.0)
+    result.curve_seconds, result.curve_loss = [0.0, 1.0, 2.0, 3.0], [1.0, 0.1, 0.01, 0.05]
+    assert demo.time_to_target(result, 2.0) == 0.0
+    assert demo.time_to_target(result, 0.1) == 1.0
+    assert demo.time_to_target(result, 10**-1.5) == pytest.approx(1.5, abs=1e-12)
+    assert demo.time_to_target(result, 0.05) == pytest.approx(1.0 + math.log(2) / math.log(10), abs=1e-12)
+    assert demo.time_to_target(result, 1e-3) is None
+
+
+def test_table_not_reached(examples: dict[str, ModuleType]) -> None:
+    """A run that never reaches the target reads "not reached" in both the time and ratio columns."""
+    demo = examples["demo"]
+    runs = {
+        ("kfac", "mlp"): [1.0, 0.5, 0.2],
+        ("adam", "mlp"): [1.0, 0.3, 0.1],
+        ("kfac", "cnn"): [1.0, 0.01, 0.001],
+        ("adam", "cnn"): [1.0, 0.1, 0.01],
+    }
+    results = []
+    for (opt, model), losses in runs.items():
+        r = demo.RunResult(opt, model, 10, 2.0, losses[-1], 0.9, last_step_seconds=0.2)
+        r.curve_seconds, r.curve_loss = [0.0, 1.0, 2.0], losses
+        results.append(r)
+    rows = table_rows(demo.format_table(results, demo.adam_targets(results)))
+    assert rows["kfac", "mlp"][7:] == ["1.00e-01", "not reached", "not reached"]
+    assert rows["adam", "mlp"][7:] == ["1.00e-01", "2.00", "-"]
+    assert rows["kfac", "cnn"][7:] == ["1.00e-02", "1.00", "0.50"]
 
 
 def test_load_digits_tensors(examples: dict[str, ModuleType]) -> None:
