@@ -170,19 +170,16 @@ class Run:
         self.data = data
         self.result = RunResult(optimizer_name, model_name, 0, 0.0, math.nan, math.nan)
 
-    def step(self) -> float:
-        """One optimization step on the next batch, added to the clock; returns the batch loss."""
+    def step(self) -> None:
+        """One optimization step on the next batch, its time added to the clock."""
         idx = next(self.batches)
         start = time.perf_counter()
         self.optimizer.zero_grad()
-        loss = F.cross_entropy(self.model(self.data.x_train[idx]), self.data.y_train[idx])
-        loss.backward()
+        F.cross_entropy(self.model(self.data.x_train[idx]), self.data.y_train[idx]).backward()
         self.optimizer.step()
-        value = loss.item()
         self.result.last_step_seconds = time.perf_counter() - start
         self.result.seconds += self.result.last_step_seconds
         self.result.steps += 1
-        return value
 
     def record_curve(self) -> None:
         """Append the current training loss (on the first ``CURVE_SUBSET`` examples) to the curve."""
@@ -241,7 +238,7 @@ def race(
         elif done >= next_mark[i] / marks:
             runs[i].record_curve()
             next_mark[i] = math.floor(done * marks) + 1
-        bar.update(int(100 * min((fraction(run) for run in runs), default=1.0)) - bar.n)
+        bar.update(int(100 * min(1.0, *(fraction(run) for run in runs))) - bar.n)
     bar.close()
     return [run.finish() for run in runs]
 
