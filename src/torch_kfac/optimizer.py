@@ -15,9 +15,7 @@ loss's scale). Second-order machinery follows Martens & Grosse 2015, sections 6-
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,16 +29,16 @@ from torch_kfac.options import (
     ORIGINAL_POSITIONAL,
     KFACOptions,
     QModelCurvature,
-    check_option,
     kfac_options,
     resolve,
     signature,
 )
+from torch_kfac.original import OriginalAPI
 from torch_kfac.preconditioner import KFACPreconditioner
 from torch_kfac.qmodel import ExactCurvature, choose_coefficients, combine, dot, overlaps
 from torch_kfac.registration import iter_block_params
 from torch_kfac.update import block_updates, parameter_change, per_parameter, velocity
-from torch_kfac.utils import as_args, preserved_buffers
+from torch_kfac.utils import evaluate_loss
 
 #: Keys of the per-parameter `state` that belong to the optimizer (the rest of an old state
 #: dict's entry of a block's first parameter belonged to the block).
@@ -57,55 +55,20 @@ class Hyperparameters:
     norm_constraint: float | None
 
 
-class KFAC(Optimizer):
+class KFAC(OriginalAPI, Optimizer):
     """K-FAC optimizer for the Linear and Conv layers of `model`; plain momentum SGD elsewhere.
 
-    The first three positional arguments and the keywords up to `enable_pi_correction` are those
-    of the original torch_kfac port, so its code runs unchanged; the rest are keyword-only.
+    The first positional arguments after the model, up to `enable_pi_correction`, are those of
+    the original torch_kfac port in its order (`KFAC(model, lr, damping, adapt_damping, ...)`),
+    so its code runs unchanged; the rest are keyword-only. Every option is declared, defaulted,
+    documented and validated once, in `torch_kfac.options.KFACOptions` (the optimizer's) and
+    `torch_kfac.options.PreconditionerOptions` (the curvature's); `opt.options` holds them.
 
     Args:
         model: the network to optimise (all its parameters form one parameter group).
-        lr: learning rate (`learning_rate=` is accepted as an alias).
-        damping: initial Tikhonov damping lambda.
-        adapt_damping: Levenberg-Marquardt adaptation of the damping from the loss (needs
-            `step(loss=...)` or a closure): rho = (L_new - L_old) / q(delta) pairs the loss change
-            caused by a step with that step's quadratic-model change.
-        damping_adaptation_decay: omega = decay ** interval is the damping's multiplier.
-        damping_adaptation_interval: adapt the damping every this many steps.
-        include_damping_in_qmodel_change: include the damping term in q(delta).
-        min_damping: lower bound of the adapted damping (plus `l2_reg`).
-        cov_ema_decay: decay of the running average of the Kronecker factors.
-        momentum: momentum coefficient mu.
-        momentum_type: 'regular' or 'adam' (see the module docstring).
-        norm_constraint: bound C on lr^2 g^T F^-1 g of the update (None: no constraint).
-        weight_decay: decoupled weight decay coefficient (None or 0: none).
-        l2_reg: coefficient of an L2 term already in the loss; floors the damping, enters q.
-        update_cov_manually: fold statistics into the factors only in `update_cov()`.
-        center: centered covariances.
-        enable_pi_correction: pi-adjusted factored damping.
-        reduction: 'mean', 'sum' or 'mean_positions', how the loss was reduced (see
-            `KFACPreconditioner`).
-        fisher_type, mc_samples: the curvature's Fisher type ('empirical', 'mc', 'type-2'); 'mc'
-            and 'type-2' need `loss_fn` and `step(batch=...)` (see `KFACPreconditioner`).
-        approximation, inverse_power, kfac_approx: 'kfac', 'ekfac', 'diagonal' or
-            'forward-only'; power -1 or -0.5; 'expand' or 'reduce' (see `KFACPreconditioner`).
-        factor_update_steps, inverse_update_steps, warmup_steps, inverse_method, damping_type,
-            skip_modules: see `KFACPreconditioner`.
-        max_damping: upper bound of the adapted damping.
-        damping_rho_thresholds: (low, high) of the Levenberg-Marquardt rule, default (1/4, 3/4).
-        loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`); with `step(batch=(x, y))` the
-            optimizer evaluates the loss after the update on the same batch, samples labels for
-            the MC Fisher and computes the exact curvature needed by the options below.
-        qmodel_curvature: curvature of q(delta) for the damping rule: 'kfac' (the K-FAC model) or
-            'exact' (the GGN/Fisher of `loss_fn` on the batch; one forward-mode pass).
-        adaptive_learning_rate, adaptive_momentum: choose them each step by minimising the exact
-            quadratic model over the natural gradient and the previous change (a 2x2 solve).
-        reject_steps: undo a step whose loss on the same batch is NaN or larger, and raise the
-            damping by 1/omega.
-        burn_in_steps: the first steps only accumulate factors; the parameters stay put.
-
-    `lr`, `damping` (when not adapted), `momentum`, `weight_decay`, `norm_constraint`,
-    `factor_update_steps` and `inverse_update_steps` also accept a callable of the step.
+        *args: the original port's positional options (`lr`, `damping`, `adapt_damping`, ...).
+        **kwargs: any option by name; `learning_rate` and `update_cov_manually` are the original
+            port's names of `lr` and `update_factors_manually`.
     """
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -134,66 +97,6 @@ class KFAC(Optimizer):
             return getattr(options, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    # ------------------------------------------------------------ original torch_kfac API
-    @property
-    def blocks(self) -> dict[str, CurvatureBlock]:
-        """Qualified module name -> curvature block (with `A`, `G`)."""
-        return self.preconditioner.blocks
-
-    @property
-    def learning_rate(self) -> float:
-        """Learning rate of the (first) parameter group; setting it sets every group's."""
-        return self.param_groups[0]["lr"]
-
-    @learning_rate.setter
-    def learning_rate(self, value: float) -> None:
-        value = check_option("lr", value, label="learning_rate")
-        for group in self.param_groups:
-            group["lr"] = value
-
-    @property
-    def damping(self) -> Tensor:
-        """The current damping, a 0-d tensor."""
-        return self.preconditioner.damping
-
-    @damping.setter
-    def damping(self, value: float | Tensor) -> None:
-        self.preconditioner.damping = value
-
-    @property
-    def covariances(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Module name -> (A, G), the running Kronecker factors (e.g. to all-reduce them by hand)."""
-        return {n: (b.A, b.G) for n, b in self.blocks.items() if _kronecker(b) and b.has_factors()}
-
-    @covariances.setter
-    def covariances(self, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
-        unknown = {n for n in factors if n not in self.blocks or not _kronecker(self.blocks[n])}
-        if unknown:
-            raise ValueError(f"covariances names modules without a Kronecker (A, G) block: {sorted(unknown)}")
-        for name, (a, g) in factors.items():
-            self.blocks[name].A, self.blocks[name].G = a, g
-        self.preconditioner.update_inverses(force=True)
-
-    def track_forward(self) -> AbstractContextManager[None]:
-        """Record layer inputs only inside this context (as in the original API)."""
-        return self.preconditioner.track_forward()
-
-    def track_backward(self) -> AbstractContextManager[None]:
-        """Record output gradients only inside this context (as in the original API)."""
-        return self.preconditioner.track_backward()
-
-    def update_cov(self) -> bool:
-        """Fold the recorded statistics into the factors now; returns whether they changed."""
-        return self.preconditioner.update_factors()
-
-    def reset_cov(self) -> None:
-        """Forget the factors and cached inverses."""
-        self.preconditioner.reset_factors()
-
-    def close(self) -> None:
-        """Remove the hooks from the model."""
-        self.preconditioner.close()
-
     # --------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (param groups, per-parameter state) with the curvature state under 'kfac'."""
@@ -208,28 +111,11 @@ class KFAC(Optimizer):
         """Load what `state_dict` returned, or a state dict of version 0.2.0 (one shared `state`)."""
         state_dict = copy.deepcopy(state_dict)
         if "kfac" not in state_dict:
-            state_dict["kfac"] = self._split_shared_state(state_dict["state"])
+            state_dict["kfac"] = _split_shared_state(state_dict["state"], self.param_groups, self.blocks)
         kfac = state_dict.pop("kfac")
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(kfac["preconditioner"])
         self.adaptation = dict(kfac["adaptation"])
-
-    def _split_shared_state(self, state: dict[Any, dict[str, Any]]) -> dict[str, Any]:
-        """Version 0.2.0 kept the global state under state['kfac'] and each block's state in the
-        entry of its first parameter; take them out of `state` (in place) in today's layout."""
-        shared = state.pop("kfac")
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        blocks = {}
-        for name, block in self.blocks.items():
-            entry = state.get(index[id(block.parameters()[0])], {})
-            blocks[name] = {k: v for k, v in entry.items() if k not in OPTIMIZER_KEYS}
-            for key in blocks[name]:
-                del entry[key]
-        own = {"step", "damping"}
-        return {
-            "preconditioner": {"global": {k: shared[k] for k in own}, "blocks": blocks},
-            "adaptation": {k: v for k, v in shared.items() if k not in own},
-        }
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in self.defaults.items())
@@ -382,23 +268,9 @@ class KFAC(Optimizer):
 
     def _evaluate(self, batch: tuple[Any, Tensor] | None, closure: Callable[..., Tensor] | None) -> Tensor:
         """The loss at the current parameters, without recording statistics or keeping gradients."""
-        pre = self.preconditioner
-        with pre.paused(), preserved_buffers(self.model):
-            if batch is not None:
-                assert self.loss_fn is not None
-                inputs, targets = batch
-                return self.loss_fn(self.model(*as_args(inputs)), targets).detach().to(pre.damping)
-            assert closure is not None
-            if "backward" in inspect.signature(closure).parameters:
-                return torch.as_tensor(closure(backward=False)).detach().to(pre.damping)
-            saved = {n: p.grad for n, p in self._named_params.items()}
-            try:
-                with torch.enable_grad():
-                    value = torch.as_tensor(closure()).detach().to(pre.damping)
-            finally:
-                for n, p in self._named_params.items():
-                    p.grad = saved[n]
-            return value
+        with self.preconditioner.paused():
+            value = evaluate_loss(self.model, self.loss_fn, batch, closure)
+        return value.to(self.preconditioner.damping)
 
     def _kfac_update(
         self,
@@ -444,15 +316,7 @@ class KFAC(Optimizer):
                 assert self._exact is not None
                 curv = self._exact.gram(inputs, targets, [delta])[0, 0] * scale
         else:
-            curv = pre.damping.new_zeros(())
-            for block in pre.blocks.values():
-                if not block.has_factors():
-                    continue
-                parts = [delta.get(self._param_names[id(p)]) for p in block.parameters()]
-                if parts[0] is None:
-                    continue
-                mat = block.pack(parts)
-                curv = curv + (mat * block.curvature_product(mat)).sum()
+            curv = pre.quadratic_form(lambda p: delta.get(self._param_names[id(p)]))
         return model_change(dot(grads, delta), curv, self._model_damping, dot(delta, delta))
 
     @property
@@ -549,6 +413,26 @@ class KFAC(Optimizer):
         self.adaptation = snapshot["adaptation"]
 
 
+def _split_shared_state(
+    state: dict[Any, dict[str, Any]], param_groups: list[dict[str, Any]], blocks: dict[str, CurvatureBlock]
+) -> dict[str, Any]:
+    """Version 0.2.0 kept the global state under state['kfac'] and each block's state in the
+    entry of its first parameter; take them out of `state` (in place) in today's layout."""
+    shared = state.pop("kfac")
+    index = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
+    curvature = {}
+    for name, block in blocks.items():
+        entry = state.get(index[id(block.parameters()[0])], {})
+        curvature[name] = {k: v for k, v in entry.items() if k not in OPTIMIZER_KEYS}
+        for key in curvature[name]:
+            del entry[key]
+    own = {"step", "damping"}
+    return {
+        "preconditioner": {"global": {k: shared[k] for k in own}, "blocks": curvature},
+        "adaptation": {k: v for k, v in shared.items() if k not in own},
+    }
+
+
 def _copy(state: dict[str, Any]) -> dict[str, Any]:
     """A copy of a state entry whose tensors do not change with the optimizer."""
     return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
@@ -557,8 +441,3 @@ def _copy(state: dict[str, Any]) -> dict[str, Any]:
 def _norm(tensors: Iterable[Tensor]) -> Tensor:
     """Euclidean norm of a collection of tensors."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-
-
-def _kronecker(block: CurvatureBlock) -> bool:
-    """Whether a block has the two Kronecker factors A and G."""
-    return "A" in block.FACTORS and "G" in block.FACTORS

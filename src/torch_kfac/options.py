@@ -265,27 +265,50 @@ def resolve(value: Any, step: int) -> Any:
 class PreconditionerOptions:
     """The curvature options of `KFACPreconditioner` (and of `KFAC`, which builds one).
 
-    Attributes:
+    Args:
         damping: Tikhonov damping lambda added to the curvature (per-example-loss scale).
         cov_ema_decay: decay of the zero-debiased running average of the factors.
         factor_update_steps: record statistics and update the factors every this many steps
             (an int, or a callable of the step returning one).
         inverse_update_steps: recompute inverses/eigendecompositions every this many steps
             (an int or a callable of the step).
-        warmup_steps: during the first this many steps, factors and inverses are refreshed every step.
-        reduction: 'mean', 'sum' or 'mean_positions', how the loss was reduced.
+        warmup_steps: during the first this many steps, factors and inverses are refreshed every
+            step whatever the intervals: the curvature changes fastest at the start of training
+            (the output-gradient factors grow by orders of magnitude), and a stale inverse there
+            makes steps far too large.
+        reduction: how the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions'
+            (averaged over the batch and over each example's sequence/spatial loss terms, e.g.
+            `CrossEntropyLoss()` on (N, C, T) logits; needs `loss_fn`). With 'sum' the curvature
+            is that of the summed loss (N times the per-example Fisher), so the preconditioned
+            gradient equals that of the mean-reduced loss.
         enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
-        inverse_method: 'cholesky' (damped inverses) or 'eigh' (eigendecompositions).
-        damping_type: 'factored' or 'exact' (needs inverse_method='eigh').
-        center: subtract the batch mean from inputs and output gradients.
-        update_factors_manually: fold statistics into the factors only when asked.
+        inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
+            'eigh' (eigendecompositions; damping applied at every step).
+        damping_type: 'factored' ((A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)) or 'exact'
+            ((A (x) G + l I), needs inverse_method='eigh').
+        center: subtract the batch mean from inputs and output gradients (centered covariances).
+        update_factors_manually: fold statistics into the factors only in `update_factors()`
+            (`KFAC`'s `update_cov_manually`, folded by `update_cov()`).
         skip_modules: qualified names of modules to leave to the plain (fallback) update.
-        fisher_type: 'empirical', 'mc' or 'type-2'.
+        fisher_type: 'empirical' (gradients of the loss on the data labels, recorded from your
+            own backward pass), 'mc' (labels sampled from the model's predictive distribution,
+            `mc_samples` of them) or 'type-2' (the exact Fisher/GGN, one backward pass per output
+            class). 'mc' and 'type-2' need `loss_fn` and `step(batch=(inputs, targets))`: on
+            factor-update steps the preconditioner runs its own forward and backward passes.
         mc_samples: number of sampled labels per example for fisher_type='mc'.
-        loss_fn: the loss module, needed by 'mc', 'type-2' and 'mean_positions'.
-        approximation: 'kfac', 'ekfac', 'diagonal' or 'forward-only'.
-        inverse_power: -1 (natural gradient) or -0.5 (square-root preconditioning).
-        kfac_approx: 'expand' or 'reduce' (weight sharing over positions).
+        loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
+            'mean_positions'; see `torch_kfac.losses` for the supported ones. With
+            `KFAC.step(batch=(x, y))` the optimizer also evaluates the loss after the update on
+            the same batch and computes the exact curvature of its adaptive options.
+        approximation: curvature of the Linear/Conv blocks: 'kfac' (A (x) G), 'ekfac' (the
+            eigenbasis of A (x) G with a diagonal re-estimated from per-example gradients;
+            George et al. 2018), 'diagonal' (the exact diagonal E[per-example gradient^2]) or
+            'forward-only' (A (x) I, no backward statistics; Benzing 2022).
+        inverse_power: -1 (natural gradient) or -0.5 (square-root preconditioning; needs
+            inverse_method='eigh' unless the approximation is 'diagonal').
+        kfac_approx: weight sharing over sequence/spatial positions (Eschenhagen et al. 2023):
+            'expand' (positions count like examples) or 'reduce' (inputs averaged and output
+            gradients summed over positions before the second moments).
     """
 
     #: Options that may be a callable of the step.
@@ -358,27 +381,35 @@ class PreconditionerOptions:
 class KFACOptions(PreconditionerOptions):
     """The options of `KFAC`: the curvature options and those of the update and damping rules.
 
-    Attributes:
-        lr: learning rate; None only with adaptive_learning_rate=True.
+    Args:
+        lr: learning rate (`learning_rate=` is accepted as an alias); None only with
+            adaptive_learning_rate=True.
+        damping: initial Tikhonov damping lambda (or a schedule, when not adapted).
         momentum: momentum coefficient mu.
-        momentum_type: 'regular' or 'adam'.
+        momentum_type: 'regular' (v <- mu v + c F^-1 g, update = v) or 'adam' (v <- mu v + g,
+            update = c F^-1 v), c the norm constraint's clip coefficient (see `torch_kfac.update`).
         norm_constraint: bound C on lr^2 g^T F^-1 g of the update (None: no constraint).
         weight_decay: decoupled weight decay coefficient (None or 0: none).
-        adapt_damping: Levenberg-Marquardt adaptation of the damping from the loss.
+        adapt_damping: Levenberg-Marquardt adaptation of the damping from the loss (needs
+            `step(loss=...)` or a closure): rho = (L_new - L_old) / q(delta) pairs the loss change
+            caused by a step with that step's quadratic-model change.
         damping_adaptation_decay: omega = decay ** interval is the damping's multiplier.
         damping_adaptation_interval: adapt the damping every this many steps.
         include_damping_in_qmodel_change: include the damping term in q(delta).
         min_damping: lower bound of the adapted damping (plus `l2_reg`).
         max_damping: upper bound of the adapted damping.
         l2_reg: coefficient of an L2 term already in the loss; floors the damping, enters q.
-        damping_rho_thresholds: (low, high) of the Levenberg-Marquardt rule.
-        qmodel_curvature: 'kfac' or 'exact', the curvature of q(delta).
-        adaptive_learning_rate, adaptive_momentum: choose them each step from the exact quadratic model.
-        reject_steps: undo a step whose loss on the same batch is NaN or larger.
-        burn_in_steps: the first steps only accumulate factors.
+        damping_rho_thresholds: (low, high) of the Levenberg-Marquardt rule, default (1/4, 3/4).
+        qmodel_curvature: curvature of q(delta) for the damping rule: 'kfac' (the K-FAC model) or
+            'exact' (the GGN/Fisher of `loss_fn` on the batch; one forward-mode pass).
+        adaptive_learning_rate, adaptive_momentum: choose them each step by minimising the exact
+            quadratic model over the natural gradient and the previous change (a 2x2 solve).
+        reject_steps: undo a step whose loss on the same batch is NaN or larger, and raise the
+            damping by 1/omega.
+        burn_in_steps: the first steps only accumulate factors; the parameters stay put.
 
-    `damping` may also be a schedule (a callable of the step), as may `lr`, `momentum`,
-    `weight_decay` and `norm_constraint`.
+    `lr`, `damping` (when not adapted), `momentum`, `weight_decay`, `norm_constraint`,
+    `factor_update_steps` and `inverse_update_steps` also accept a callable of the step.
     """
 
     SCHEDULABLE: ClassVar[frozenset[str]] = PreconditionerOptions.SCHEDULABLE | {

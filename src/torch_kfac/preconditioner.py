@@ -8,7 +8,7 @@ of every supported layer with the natural gradient, and any `torch.optim` optimi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -39,46 +39,9 @@ class KFACPreconditioner:
 
     Args:
         model: the network; every submodule with a registered block type gets a block.
-        damping: Tikhonov damping lambda added to the curvature (per-example-loss scale).
-        cov_ema_decay: decay of the zero-debiased running average of the factors.
-        factor_update_steps: record statistics and update the factors every this many steps
-            (an int, or a callable of the step returning one).
-        inverse_update_steps: recompute inverses/eigendecompositions every this many steps
-            (an int or a callable of the step).
-        warmup_steps: during the first this many steps, factors and inverses are refreshed every
-            step whatever the intervals: the curvature changes fastest at the start of training
-            (the output-gradient factors grow by orders of magnitude), and a stale inverse there
-            makes steps far too large.
-        reduction: how the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions'
-            (averaged over the batch and over each example's sequence/spatial loss terms, e.g.
-            `CrossEntropyLoss()` on (N, C, T) logits; needs `loss_fn`). With 'sum' the curvature
-            is that of the summed loss (N times the per-example Fisher), so the preconditioned
-            gradient equals that of the mean-reduced loss.
-        fisher_type: 'empirical' (gradients of the loss on the data labels, recorded from your
-            own backward pass), 'mc' (labels sampled from the model's predictive distribution,
-            `mc_samples` of them) or 'type-2' (the exact Fisher/GGN, one backward pass per output
-            class). 'mc' and 'type-2' need `loss_fn` and `step(batch=(inputs, targets))`: on
-            factor-update steps the preconditioner runs its own forward and backward passes.
-        mc_samples: number of sampled labels per example for fisher_type='mc'.
-        loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
-            'mean_positions'; see `torch_kfac.losses` for the supported ones.
-        approximation: curvature of the Linear/Conv blocks: 'kfac' (A (x) G), 'ekfac' (the
-            eigenbasis of A (x) G with a diagonal re-estimated from per-example gradients;
-            George et al. 2018), 'diagonal' (the exact diagonal E[per-example gradient^2]) or
-            'forward-only' (A (x) I, no backward statistics; Benzing 2022).
-        inverse_power: -1 (natural gradient) or -0.5 (square-root preconditioning; needs
-            inverse_method='eigh' unless the approximation is 'diagonal').
-        kfac_approx: weight sharing over sequence/spatial positions (Eschenhagen et al. 2023):
-            'expand' (positions count like examples) or 'reduce' (inputs averaged and output
-            gradients summed over positions before the second moments).
-        enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
-        inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
-            'eigh' (eigendecompositions; damping applied at every step).
-        damping_type: 'factored' ((A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)) or 'exact'
-            ((A (x) G + l I), needs inverse_method='eigh').
-        center: subtract the batch mean from inputs and output gradients (centered covariances).
-        update_factors_manually: fold statistics into the factors only in `update_factors()`.
-        skip_modules: qualified names of modules to leave to the plain (fallback) update.
+        options: a `torch_kfac.options.PreconditionerOptions`, instead of the keywords.
+        **kwargs: the options by name (`damping`, `fisher_type`, ...); each is documented and
+            checked in `torch_kfac.options.PreconditionerOptions`.
     """
 
     def __init__(
@@ -294,6 +257,20 @@ class KFACPreconditioner:
             return mat
         opts = self.options
         return block.precondition(mat, self.damping, opts.enable_pi_correction, opts.damping_type.value)
+
+    def quadratic_form(self, part: Callable[[Tensor], Tensor | None]) -> Tensor:
+        """delta^T C delta with C the K-FAC curvature of the blocks that have factors.
+
+        `part(param)` is delta's part for a parameter (None: delta leaves the block out).
+        """
+        total = self.damping.new_zeros(())
+        for block in self.blocks.values():
+            parts = [part(p) for p in block.parameters()]
+            if not block.has_factors() or parts[0] is None:
+                continue
+            mat = block.pack(parts)
+            total = total + (mat * block.curvature_product(mat)).sum()
+        return total
 
     def gradient_matrices(self) -> dict[str, Tensor]:
         """Current gradients of the blocks, as mean-loss gradient matrices."""

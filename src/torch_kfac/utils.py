@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def as_args(inputs: Any) -> tuple[Any, ...]:
@@ -25,3 +26,31 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
+
+
+def evaluate_loss(
+    model: nn.Module,
+    loss_fn: nn.Module | None,
+    batch: tuple[Any, Tensor] | None,
+    closure: Callable[..., Tensor] | None,
+) -> Tensor:
+    """The loss on `batch` (with `loss_fn`) or from `closure`, leaving buffers and `.grad`s as they were.
+
+    A closure that accepts a `backward` keyword is called with `backward=False`; any other runs
+    its backward pass, whose gradients are then put back.
+    """
+    with preserved_buffers(model):
+        if batch is not None:
+            assert loss_fn is not None
+            inputs, targets = batch
+            return loss_fn(model(*as_args(inputs)), targets).detach()
+        assert closure is not None
+        if "backward" in inspect.signature(closure).parameters:
+            return torch.as_tensor(closure(backward=False)).detach()
+        saved = [(p, p.grad) for p in model.parameters()]
+        try:
+            with torch.enable_grad():
+                return torch.as_tensor(closure()).detach()
+        finally:
+            for p, grad in saved:
+                p.grad = grad
