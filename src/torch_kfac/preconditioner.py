@@ -104,10 +104,11 @@ class KFACPreconditioner:
 
     @damping.setter
     def damping(self, value: float | Tensor) -> None:
-        self.global_state["damping"].fill_(check_option("damping", value))
+        self.set_damping(self.damping.new_tensor(check_option("damping", value)))
 
     def set_damping(self, value: Tensor) -> None:
-        """Write a damping computed on the device by a rule that keeps it in range (no host sync)."""
+        """The one place the damping is written: checked values, or a damping computed on the
+        device by a rule that keeps it in range (no host sync)."""
         self.global_state["damping"].copy_(value)
 
     def _factors_due(self) -> bool:
