@@ -140,6 +140,19 @@ def test_kfac_trains_a_small_problem() -> None:
 
 
 # ---------------------------------------------------------------- torch.optim interface
+def test_state_dict_keeps_torch_layout_with_the_curvature_apart() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9)
+    train(opt, model, 2)
+    state = opt.state_dict()
+    assert set(state) == {"state", "param_groups", "kfac"}
+    assert all(isinstance(k, int) for k in state["state"])  # only parameters: no "kfac" entry
+    assert {k for v in state["state"].values() for k in v} == {"momentum_buffer"}
+    assert set(state["kfac"]["preconditioner"]["blocks"]) == {"0", "2"}
+    assert "A_ema" in state["kfac"]["preconditioner"]["blocks"]["0"]
+    assert state["kfac"]["preconditioner"]["global"]["step"] == 2
+
+
 def test_state_dict_round_trip_continues_bit_identically() -> None:
     kwargs = {"momentum": 0.9, "adapt_damping": True, "damping_adaptation_interval": 2}
     kwargs.update(inverse_update_steps=3, weight_decay=1e-3)
