@@ -29,14 +29,9 @@ _MARKER = re.compile(
     r"<!--\s*(options-table|supported-layers|benchmark-results|benchmark-scripts|block-modules)"
     r"\s*:?\s*(\w*)\s*-->"
 )
-_SEE_PRECONDITIONER = re.compile(r"see `?KFACPreconditioner`?")
 #: Arguments whose docstring entry lives elsewhere (an alias) or says too little for a table.
 _EXTRA = {
     "learning_rate": "alias of `lr`, the original port's name; `opt.learning_rate` reads and sets it.",
-    "momentum_type": (
-        "'regular': v <- mu v + c F^-1 g, update = v; 'adam': v <- mu v + g, update = c F^-1 v "
-        "(tensorflow/kfac's names; c is the norm constraint's clip coefficient)."
-    ),
 }
 
 
@@ -53,9 +48,9 @@ def parse_args_section(doc: str) -> dict[str, str]:
     for line in lines[start + 1 :]:
         if line.strip() and len(line) - len(line.lstrip()) <= indent:
             break  # the end of the section
-        entry = re.match(rf"^\s{{{indent + 1},{indent + 4}}}([\w, ]+):\s*(.*)$", line)
-        if entry and all(n.strip().isidentifier() for n in entry.group(1).split(",")):
-            names = [n.strip() for n in entry.group(1).split(",")]
+        entry = re.match(rf"^\s{{{indent + 1},{indent + 4}}}(\**[\w, ]+):\s*(.*)$", line)
+        if entry and all(n.strip().lstrip("*").isidentifier() for n in entry.group(1).split(",")):
+            names = [n.strip() for n in entry.group(1).split(",")]  # '*args' entries end the one before
             for name in names:
                 entries[name] = entry.group(2).strip()
         elif names and line.strip():
@@ -81,17 +76,19 @@ def _cell(text: str) -> str:
 def options_table(class_name: str) -> str:
     """Markdown table of the constructor arguments of `torch_kfac.<class_name>`."""
     import torch_kfac
+    from torch_kfac import options
 
     cls = getattr(torch_kfac, class_name)
-    docs = parse_args_section(inspect.getdoc(cls) or "")
-    fallback = parse_args_section(inspect.getdoc(torch_kfac.KFACPreconditioner) or "")
+    docs = parse_args_section(inspect.getdoc(options.PreconditionerOptions) or "")
+    if class_name == "KFAC":
+        docs.update(parse_args_section(inspect.getdoc(options.KFACOptions) or ""))
+        docs["update_cov_manually"] = docs["update_factors_manually"]
+    docs.update(parse_args_section(inspect.getdoc(cls) or ""))
     rows = ["| argument | default | kind | effect |", "|---|---|---|---|"]
     for name, param in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         text = _EXTRA.get(name) or docs.get(name, "")
-        if (not text or _SEE_PRECONDITIONER.search(text)) and class_name != "KFACPreconditioner":
-            text = fallback.get(name, text)
         if not text:
             log.info("torch_kfac docs: no docstring entry for %s(%s)", class_name, name)
             text = "see the API reference"

@@ -140,6 +140,19 @@ def test_kfac_trains_a_small_problem() -> None:
 
 
 # ---------------------------------------------------------------- torch.optim interface
+def test_state_dict_keeps_torch_layout_with_the_curvature_apart() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9)
+    train(opt, model, 2)
+    state = opt.state_dict()
+    assert set(state) == {"state", "param_groups", "kfac"}
+    assert all(isinstance(k, int) for k in state["state"])  # only parameters: no "kfac" entry
+    assert {k for v in state["state"].values() for k in v} == {"momentum_buffer"}
+    assert set(state["kfac"]["preconditioner"]["blocks"]) == {"0", "2"}
+    assert "A_ema" in state["kfac"]["preconditioner"]["blocks"]["0"]
+    assert state["kfac"]["preconditioner"]["global"]["step"] == 2
+
+
 def test_state_dict_round_trip_continues_bit_identically() -> None:
     kwargs = {"momentum": 0.9, "adapt_damping": True, "damping_adaptation_interval": 2}
     kwargs.update(inverse_update_steps=3, weight_decay=1e-3)
@@ -330,7 +343,7 @@ def test_adaptive_damping_pairs_each_loss_change_with_its_own_step() -> None:
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step(loss=loss0)
-    q0 = opt.state["kfac"]["qmodel_change"].clone()
+    q0 = opt.last_stats["qmodel_change"].clone()
 
     expected_q = 0.0
     for name, block in opt.blocks.items():
@@ -352,7 +365,7 @@ def test_adaptive_damping_pairs_each_loss_change_with_its_own_step() -> None:
     loss1.backward()
     opt.step(loss=loss1)
     rho = ((loss1 - loss0) / q0).item()
-    assert opt.state["kfac"]["rho"].item() == pytest.approx(rho, rel=1e-12)
+    assert opt.last_stats["rho"].item() == pytest.approx(rho, rel=1e-12)
     omega = decay**interval
     expected = damping * omega if rho > 0.75 else damping / omega if rho < 0.25 else damping
     assert opt.damping.item() == pytest.approx(expected, rel=1e-12)
@@ -372,7 +385,7 @@ def test_levenberg_marquardt_rule_on_constructed_cases(new_loss: float, q: float
     opt = KFAC(
         make_mlp(), 0.1, 1e-2, adapt_damping=True, damping_adaptation_interval=2, damping_adaptation_decay=0.9
     )
-    opt._lm_rule(torch.tensor(new_loss - 1.0), torch.tensor(q))
+    opt._adapt_damping(torch.tensor(new_loss - 1.0), torch.tensor(q))
     factor = {"up": 1 / 0.81, "down": 0.81, "same": 1.0}[direction]
     assert opt.damping.item() == pytest.approx(1e-2 * factor, rel=1e-12)
 

@@ -1,19 +1,123 @@
-"""Validation of user-facing options: every bad value raises a ValueError naming the argument."""
+"""Every option of `KFACPreconditioner` and `KFAC`: declared, defaulted, documented and validated once.
+
+`PreconditionerOptions` holds the curvature options, `KFACOptions` adds the optimizer's. Each
+option's check is declared once in `CHECKS` and applied on construction, to every value a schedule
+returns (`value_at`) and to values set later (the damping, the learning rate). Choices are string
+enums that accept plain strings in any case. Every bad value raises a ValueError naming the option.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+from torch import nn
+
+from torch_kfac.losses import loss_curvature
+
+Schedule = Callable[[int], float]
+C = TypeVar("C", bound="Choice")
 
 
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """A string option, case-insensitive, that must be one of `choices`."""
-    if not isinstance(value, str) or value.lower() not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value.lower()
+class Choice(str, Enum):
+    """A string option's allowed values; a member equals, hashes and prints as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    @classmethod
+    def parse(cls: type[C], name: str, value: object) -> C:
+        """The member named by `value` (a member or a string, case-insensitive)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.lower():
+                    return member
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+class Reduction(Choice):
+    """How the training loss was reduced over the batch (and over positions)."""
+
+    MEAN = "mean"
+    SUM = "sum"
+    MEAN_POSITIONS = "mean_positions"
+
+
+class FisherType(Choice):
+    """Which Fisher the factors estimate."""
+
+    EMPIRICAL = "empirical"
+    MC = "mc"
+    TYPE2 = "type-2"
+
+
+class Approximation(Choice):
+    """The curvature approximation of the Linear/Conv blocks."""
+
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+    DIAGONAL = "diagonal"
+    FORWARD_ONLY = "forward-only"
+
+
+class KFACApprox(Choice):
+    """Weight sharing over sequence/spatial positions (Eschenhagen et al. 2023)."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+class InverseMethod(Choice):
+    """How the damped factors are inverted."""
+
+    CHOLESKY = "cholesky"
+    EIGH = "eigh"
+
+
+class DampingType(Choice):
+    """Where the damping enters: each factor (pi-adjusted) or the Kronecker product."""
+
+    FACTORED = "factored"
+    EXACT = "exact"
+
+
+class MomentumType(Choice):
+    """Whether momentum accumulates natural gradients ('regular') or raw gradients ('adam')."""
+
+    REGULAR = "regular"
+    ADAM = "adam"
+
+
+class QModelCurvature(Choice):
+    """The curvature of the quadratic model q(delta) of the damping rule."""
+
+    KFAC = "kfac"
+    EXACT = "exact"
+
+
+#: The reduction `loss_fn` must have for each of the preconditioner's reductions.
+LOSS_REDUCTION = {Reduction.MEAN: "mean", Reduction.SUM: "sum", Reduction.MEAN_POSITIONS: "mean"}
+INVERSE_POWERS = (-1.0, -0.5)
+
+
+# ---------------------------------------------------------------------------- checks
 def check_number(
     name: str,
     value: object,
@@ -22,14 +126,19 @@ def check_number(
     high: float = math.inf,
     low_inclusive: bool = True,
     high_inclusive: bool = True,
+    finite: bool = True,
 ) -> float:
-    """A real number in the interval [low, high] (ends open where asked)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number in the interval [low, high] (ends open where asked); finite unless allowed."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)  # type: ignore[arg-type]  # 0-d tensors, numpy scalars
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, got {value!r}") from None
     value = float(value)
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     ok_low = value >= low if low_inclusive else value > low
     ok_high = value <= high if high_inclusive else value < high
     if math.isnan(value) or not (ok_low and ok_high):
@@ -39,22 +148,390 @@ def check_number(
     return value
 
 
-def check_interval(name: str, value: Any) -> Any:
-    """A positive whole number of steps, or a schedule (callable of the step) returning one."""
-    if callable(value):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_bool(name: str, value: object) -> bool:
+    """A real `bool` (not a string such as 'False', which would be true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
-def check_count(name: str, value: Any) -> int:
-    """A whole number of steps that may be zero (a warm-up, a burn-in)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+def check_count(name: str, value: Any, *, low: int = 0) -> int:
+    """A whole number of steps or samples, at least `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive" if low == 1 else "a non-negative"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
     return value
+
+
+def check_interval(name: str, value: Any) -> int:
+    """A positive whole number of steps."""
+    return check_count(name, value, low=1)
+
+
+def check_module_names(name: str, value: object) -> tuple[str, ...]:
+    """An iterable of qualified module names (a single string is refused: it iterates characters)."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be an iterable of module names, got {value!r}")
+    names = tuple(value)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{name} must contain module names (strings), got {names!r}")
+    return names
+
+
+def check_loss_fn(name: str, value: object) -> nn.Module | None:
+    """None or a loss module."""
+    if value is not None and not isinstance(value, nn.Module):
+        raise ValueError(f"{name} must be a loss module such as nn.CrossEntropyLoss(), got {value!r}")
+    return value
+
+
+def check_thresholds(name: str, value: object) -> tuple[float, float]:
+    """A pair (low, high) with low < high."""
+    if not isinstance(value, Iterable) or isinstance(value, str) or len(pair := tuple(value)) != 2:
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    low, high = (check_number(name, t) for t in pair)
+    if not low < high:
+        raise ValueError(f"{name} must be (low, high) with low < high, got {value}")
+    return low, high
+
+
+def check_inverse_power(name: str, value: object) -> float:
+    if isinstance(value, bool) or value not in INVERSE_POWERS:
+        raise ValueError(f"{name} must be -1 or -0.5, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _number(**bounds: Any) -> Callable[[str, Any], float]:
+    return lambda name, value: check_number(name, value, **bounds)
+
+
+#: Option name -> its check (a function of the name to report and the value); each declared once.
+CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "damping": _number(low_inclusive=False),
+    "cov_ema_decay": _number(high=1.0, high_inclusive=False),
+    "factor_update_steps": check_interval,
+    "inverse_update_steps": check_interval,
+    "warmup_steps": check_count,
+    "reduction": Reduction.parse,
+    "enable_pi_correction": check_bool,
+    "inverse_method": InverseMethod.parse,
+    "damping_type": DampingType.parse,
+    "center": check_bool,
+    "update_factors_manually": check_bool,
+    "skip_modules": check_module_names,
+    "fisher_type": FisherType.parse,
+    "mc_samples": check_interval,
+    "loss_fn": check_loss_fn,
+    "approximation": Approximation.parse,
+    "inverse_power": check_inverse_power,
+    "kfac_approx": KFACApprox.parse,
+    "lr": _optional(check_number),
+    "momentum": _number(high=1.0, high_inclusive=False),
+    "momentum_type": MomentumType.parse,
+    "norm_constraint": _optional(_number(low_inclusive=False, finite=False)),
+    "weight_decay": lambda name, value: 0.0 if value is None else check_number(name, value),
+    "adapt_damping": check_bool,
+    "damping_adaptation_decay": _number(low_inclusive=False, high=1.0),
+    "damping_adaptation_interval": check_interval,
+    "include_damping_in_qmodel_change": check_bool,
+    "min_damping": check_number,
+    "max_damping": _number(finite=False),
+    "l2_reg": check_number,
+    "damping_rho_thresholds": check_thresholds,
+    "qmodel_curvature": QModelCurvature.parse,
+    "adaptive_learning_rate": check_bool,
+    "adaptive_momentum": check_bool,
+    "reject_steps": check_bool,
+    "burn_in_steps": check_count,
+}
+
+
+def check_option(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` checked as option `name` (errors name `label`, default `name`)."""
+    return CHECKS[name](label or name, value)
 
 
 def resolve(value: Any, step: int) -> Any:
     """A hyperparameter's value at `step`: called with the step if it is a schedule (a callable)."""
     return value(step) if callable(value) else value
+
+
+# --------------------------------------------------------------------------- options
+@dataclass
+class PreconditionerOptions:
+    """The curvature options of `KFACPreconditioner` (and of `KFAC`, which builds one).
+
+    Args:
+        damping: Tikhonov damping lambda added to the curvature (per-example-loss scale).
+        cov_ema_decay: decay of the zero-debiased running average of the factors.
+        factor_update_steps: record statistics and update the factors every this many steps
+            (an int, or a callable of the step returning one).
+        inverse_update_steps: recompute inverses/eigendecompositions every this many steps
+            (an int or a callable of the step).
+        warmup_steps: during the first this many steps, factors and inverses are refreshed every
+            step whatever the intervals: the curvature changes fastest at the start of training
+            (the output-gradient factors grow by orders of magnitude), and a stale inverse there
+            makes steps far too large.
+        reduction: how the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions'
+            (averaged over the batch and over each example's sequence/spatial loss terms, e.g.
+            `CrossEntropyLoss()` on (N, C, T) logits; needs `loss_fn`). With 'sum' the curvature
+            is that of the summed loss (N times the per-example Fisher), so the preconditioned
+            gradient equals that of the mean-reduced loss.
+        enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
+        inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
+            'eigh' (eigendecompositions; damping applied at every step).
+        damping_type: 'factored' ((A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)) or 'exact'
+            ((A (x) G + l I), needs inverse_method='eigh').
+        center: subtract the batch mean from inputs and output gradients (centered covariances).
+        update_factors_manually: fold statistics into the factors only in `update_factors()`
+            (`KFAC`'s `update_cov_manually`, folded by `update_cov()`).
+        skip_modules: qualified names of modules to leave to the plain (fallback) update.
+        fisher_type: 'empirical' (gradients of the loss on the data labels, recorded from your
+            own backward pass), 'mc' (labels sampled from the model's predictive distribution,
+            `mc_samples` of them) or 'type-2' (the exact Fisher/GGN, one backward pass per output
+            class). 'mc' and 'type-2' need `loss_fn` and `step(batch=(inputs, targets))`: on
+            factor-update steps the preconditioner runs its own forward and backward passes.
+        mc_samples: number of sampled labels per example for fisher_type='mc'.
+        loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
+            'mean_positions'; see `torch_kfac.losses` for the supported ones. With
+            `KFAC.step(batch=(x, y))` the optimizer also evaluates the loss after the update on
+            the same batch and computes the exact curvature of its adaptive options.
+        approximation: curvature of the Linear/Conv blocks: 'kfac' (A (x) G), 'ekfac' (the
+            eigenbasis of A (x) G with a diagonal re-estimated from per-example gradients;
+            George et al. 2018), 'diagonal' (the exact diagonal E[per-example gradient^2]) or
+            'forward-only' (A (x) I, no backward statistics; Benzing 2022).
+        inverse_power: -1 (natural gradient) or -0.5 (square-root preconditioning; needs
+            inverse_method='eigh' unless the approximation is 'diagonal').
+        kfac_approx: weight sharing over sequence/spatial positions (Eschenhagen et al. 2023):
+            'expand' (positions count like examples) or 'reduce' (inputs averaged and output
+            gradients summed over positions before the second moments).
+    """
+
+    #: Options that may be a callable of the step.
+    SCHEDULABLE: ClassVar[frozenset[str]] = frozenset({"factor_update_steps", "inverse_update_steps"})
+
+    damping: float = 1e-3
+    cov_ema_decay: float = 0.95
+    factor_update_steps: int | Callable[[int], int] = 10
+    inverse_update_steps: int | Callable[[int], int] = 10
+    warmup_steps: int = 20
+    reduction: Reduction | str = Reduction.MEAN
+    enable_pi_correction: bool = True
+    inverse_method: InverseMethod | str = InverseMethod.CHOLESKY
+    damping_type: DampingType | str = DampingType.FACTORED
+    center: bool = False
+    update_factors_manually: bool = False
+    skip_modules: Iterable[str] = ()
+    fisher_type: FisherType | str = FisherType.EMPIRICAL
+    mc_samples: int = 1
+    loss_fn: nn.Module | None = None
+    approximation: Approximation | str = Approximation.KFAC
+    inverse_power: float = -1.0
+    kfac_approx: KFACApprox | str = KFACApprox.EXPAND
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (f.name in self.SCHEDULABLE and callable(value)):
+                setattr(self, f.name, check_option(f.name, value))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Options that are valid alone but not together."""
+        if self.damping_type == DampingType.EXACT and self.inverse_method != InverseMethod.EIGH:
+            raise ValueError("damping_type='exact' needs inverse_method='eigh'")
+        if (
+            self.inverse_power != -1.0
+            and self.inverse_method == InverseMethod.CHOLESKY
+            and self.approximation in (Approximation.KFAC, Approximation.FORWARD_ONLY)
+        ):
+            raise ValueError("inverse_power=-0.5 needs inverse_method='eigh'")
+        if self.loss_fn is not None:
+            reduction = loss_curvature(self.loss_fn).reduction
+            wanted = LOSS_REDUCTION[self.reduction]  # type: ignore[index]
+            if reduction != wanted:
+                raise ValueError(
+                    f"loss_fn reduces by {reduction!r}, which does not match "
+                    f"reduction={self.reduction!r} (expected {wanted!r}): make them agree"
+                )
+        elif self.fisher_type != FisherType.EMPIRICAL or self.reduction == Reduction.MEAN_POSITIONS:
+            what = (
+                "reduction='mean_positions'"
+                if self.fisher_type == FisherType.EMPIRICAL
+                else f"fisher_type={self.fisher_type!r}"
+            )
+            raise ValueError(f"{what} needs loss_fn=... (e.g. nn.CrossEntropyLoss())")
+
+    def value_at(self, name: str, step: int) -> Any:
+        """Option `name` at `step`: a schedule's value, checked like the option itself."""
+        value = getattr(self, name)
+        return check_option(name, resolve(value, step)) if callable(value) else value
+
+    @property
+    def initial_damping(self) -> float:
+        """The damping at step 0."""
+        return self.value_at("damping", 0)
+
+
+@dataclass
+class KFACOptions(PreconditionerOptions):
+    """The options of `KFAC`: the curvature options and those of the update and damping rules.
+
+    Args:
+        lr: learning rate (`learning_rate=` is accepted as an alias); None only with
+            adaptive_learning_rate=True.
+        damping: initial Tikhonov damping lambda (or a schedule, when not adapted).
+        momentum: momentum coefficient mu.
+        momentum_type: 'regular' (v <- mu v + c F^-1 g, update = v) or 'adam' (v <- mu v + g,
+            update = c F^-1 v), c the norm constraint's clip coefficient (see `torch_kfac.update`).
+        norm_constraint: bound C on lr^2 g^T F^-1 g of the update (None: no constraint).
+        weight_decay: decoupled weight decay coefficient (None or 0: none).
+        adapt_damping: Levenberg-Marquardt adaptation of the damping from the loss (needs
+            `step(loss=...)` or a closure): rho = (L_new - L_old) / q(delta) pairs the loss change
+            caused by a step with that step's quadratic-model change.
+        damping_adaptation_decay: omega = decay ** interval is the damping's multiplier.
+        damping_adaptation_interval: adapt the damping every this many steps.
+        include_damping_in_qmodel_change: include the damping term in q(delta).
+        min_damping: lower bound of the adapted damping (plus `l2_reg`).
+        max_damping: upper bound of the adapted damping.
+        l2_reg: coefficient of an L2 term already in the loss; floors the damping, enters q.
+        damping_rho_thresholds: (low, high) of the Levenberg-Marquardt rule, default (1/4, 3/4).
+        qmodel_curvature: curvature of q(delta) for the damping rule: 'kfac' (the K-FAC model) or
+            'exact' (the GGN/Fisher of `loss_fn` on the batch; one forward-mode pass).
+        adaptive_learning_rate, adaptive_momentum: choose them each step by minimising the exact
+            quadratic model over the natural gradient and the previous change (a 2x2 solve).
+        reject_steps: undo a step whose loss on the same batch is NaN or larger, and raise the
+            damping by 1/omega.
+        burn_in_steps: the first steps only accumulate factors; the parameters stay put.
+
+    `lr`, `damping` (when not adapted), `momentum`, `weight_decay`, `norm_constraint`,
+    `factor_update_steps` and `inverse_update_steps` also accept a callable of the step.
+    """
+
+    SCHEDULABLE: ClassVar[frozenset[str]] = PreconditionerOptions.SCHEDULABLE | {
+        "lr",
+        "momentum",
+        "weight_decay",
+        "damping",
+        "norm_constraint",
+    }
+
+    damping: float | Schedule = 1e-3  # type: ignore[assignment]
+    lr: float | Schedule | None = None
+    momentum: float | Schedule = 0.9
+    momentum_type: MomentumType | str = MomentumType.REGULAR
+    norm_constraint: float | Schedule | None = None
+    weight_decay: float | Schedule | None = None
+    adapt_damping: bool = False
+    damping_adaptation_decay: float = 0.99
+    damping_adaptation_interval: int = 5
+    include_damping_in_qmodel_change: bool = False
+    min_damping: float = 1e-8
+    max_damping: float = math.inf
+    l2_reg: float = 0.0
+    damping_rho_thresholds: tuple[float, float] = (0.25, 0.75)
+    qmodel_curvature: QModelCurvature | str = QModelCurvature.KFAC
+    adaptive_learning_rate: bool = False
+    adaptive_momentum: bool = False
+    reject_steps: bool = False
+    burn_in_steps: int = 0
+
+    def _check_combinations(self) -> None:
+        super()._check_combinations()
+        if self.lr is None:
+            if not self.adaptive_learning_rate:
+                raise ValueError("lr (learning rate) is required unless adaptive_learning_rate=True")
+            self.lr = 0.0
+        self.max_damping = check_number("max_damping", self.max_damping, low=self.min_damping, finite=False)
+        if self.uses_exact_curvature and self.loss_fn is None:
+            raise ValueError(
+                "loss_fn is required for adaptive_learning_rate, adaptive_momentum and "
+                "qmodel_curvature='exact'"
+            )
+
+    @property
+    def uses_qmodel(self) -> bool:
+        """Whether learning rate or momentum come from the exact quadratic model."""
+        return self.adaptive_learning_rate or self.adaptive_momentum
+
+    @property
+    def uses_exact_curvature(self) -> bool:
+        """Whether a step needs the exact curvature on the batch (and hence the batch)."""
+        return self.uses_qmodel or self.qmodel_curvature == QModelCurvature.EXACT
+
+    @property
+    def omega(self) -> float:
+        """The Levenberg-Marquardt factor decay ** interval."""
+        return self.damping_adaptation_decay**self.damping_adaptation_interval
+
+    @property
+    def damping_bounds(self) -> tuple[float, float]:
+        """(min_damping + l2_reg, max_damping), the range of the adapted damping."""
+        return self.min_damping + self.l2_reg, self.max_damping
+
+
+#: The original torch_kfac port's positional arguments of `KFAC`, after the model, in order.
+ORIGINAL_POSITIONAL = (
+    "lr",
+    "damping",
+    "adapt_damping",
+    "damping_adaptation_decay",
+    "damping_adaptation_interval",
+    "include_damping_in_qmodel_change",
+    "min_damping",
+    "cov_ema_decay",
+    "momentum",
+    "momentum_type",
+    "norm_constraint",
+    "weight_decay",
+    "l2_reg",
+    "update_cov_manually",
+    "center",
+    "enable_pi_correction",
+)
+#: `KFAC` keyword -> option: the original port's names.
+ALIASES = {"learning_rate": "lr", "update_cov_manually": "update_factors_manually"}
+
+
+def kfac_options(args: tuple[Any, ...], kwargs: dict[str, Any]) -> KFACOptions:
+    """`KFACOptions` from `KFAC`'s arguments: the original positional order and the aliases."""
+    if len(args) > len(ORIGINAL_POSITIONAL):
+        raise TypeError(f"KFAC takes at most {len(ORIGINAL_POSITIONAL) + 1} positional arguments")
+    given = dict(zip(ORIGINAL_POSITIONAL, args, strict=False))
+    for name in kwargs:
+        if name in given:
+            raise TypeError(f"KFAC got multiple values for argument {name!r}")
+    given.update(kwargs)
+    if given.get("lr") is not None and given.get("learning_rate") is not None:
+        raise ValueError("pass the learning rate once: lr or learning_rate, not both")
+    if "learning_rate" in given:
+        lr = given.pop("learning_rate")
+        given["lr"] = given.get("lr") if lr is None else lr
+    if "update_factors_manually" in given and "update_cov_manually" in given:
+        raise TypeError("pass update_cov_manually or update_factors_manually, not both")
+    if "update_cov_manually" in given:
+        given["update_factors_manually"] = given.pop("update_cov_manually")
+    return KFACOptions(**given)
+
+
+def signature(options: type[PreconditionerOptions], positional: tuple[str, ...] = ()) -> inspect.Signature:
+    """The constructor signature shown for `options`' class: (self, model, <positional>, *, <rest>).
+
+    With `positional` (KFAC's original argument list) the original names replace their options
+    (`update_cov_manually`) and `learning_rate` is added; without it, an `options=` keyword.
+    """
+    P = inspect.Parameter
+    defaults = {f.name: f.default for f in dataclasses.fields(options)}
+    if positional:
+        aliased = {option: alias for alias, option in ALIASES.items() if alias != "learning_rate"}
+        defaults = {aliased.get(n, n): d for n, d in defaults.items()}
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), P("model", P.POSITIONAL_OR_KEYWORD, annotation=nn.Module)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in positional]
+    extra = "learning_rate" if positional else "options"
+    params.append(P(extra, P.KEYWORD_ONLY, default=None))
+    params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in defaults.items() if n not in positional]
+    return inspect.Signature(params)

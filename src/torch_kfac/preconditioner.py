@@ -8,29 +8,20 @@ of every supported layer with the natural gradient, and any `torch.optim` optimi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.blocks import CurvatureBlock, block_type_for
-from torch_kfac.blocks.base import REDUCTIONS
-from torch_kfac.blocks.tied import TiedBlock, supports_tying
+from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.losses import LossCurvature, loss_curvature
-from torch_kfac.options import check_choice, check_count, check_interval, check_number, resolve
-from torch_kfac.qmodel import as_args, preserved_buffers
-
-INVERSE_METHODS = ("cholesky", "eigh")
-FISHER_TYPES = ("empirical", "mc", "type-2")
-APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "forward-only")
-KFAC_APPROXES = ("expand", "reduce")
-INVERSE_POWERS = (-1.0, -0.5)
-#: The reduction `loss_fn` must have for each of the preconditioner's reductions.
-_LOSS_REDUCTION = {"mean": "mean", "sum": "sum", "mean_positions": "mean"}
-DAMPING_TYPES = ("factored", "exact")
+from torch_kfac.options import FisherType, PreconditionerOptions, Reduction, check_option, signature
+from torch_kfac.registration import make_blocks, report
+from torch_kfac.update import per_parameter
+from torch_kfac.utils import as_args, preserved_buffers
 
 
 class KFACPreconditioner:
@@ -48,132 +39,50 @@ class KFACPreconditioner:
 
     Args:
         model: the network; every submodule with a registered block type gets a block.
-        damping: Tikhonov damping lambda added to the curvature (per-example-loss scale).
-        cov_ema_decay: decay of the zero-debiased running average of the factors.
-        factor_update_steps: record statistics and update the factors every this many steps
-            (an int, or a callable of the step returning one).
-        inverse_update_steps: recompute inverses/eigendecompositions every this many steps
-            (an int or a callable of the step).
-        warmup_steps: during the first this many steps, factors and inverses are refreshed every
-            step whatever the intervals: the curvature changes fastest at the start of training
-            (the output-gradient factors grow by orders of magnitude), and a stale inverse there
-            makes steps far too large.
-        reduction: how the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions'
-            (averaged over the batch and over each example's sequence/spatial loss terms, e.g.
-            `CrossEntropyLoss()` on (N, C, T) logits; needs `loss_fn`). With 'sum' the curvature
-            is that of the summed loss (N times the per-example Fisher), so the preconditioned
-            gradient equals that of the mean-reduced loss.
-        fisher_type: 'empirical' (gradients of the loss on the data labels, recorded from your
-            own backward pass), 'mc' (labels sampled from the model's predictive distribution,
-            `mc_samples` of them) or 'type-2' (the exact Fisher/GGN, one backward pass per output
-            class). 'mc' and 'type-2' need `loss_fn` and `step(batch=(inputs, targets))`: on
-            factor-update steps the preconditioner runs its own forward and backward passes.
-        mc_samples: number of sampled labels per example for fisher_type='mc'.
-        loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
-            'mean_positions'; see `torch_kfac.losses` for the supported ones.
-        approximation: curvature of the Linear/Conv blocks: 'kfac' (A (x) G), 'ekfac' (the
-            eigenbasis of A (x) G with a diagonal re-estimated from per-example gradients;
-            George et al. 2018), 'diagonal' (the exact diagonal E[per-example gradient^2]) or
-            'forward-only' (A (x) I, no backward statistics; Benzing 2022).
-        inverse_power: -1 (natural gradient) or -0.5 (square-root preconditioning; needs
-            inverse_method='eigh' unless the approximation is 'diagonal').
-        kfac_approx: weight sharing over sequence/spatial positions (Eschenhagen et al. 2023):
-            'expand' (positions count like examples) or 'reduce' (inputs averaged and output
-            gradients summed over positions before the second moments).
-        enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
-        inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
-            'eigh' (eigendecompositions; damping applied at every step).
-        damping_type: 'factored' ((A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)) or 'exact'
-            ((A (x) G + l I), needs inverse_method='eigh').
-        center: subtract the batch mean from inputs and output gradients (centered covariances).
-        update_factors_manually: fold statistics into the factors only in `update_factors()`.
-        skip_modules: qualified names of modules to leave to the plain (fallback) update.
+        options: a `torch_kfac.options.PreconditionerOptions`, instead of the keywords.
+        **kwargs: the options by name (`damping`, `fisher_type`, ...); each is documented and
+            checked in `torch_kfac.options.PreconditionerOptions`.
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        damping: float = 1e-3,
-        cov_ema_decay: float = 0.95,
-        factor_update_steps: int | Callable[[int], int] = 10,
-        inverse_update_steps: int | Callable[[int], int] = 10,
-        warmup_steps: int = 20,
-        reduction: str = "mean",
-        enable_pi_correction: bool = True,
-        inverse_method: str = "cholesky",
-        damping_type: str = "factored",
-        center: bool = False,
-        update_factors_manually: bool = False,
-        skip_modules: Iterable[str] = (),
-        fisher_type: str = "empirical",
-        mc_samples: int = 1,
-        loss_fn: nn.Module | None = None,
-        approximation: str = "kfac",
-        inverse_power: float = -1.0,
-        kfac_approx: str = "expand",
+        self, model: nn.Module, *, options: PreconditionerOptions | None = None, **kwargs: Any
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        damping = check_number("damping", damping, low=0.0, low_inclusive=False)
-        self.cov_ema_decay = check_number("cov_ema_decay", cov_ema_decay, high=1.0, high_inclusive=False)
-        self.factor_update_steps = check_interval("factor_update_steps", factor_update_steps)
-        self.inverse_update_steps = check_interval("inverse_update_steps", inverse_update_steps)
-        self.warmup_steps = check_count("warmup_steps", warmup_steps)
-        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
-        self.damping_type = check_choice("damping_type", damping_type, DAMPING_TYPES)
-        if self.damping_type == "exact" and self.inverse_method != "eigh":
-            raise ValueError("damping_type='exact' needs inverse_method='eigh'")
-        self.enable_pi_correction = bool(enable_pi_correction)
-        self.update_factors_manually = bool(update_factors_manually)
-        self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
-        self.approximation = check_choice("approximation", approximation, APPROXIMATIONS)
-        self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
-        if inverse_power not in INVERSE_POWERS:
-            raise ValueError(f"inverse_power must be -1 or -0.5, got {inverse_power!r}")
-        self.inverse_power = float(inverse_power)
-        if (
-            self.inverse_power != -1.0
-            and self.inverse_method == "cholesky"
-            and self.approximation in ("kfac", "forward-only")
-        ):
-            raise ValueError("inverse_power=-0.5 needs inverse_method='eigh'")
-        self.mc_samples = check_interval("mc_samples", mc_samples)
-        self.loss_fn = loss_fn
-        self.loss_curvature: LossCurvature | None = None
-        if loss_fn is not None:
-            self.loss_curvature = loss_curvature(loss_fn)
-            wanted = _LOSS_REDUCTION[self.reduction]
-            if self.loss_curvature.reduction != wanted:
-                raise ValueError(
-                    f"loss_fn reduces by {self.loss_curvature.reduction!r}, which does not match "
-                    f"reduction={self.reduction!r} (expected {wanted!r}): make them agree"
-                )
-        elif self.fisher_type != "empirical" or self.reduction == "mean_positions":
-            what = (
-                "reduction='mean_positions'"
-                if self.fisher_type == "empirical"
-                else f"fisher_type={fisher_type!r}"
-            )
-            raise ValueError(f"{what} needs loss_fn=... (e.g. nn.CrossEntropyLoss())")
-
+        if options is not None and kwargs:
+            raise TypeError("pass either options=... or the options as keywords, not both")
+        self.options = opts = PreconditionerOptions(**kwargs) if options is None else options
+        self.loss_fn = opts.loss_fn
+        self.loss_curvature: LossCurvature | None = (
+            None if opts.loss_fn is None else loss_curvature(opts.loss_fn)
+        )
         self.model = model
-        self.blocks, self.fallback_reasons = _make_blocks(model, set(skip_modules))
+        self.blocks, self.fallback_reasons = make_blocks(model, opts.skip_modules)
         for block in self.blocks.values():
-            block.configure(self.approximation, self.inverse_power, self.kfac_approx)
+            block.configure(opts.approximation.value, opts.inverse_power, opts.kfac_approx.value)
         first = next(iter(model.parameters()), None)
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
         device = first.device if first is not None else None
-        #: Scalars that evolve during training; `KFAC` keeps this dict in its state dict.
+        #: Step counter and damping: the preconditioner's own state (`state_dict` saves it).
         self.global_state: dict[str, Any] = {
             "step": 0,
-            "damping": torch.tensor(damping, dtype=dtype, device=device),
+            "damping": torch.tensor(opts.initial_damping, dtype=dtype, device=device),
         }
-        self._capture = StatisticsCapture(self.blocks, self._factors_due, self.reduction, center)
+        self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
         self._root_hook = (
-            model.register_forward_hook(self._observe_outputs) if self.reduction == "mean_positions" else None
+            model.register_forward_hook(self._observe_outputs)
+            if opts.reduction == Reduction.MEAN_POSITIONS
+            else None
         )
+
+    __init__.__signature__ = signature(PreconditionerOptions)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        """The options read as attributes (`pre.fisher_type`, `pre.reduction`, ...)."""
+        options = self.__dict__.get("options")
+        if options is not None and name in options.__dataclass_fields__:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _observe_outputs(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
         """Count the loss terms per example from the model's outputs (reduction='mean_positions')."""
@@ -195,26 +104,28 @@ class KFACPreconditioner:
 
     @damping.setter
     def damping(self, value: float | Tensor) -> None:
-        check_number("damping", value, low=0.0, low_inclusive=False)
-        self.global_state["damping"].fill_(float(value))
+        self.set_damping(self.damping.new_tensor(check_option("damping", value)))
+
+    def set_damping(self, value: Tensor) -> None:
+        """The one place the damping is written: checked values, or a damping computed on the
+        device by a rule that keeps it in range (no host sync)."""
+        self.global_state["damping"].copy_(value)
 
     def _factors_due(self) -> bool:
         """Whether the user's own passes should be recorded now (empirical Fisher only)."""
-        return self.fisher_type == "empirical" and self._factor_step()
+        return self.options.fisher_type == FisherType.EMPIRICAL and self._factor_step()
 
     def _factor_step(self) -> bool:
-        if self.update_factors_manually or self.steps < self.warmup_steps:
+        if self.options.update_factors_manually or self.steps < self.options.warmup_steps:
             return True
-        interval = check_interval("factor_update_steps", resolve(self.factor_update_steps, self.steps))
-        return self.steps % interval == 0
+        return self.steps % self.options.value_at("factor_update_steps", self.steps) == 0
 
     def _inverses_due(self, block: CurvatureBlock) -> bool:
         if not block.has_factors():
             return False
-        if self.steps < self.warmup_steps or not block.has_inverses():
+        if self.steps < self.options.warmup_steps or not block.has_inverses():
             return True
-        interval = check_interval("inverse_update_steps", resolve(self.inverse_update_steps, self.steps))
-        return self.steps % interval == 0
+        return self.steps % self.options.value_at("inverse_update_steps", self.steps) == 0
 
     # -------------------------------------------------------------------- tracking
     def track_forward(self) -> AbstractContextManager[None]:
@@ -228,10 +139,10 @@ class KFACPreconditioner:
         return self._capture.track_backward()
 
     def _check_explicit(self) -> None:
-        if self.fisher_type != "empirical":
+        if self.options.fisher_type != FisherType.EMPIRICAL:
             raise ValueError(
-                f"fisher_type={self.fisher_type!r} records its own passes in step(batch=...); the tracking "
-                "contexts decide what is recorded only with fisher_type='empirical'"
+                f"fisher_type={self.options.fisher_type!r} records its own passes in step(batch=...); "
+                "the tracking contexts decide what is recorded only with fisher_type='empirical'"
             )
 
     def fisher_pass(self, batch: tuple[Any, Tensor]) -> None:
@@ -248,12 +159,12 @@ class KFACPreconditioner:
             outputs = self.model(*as_args(inputs))
             if not layer_outputs:
                 return
-            if self.fisher_type == "mc":
-                for i in range(self.mc_samples):
+            if self.options.fisher_type == FisherType.MC:
+                for i in range(self.options.mc_samples):
                     sampled = self.loss_curvature.sample_targets(outputs, targets, None)
                     loss = self.loss_fn(outputs, sampled)
                     torch.autograd.grad(
-                        loss, layer_outputs, retain_graph=i + 1 < self.mc_samples, allow_unused=True
+                        loss, layer_outputs, retain_graph=i + 1 < self.options.mc_samples, allow_unused=True
                     )
             else:
                 columns = self.loss_curvature.fisher_columns(outputs, targets)
@@ -296,7 +207,7 @@ class KFACPreconditioner:
     def _fold(self) -> None:
         """Fold the (already checked) pending statistics into the running factors."""
         for block in self.blocks.values():
-            block.fold_pending(self.cov_ema_decay)
+            block.fold_pending(self.options.cov_ema_decay)
 
     def discard_statistics(self) -> None:
         """Drop statistics recorded since the last fold."""
@@ -316,11 +227,12 @@ class KFACPreconditioner:
         converge) or are not finite keeps its previous ones (none: the raw gradient), with a warning.
         """
         refreshed = []
+        pi = self.options.enable_pi_correction
         for name, block in self.blocks.items():
             if block.has_factors() and (force or self._inverses_due(block)):
                 previous = dict(block.state)
                 try:
-                    block.update_inverses(self.damping, self.enable_pi_correction, self.inverse_method)
+                    block.update_inverses(self.damping, pi, self.options.inverse_method.value)
                 except torch.linalg.LinAlgError as exc:
                     _keep_inverses(name, block, previous, str(exc).splitlines()[0])
                     continue
@@ -333,7 +245,7 @@ class KFACPreconditioner:
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
         """Factor turning the gradient of the user's loss into that of the mean-reduced loss."""
-        if self.reduction != "sum":
+        if self.options.reduction != Reduction.SUM:
             return 1.0
         sizes = [b.batch_size for b in self._capture.hooked if b.batch_size is not None]
         if not sizes:
@@ -344,7 +256,22 @@ class KFACPreconditioner:
         """Natural gradient of one block's gradient matrix; the raw matrix if no factors yet."""
         if not block.has_inverses():
             return mat
-        return block.precondition(mat, self.damping, self.enable_pi_correction, self.damping_type)
+        opts = self.options
+        return block.precondition(mat, self.damping, opts.enable_pi_correction, opts.damping_type.value)
+
+    def quadratic_form(self, part: Callable[[Tensor], Tensor | None]) -> Tensor:
+        """delta^T C delta with C the K-FAC curvature of the blocks that have factors.
+
+        `part(param)` is delta's part for a parameter (None: delta leaves the block out).
+        """
+        total = self.damping.new_zeros(())
+        for block in self.blocks.values():
+            parts = [part(p) for p in block.parameters()]
+            if not block.has_factors() or parts[0] is None:
+                continue
+            mat = block.pack(parts)
+            total = total + (mat * block.curvature_product(mat)).sum()
+        return total
 
     def gradient_matrices(self) -> dict[str, Tensor]:
         """Current gradients of the blocks, as mean-loss gradient matrices."""
@@ -366,10 +293,10 @@ class KFACPreconditioner:
         a recorded statistic or an `extra` tensor is not finite; then nothing has changed.
         """
         self._follow_model()
-        if self.fisher_type != "empirical" and self._factor_step():
+        if self.options.fisher_type != FisherType.EMPIRICAL and self._factor_step():
             if batch is None:
                 raise ValueError(
-                    f"fisher_type={self.fisher_type!r} needs step(batch=(inputs, targets)) "
+                    f"fisher_type={self.options.fisher_type!r} needs step(batch=(inputs, targets)) "
                     "on factor-update steps"
                 )
             self.fisher_pass(batch)
@@ -383,7 +310,7 @@ class KFACPreconditioner:
                 stacklevel=3,
             )
             return None
-        if not self.update_factors_manually:
+        if not self.options.update_factors_manually:
             self._fold()
         self.update_inverses()
         return mats
@@ -412,41 +339,18 @@ class KFACPreconditioner:
         mats = self.prepare(batch=batch)
         if mats is None:
             return False
-        for name, mat in mats.items():
-            block = self.blocks[name]
-            for param, new_grad in zip(
-                block.parameters(), block.unpack(self.precondition(block, mat)), strict=True
-            ):
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                param.grad.copy_(new_grad)
+        natural = {name: self.precondition(self.blocks[name], mat) for name, mat in mats.items()}
+        for param, new_grad in per_parameter(self.blocks, natural):
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.copy_(new_grad)
         self.finish_step()
         return True
 
     # --------------------------------------------------------------------- reporting
     def describe(self) -> str:
         """Registration report: every parameter, the block that handles it or why it falls back."""
-        lines = ["K-FAC registration:"]
-        owned = {}
-        for name, block in self.blocks.items():
-            owned.update({id(p): (name, block) for p in block.parameters()})
-        # Parameters of a module with a block that the block leaves to the plain update.
-        unhandled = {
-            f"{name}.{local}" if name else local: why
-            for name, block in self.blocks.items()
-            for local, why in block.unhandled_parameters().items()
-        }
-        for pname, param in self.model.named_parameters():
-            if id(param) in owned:
-                mname, block = owned[id(param)]
-                lines.append(f"  {pname}: {type(block).__name__} ({block.extra_repr()})")
-            else:
-                mname = pname.rpartition(".")[0]
-                reason = unhandled.get(pname) or self.fallback_reasons.get(
-                    mname, "no curvature block for this module type"
-                )
-                lines.append(f"  {pname}: fallback ({reason})")
-        return "\n".join(lines)
+        return report(self.model, self.blocks, self.fallback_reasons)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(\n{self.describe()}\n)"
@@ -510,96 +414,3 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     """
     sums = [t.sum(dtype=torch.float64) if t.dtype in LOW_PRECISION else t.sum() for t in tensors]
     return bool(torch.stack(sums).isfinite().all()) if sums else True
-
-
-def _make_blocks(model: nn.Module, skip: set[str]) -> tuple[dict[str, CurvatureBlock], dict[str, str]]:
-    """One block per supported module; reasons for each module left to the fallback."""
-    blocks: dict[str, CurvatureBlock] = {}
-    reasons: dict[str, str] = {}
-    owner: dict[int, str] = {}
-    unknown = skip - {name for name, _ in model.named_modules()}
-    if unknown:
-        raise ValueError(f"skip_modules names modules the model does not have: {sorted(unknown)}")
-    #: Modules whose block type owns their submodules -> why they have no block (None: they have one).
-    enclosing: dict[str, str | None] = {}
-    for name, module in model.named_modules():
-        outer = next((o for o in enclosing if name.startswith(f"{o}.") or (o == "" and name)), None)
-        if outer is not None:
-            # Part of the enclosing module's block (MultiheadAttention's out_proj, whose forward the
-            # attention never calls: a block of its own would never see statistics).
-            if name in skip:
-                raise ValueError(f"skip_modules: {name!r} is part of {outer!r}; skip {outer!r} instead")
-            if enclosing[outer] is not None:
-                reasons[name] = f"part of {outer!r}: {enclosing[outer]}"
-            continue
-        block_type = block_type_for(module)
-        if block_type is None:
-            continue
-        owns = bool(getattr(block_type, "OWNS_SUBMODULES", False))
-        if owns:
-            enclosing[name] = None
-        if name in skip:
-            reasons[name] = "listed in skip_modules"
-            if owns:
-                enclosing[name] = reasons[name]
-            continue
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue  # e.g. a norm layer without affine parameters: nothing to precondition
-        try:
-            block = block_type(module, name)
-        except ValueError as err:  # a configuration the block refuses, e.g. a sparse embedding
-            reasons[name] = str(err)
-            if owns:
-                enclosing[name] = reasons[name]
-            continue
-        params = block.parameters()
-        if not params or not all(p.requires_grad for p in params):
-            reasons[name] = "parameters frozen (requires_grad=False)"
-            block.remove()
-            if owns:
-                enclosing[name] = reasons[name]
-            continue
-        owners = {owner[id(p)] for p in params if id(p) in owner}
-        if not owners:
-            blocks[name] = block
-            owner.update({id(p): name for p in params})
-            continue
-        other = owners.pop()
-        first = blocks.get(other)
-        if (
-            first is not None
-            and not owners
-            and name.startswith(f"{other}.")
-            and {id(p) for p in params} <= {id(p) for p in first.parameters()}
-        ):
-            reasons[name] = f"handled by the block of {other!r}"  # e.g. an attention's out_proj
-            block.remove()
-            continue
-        shared = [p for p in params if id(p) in owner]
-        if (
-            first is not None
-            and not owners
-            and len(shared) == 1
-            and shared[0] is getattr(module, "weight", None)
-            and shared[0] is getattr(first.module, "weight", None)
-            and supports_tying(first)
-            and supports_tying(block)
-        ):
-            tied = TiedBlock(first, block)
-            del blocks[other]
-            blocks[tied.name] = tied
-            owner.update({id(p): tied.name for p in tied.parameters()})
-            continue
-        # Sharing we cannot express: both modules use the plain update, not a wrong curvature.
-        block.remove()
-        if other in blocks:
-            blocks.pop(other).remove()
-        reasons[other] = f"parameter shared with {name!r} in a way K-FAC cannot handle"
-        reasons[name] = f"parameter shared with {other!r} in a way K-FAC cannot handle"
-    return blocks, reasons
-
-
-def iter_block_params(blocks: dict[str, CurvatureBlock]) -> Iterator[Tensor]:
-    """Every parameter handled by a block."""
-    for block in blocks.values():
-        yield from block.parameters()

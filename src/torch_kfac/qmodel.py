@@ -9,8 +9,7 @@ update delta = sum_i c_i v_i (b_i = g^T v_i), which gives learning rate and mome
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,23 +18,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_kfac.losses import loss_curvature
-
-
-def as_args(inputs: Any) -> tuple[Any, ...]:
-    """Model inputs as a tuple of positional arguments."""
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-@contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore the model's buffers (e.g. batch-norm running statistics) after extra passes."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+from torch_kfac.utils import as_args
 
 
 class ExactCurvature:
@@ -112,3 +95,35 @@ def solve_coefficients(gram: Tensor, linear: Tensor, fixed: dict[int, float] | N
 def quadratic_value(gram: Tensor, linear: Tensor, coeffs: Tensor) -> Tensor:
     """q(c) = c^T b + 1/2 c^T M c."""
     return coeffs @ linear + 0.5 * coeffs @ gram @ coeffs
+
+
+def overlaps(directions: Sequence[dict[Any, Tensor]]) -> Tensor:
+    """V^T V: the inner products of the directions, a (k, k) tensor."""
+    k = len(directions)
+    return torch.stack([torch.stack([dot(directions[i], directions[j]) for j in range(k)]) for i in range(k)])
+
+
+def choose_coefficients(
+    curvature: Tensor,
+    overlap: Tensor,
+    linear: Tensor,
+    damping: Tensor,
+    model_damping: Tensor | float,
+    fixed: dict[int, float],
+) -> tuple[Tensor, Tensor]:
+    """Coefficients minimising the damped model, and the model's value q there (for the damping rule).
+
+    The coefficients minimise c^T b + 1/2 c^T (M + damping V^T V) c; q uses `model_damping` in
+    place of the damping (the damping itself or only `l2_reg`).
+    """
+    coeffs = solve_coefficients(curvature + damping * overlap, linear, fixed)
+    return coeffs, quadratic_value(curvature + model_damping * overlap, linear, coeffs)
+
+
+def combine(directions: Sequence[dict[str, Tensor]], coeffs: Tensor) -> dict[str, Tensor]:
+    """delta = sum_i c_i v_i over the union of the directions' keys."""
+    delta: dict[str, Tensor] = {}
+    for c, direction in zip(coeffs, directions, strict=False):
+        for n, v in direction.items():
+            delta[n] = delta[n] + c * v if n in delta else c * v
+    return delta

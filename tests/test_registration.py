@@ -1,0 +1,66 @@
+"""registration.py: which module gets which block, weight tying, and the report of who has none."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from torch_kfac.blocks import LinearBlock
+from torch_kfac.blocks.tied import TiedBlock
+from torch_kfac.registration import iter_block_params, make_blocks, report
+
+
+class Tied(nn.Module):
+    """An embedding whose weight the output projection shares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 5)
+        self.head = nn.Linear(5, 7)
+        self.head.weight = self.embed.weight
+
+
+def test_one_block_per_supported_module_and_reasons_for_the_rest() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 3), nn.Linear(3, 2))
+    model[2].requires_grad_(False)
+    blocks, reasons = make_blocks(model, ["3"])
+    assert list(blocks) == ["0"] and isinstance(blocks["0"], LinearBlock)
+    assert reasons == {"2": "parameters frozen (requires_grad=False)", "3": "listed in skip_modules"}
+    assert list(iter_block_params(blocks)) == [model[0].weight, model[0].bias]
+    text = report(model, blocks, reasons)
+    assert "0.weight: LinearBlock" in text
+    assert "1.weight: fallback (no curvature block for this module type)" in text
+    assert "2.bias: fallback (parameters frozen" in text
+    assert "3.weight: fallback (listed in skip_modules)" in text
+
+
+def test_unknown_skipped_module_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"skip_modules names modules the model does not have: \['9'\]"):
+        make_blocks(nn.Sequential(nn.Linear(2, 2)), ("9",))
+
+
+def test_a_tied_weight_gets_one_tied_block() -> None:
+    model = Tied()
+    blocks, reasons = make_blocks(model, ())
+    assert list(blocks) == ["embed+head"]
+    assert isinstance(blocks["embed+head"], TiedBlock)
+    assert {id(p) for p in iter_block_params(blocks)} == {id(p) for p in model.parameters()}
+    assert not reasons
+
+
+def test_sharing_without_a_kronecker_form_falls_back_for_both_modules() -> None:
+    enc, dec = nn.Linear(4, 4), nn.Linear(4, 4)
+    dec.bias = enc.bias
+    blocks, reasons = make_blocks(nn.Sequential(enc, dec), ())
+    assert blocks == {}
+    assert "cannot handle" in reasons["0"] and "cannot handle" in reasons["1"]
+
+
+def test_attention_owns_its_output_projection() -> None:
+    model = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
+    blocks, _ = make_blocks(model, ())
+    assert list(blocks) == ["0"]
+    assert "0.out_proj" not in blocks
+    with pytest.raises(ValueError, match="part of '0'"):
+        make_blocks(model, ["0.out_proj"])
+    assert len(list(iter_block_params(blocks))) == len(list(model.parameters()))

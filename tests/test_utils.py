@@ -1,0 +1,69 @@
+"""utils.py: model inputs as arguments, buffers kept across extra passes, loss re-evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conftest import make_data, make_mlp
+from torch_kfac.utils import as_args, evaluate_loss, preserved_buffers
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def test_as_args() -> None:
+    x = torch.zeros(2)
+    assert as_args(x) == (x,)
+    assert as_args((x, 1)) == (x, 1) and as_args([x]) == (x,)
+
+
+def test_preserved_buffers_restores_batch_norm_statistics() -> None:
+    model = nn.BatchNorm1d(3)
+    before = model.running_mean.clone()
+    with preserved_buffers(model):
+        model(torch.randn(8, 3) + 5.0)
+        assert not torch.equal(model.running_mean, before)
+    assert torch.equal(model.running_mean, before)
+
+
+def test_evaluate_loss_on_a_batch_keeps_buffers() -> None:
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+    x, y = make_data()
+    running = model[1].running_mean.clone()
+    expected = F.cross_entropy(copy.deepcopy(model)(x), y)
+    value = evaluate_loss(model, nn.CrossEntropyLoss(), (x, y), None)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.equal(model[1].running_mean, running)
+    assert not value.requires_grad
+
+
+def test_evaluate_loss_from_a_closure_puts_the_gradients_back() -> None:
+    model = make_mlp()
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    def closure() -> torch.Tensor:
+        model.zero_grad()
+        loss = F.cross_entropy(model(x) * 2.0, y)
+        loss.backward()
+        return loss
+
+    value = evaluate_loss(model, None, None, closure)
+    assert value.item() == pytest.approx(F.cross_entropy(model(x) * 2.0, y).item(), rel=1e-12)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+
+
+def test_evaluate_loss_calls_a_closure_with_backward_false() -> None:
+    calls = []
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        calls.append(backward)
+        return torch.tensor(1.5)
+
+    assert evaluate_loss(make_mlp(), None, None, closure).item() == 1.5
+    assert calls == [False]
