@@ -32,6 +32,7 @@ the block has no factors for them and reports them in `unhandled_parameters` (th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -40,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_kfac.blocks.base import KroneckerBlock, second_moment_scale
+from torch_kfac.blocks.approximation import damped_kronecker_inverses, kronecker_power
+from torch_kfac.blocks.base import centered, input_second_moment, second_moment_scale
 from torch_kfac.blocks.switched import SwitchedForwardBlock
-from torch_kfac.linalg import damped_inverse, in_eigenbasis, kronecker_eigenvalues, symmetric_eigh
+from torch_kfac.linalg import symmetric_eigh
 
 #: Every factor pair a block can have; a block uses ("in", "out") or ("q", "k", "v", "out").
 PAIR_NAMES = ("in", "q", "k", "v", "out")
@@ -291,24 +293,27 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         """`attention_forward`, recording the projections' statistics."""
         return self.attention_forward(*args, record=True, keep=keep, **kwargs)
 
+    def _statistic_rows(
+        self, x: Tensor, steps: int, batch: int, pool: Callable[..., Tensor]
+    ) -> tuple[Tensor, int]:
+        """A projection's input or output gradient laid out (T, N, d) as statistic rows, and N.
+
+        Rows (N T, d) ('expand'), or one row per example pooled over its T positions by `pool`
+        ('reduce': the mean of inputs, the sum of output gradients); centered if `center`.
+        """
+        rows = x.detach().reshape(steps, batch, -1).transpose(0, 1)  # (N, T, d)
+        if self.kfac_approx == "reduce":
+            rows = pool(rows, dim=1, keepdim=True)
+        n, t, d = rows.shape
+        flat = rows.reshape(n * t, d)
+        return (centered(flat) if self.center else flat), n
+
     def _record_activations(
         self, x: Tensor, names: tuple[str, ...], steps: int, batch: int, bias: bool
     ) -> None:
         """Pend 1/(N T) sum [a, 1][a, 1]^T of a projection input laid out (T, N, d) for the pairs."""
-        rows = x.detach().reshape(steps, batch, -1).transpose(0, 1)  # (N, T, d)
-        if self.kfac_approx == "reduce":
-            rows = rows.mean(dim=1, keepdim=True)
-        n, t, d = rows.shape
-        flat = rows.reshape(n * t, d)
-        if self.center:
-            flat = flat - flat.mean(dim=0, keepdim=True)
-        moment = flat.mT @ flat
-        if bias:
-            # [a, 1] without copying the rows: [[sum a a^T, sum a], [sum a^T, N T]].
-            col = flat.sum(dim=0).unsqueeze(-1)
-            corner = col.new_full((1, 1), float(n * t))
-            moment = torch.cat([torch.cat([moment, col], -1), torch.cat([col.mT, corner], -1)], -2)
-        moment = moment / (n * t)
+        flat, _ = self._statistic_rows(x, steps, batch, torch.mean)
+        moment = input_second_moment(flat, bias)
         for name in names:
             self._pending[f"A_{name}"].append(moment)
 
@@ -318,13 +323,7 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         """Tensor hook: add s sum g g^T of the projection's output gradient (T, N, d) to each pair's G."""
         if self.backward_gate is not None and not self.backward_gate():
             return
-        rows = grad.detach().reshape(steps, batch, -1).transpose(0, 1)  # (N, T, d_out)
-        if self.kfac_approx == "reduce":
-            rows = rows.sum(dim=1, keepdim=True)
-        n, t, d = rows.shape
-        flat = rows.reshape(n * t, d)
-        if self.center:
-            flat = flat - flat.mean(dim=0, keepdim=True)
+        flat, n = self._statistic_rows(grad, steps, batch, torch.sum)
         scale = second_moment_scale(self.reduction, n, self.loss_terms)
         for name, start, end in columns:
             part = flat[:, start:end]
@@ -563,9 +562,8 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         for pair in self.pairs():
             a, g = self._factor(f"A_{pair.name}"), self._factor(f"G_{pair.name}")
             if method == "cholesky":
-                a_damp, g_damp = KroneckerBlock.factored_damping(a, g, damping, pi_correction)
-                self.state[f"A_{pair.name}_inv"] = damped_inverse(a, a_damp)
-                self.state[f"G_{pair.name}_inv"] = damped_inverse(g, g_damp)
+                inverses = damped_kronecker_inverses(a, g, damping, pi_correction)
+                self.state[f"A_{pair.name}_inv"], self.state[f"G_{pair.name}_inv"] = inverses
             else:
                 self.state[f"A_{pair.name}_eigvals"], self.state[f"A_{pair.name}_eigvecs"] = symmetric_eigh(a)
                 self.state[f"G_{pair.name}_eigvals"], self.state[f"G_{pair.name}_eigvecs"] = symmetric_eigh(g)
@@ -582,14 +580,9 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         """(A (x) G + damping)^power of one pair applied to its (d_out, d_in [+1]) gradient matrix."""
         if f"A_{name}_inv" in self.state:  # (G + d_G I)^-1 M (A + d_A I)^-1
             return self.state[f"G_{name}_inv"] @ mat @ self.state[f"A_{name}_inv"]
-        qa, la = self.state[f"A_{name}_eigvecs"], self.state[f"A_{name}_eigvals"]
-        qg, lg = self.state[f"G_{name}_eigvecs"], self.state[f"G_{name}_eigvals"]
-        shifts = None
-        if damping_type != "exact":
-            shifts = KroneckerBlock.factored_damping(
-                self._factor(f"A_{name}"), self._factor(f"G_{name}"), damping, pi_correction
-            )
-        return in_eigenbasis(mat, qa, qg, kronecker_eigenvalues(la, lg, damping, shifts).pow(self.power))
+        eigen = tuple(self.state[f"{k}_{name}_{c}"] for k in "AG" for c in ("eigvals", "eigvecs"))
+        factors = (self._factor(f"A_{name}"), self._factor(f"G_{name}"))
+        return kronecker_power(mat, factors, eigen, damping, pi_correction, damping_type, self.power)
 
     def precondition(
         self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"
