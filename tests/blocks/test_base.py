@@ -79,3 +79,10 @@ def test_configure_replaces_the_factors_and_what_is_pending() -> None:
     block.configure("diagonal")
     assert block.FACTORS == ("D",) and block._pending == {"D": []}
     assert block.needs_output_grads
+
+
+def test_drop_state_forgets_present_entries_only() -> None:
+    block = linear_block("kfac")
+    block.state["A_inv"] = torch.eye(5)
+    block.drop_state(("A_inv", "G_inv"))
+    assert "A_inv" not in block.state and {"A_ema", "G_ema"} <= set(block.state)

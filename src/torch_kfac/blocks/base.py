@@ -21,7 +21,7 @@ Grouped layers are block-diagonal: every tensor carries a leading group dimensio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
@@ -287,6 +287,11 @@ class CurvatureBlock(ABC):
         """Factor `key` as the `Factor` attribute shows it."""
         return self._factor(key)
 
+    def drop_state(self, keys: Iterable[str]) -> None:
+        """Forget the given state entries where present (cached inverses before a refresh)."""
+        for key in keys:
+            self.state.pop(key, None)
+
     def _set_factor(self, key: str, value: Tensor) -> None:
         """Set factor `key` to `value` as if it were the only statistic seen (weight 1)."""
         self.state[f"{key}_ema"] = value.detach().clone()
@@ -349,6 +354,8 @@ class KroneckerBlock(WeightBiasBlock):
     def __init__(self, module: nn.Module, name: str = "") -> None:
         if not isinstance(getattr(module, "weight", None), Tensor):
             raise TypeError(f"{type(module).__name__} {name!r} has no weight tensor for K-FAC")
+        # Set before the base initialiser, which reads FACTORS (the approximation's); `configure`
+        # then applies the defaults.
         self.approx: Approximation = KroneckerFactors(self)
         super().__init__(module, name)
         self.configure()
@@ -485,8 +492,7 @@ class KroneckerBlock(WeightBiasBlock):
         With 'cholesky' the damping is baked into the inverses; with 'eigh' it is applied at
         preconditioning time, so a new damping takes effect at once.
         """
-        for key in _CACHES:
-            self.state.pop(key, None)
+        self.drop_state(_CACHES)
         self.approx.update_inverses(damping, pi_correction, method)
 
     def has_inverses(self) -> bool:

@@ -127,8 +127,7 @@ class EmbeddingBlock(WeightBiasBlock):
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
         """Refresh 1/(a + d_A) and (G + d_G I)^-1 ('cholesky', power -1) or G's eigendecomposition."""
         a, g = self._factor("A"), self._factor("G")
-        for key in ("A_inv", "G_inv", "A_eigvals", "G_eigvals", "G_eigvecs"):
-            self.state.pop(key, None)
+        self.drop_state(("A_inv", "G_inv", "A_eigvals", "G_eigvals", "G_eigvecs"))
         if method == "cholesky" and self.power == -1.0:
             a_damp, g_damp = self.factored_damping(a, g, damping, pi_correction)
             self.state["A_inv"] = 1.0 / (a + a_damp)

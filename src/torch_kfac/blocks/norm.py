@@ -164,8 +164,7 @@ class NormBlock(WeightBiasBlock):
         A power other than -1 always goes through the eigendecompositions.
         """
         f = self._factor("F")
-        for key in ("F_inv", "F_eigvals", "F_eigvecs"):
-            self.state.pop(key, None)
+        self.drop_state(("F_inv", "F_eigvals", "F_eigvecs"))
         if method == "cholesky" and self.power == -1.0:
             self.state["F_inv"] = damped_inverse(f, damping)
         else:

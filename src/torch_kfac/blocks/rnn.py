@@ -469,8 +469,7 @@ class RNNBlock(SwitchedForwardBlock):
         With 'cholesky' the damping is baked into the inverses; with 'eigh' (and for any power
         other than -1) it is applied at preconditioning time.
         """
-        for key in self._inverse_keys():
-            self.state.pop(key, None)
+        self.drop_state(self._inverse_keys())
         if method == "cholesky" and self.power == -1.0:
             for mat in self.matrices:
                 inverses = damped_kronecker_inverses(*self.factors(mat.name), damping, pi_correction)
