@@ -4,14 +4,21 @@
 `KroneckerBlock` (or `CurvatureBlock` for curvature of another shape), say how the module's inputs
 and output gradients become rows, register it, and every optimizer built afterwards gives such
 modules a curvature block.
+
+Map: `base` (the protocols `CurvatureBlock`, `WeightBiasBlock`, `KroneckerBlock` and shared
+helpers); `approximation` (the protocol of a Kronecker block's approximation) with one module per
+approximation (`kronecker`, `ekfac`, `diagonal`, `forward_only`); one module per layer family
+(`linear`, `conv`, `conv_transpose`, `embedding`, `norm`, `attention`, `rnn`); `tied` (a weight
+shared by two modules) and `switched` (blocks that re-run their module's forward).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from torch_kfac.blocks.approximation import Approximation
 from torch_kfac.blocks.attention import MultiheadAttentionBlock
-from torch_kfac.blocks.base import CurvatureBlock, KroneckerBlock
+from torch_kfac.blocks.base import CurvatureBlock, KroneckerBlock, WeightBiasBlock
 from torch_kfac.blocks.conv import ConvBlock
 from torch_kfac.blocks.conv_transpose import ConvTransposeBlock
 from torch_kfac.blocks.embedding import EmbeddingBlock
@@ -70,6 +77,7 @@ def block_type_for(module: nn.Module) -> type[CurvatureBlock] | None:
 
 
 __all__ = [
+    "Approximation",
     "BatchNormBlock",
     "ConvBlock",
     "ConvTransposeBlock",
@@ -84,6 +92,7 @@ __all__ = [
     "NormBlock",
     "RMSNormBlock",
     "RNNBlock",
+    "WeightBiasBlock",
     "block_type_for",
     "register_block",
 ]

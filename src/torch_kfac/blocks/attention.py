@@ -32,6 +32,7 @@ the block has no factors for them and reports them in `unhandled_parameters` (th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -40,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_kfac.blocks.base import KroneckerBlock, second_moment_scale
+from torch_kfac.blocks.approximation import damped_kronecker_inverses, kronecker_power
+from torch_kfac.blocks.base import centered, input_second_moment, second_moment_scale
 from torch_kfac.blocks.switched import SwitchedForwardBlock
-from torch_kfac.linalg import damped_inverse, in_eigenbasis, kronecker_eigenvalues, symmetric_eigh
+from torch_kfac.linalg import symmetric_eigh
 
 #: Every factor pair a block can have; a block uses ("in", "out") or ("q", "k", "v", "out").
 PAIR_NAMES = ("in", "q", "k", "v", "out")
@@ -89,6 +91,65 @@ def _split_qkv(packed: Tensor, embed_dim: int) -> tuple[Tensor, ...]:
     parts = packed.shape[-1] // embed_dim
     split = packed.unflatten(-1, (parts, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
     return tuple(split[i] for i in range(parts))
+
+
+def _checked_attn_mask(
+    attn_mask: Tensor | None, tgt_len: int, src_len: int, batch_heads: int
+) -> Tensor | None:
+    """A float attn_mask checked against the lengths, a 2-D one given a leading dimension."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 2:
+        if attn_mask.shape != (tgt_len, src_len):
+            raise RuntimeError(
+                f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(tgt_len, src_len)}."
+            )
+        return attn_mask.unsqueeze(0)
+    if attn_mask.dim() == 3:
+        if attn_mask.shape != (batch_heads, tgt_len, src_len):
+            raise RuntimeError(
+                f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                f"{(batch_heads, tgt_len, src_len)}."
+            )
+        return attn_mask
+    raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+
+
+def _attention_with_weights(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, batch: int, average: bool
+) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d) + mask) v of (B H, T, d) heads as (T B, E), and the attention weights."""
+    batch_heads, tgt_len, head_dim = q.shape
+    heads, src_len = batch_heads // batch, k.shape[1]
+    q_scaled = q * math.sqrt(1.0 / float(head_dim))
+    if attn_mask is not None:
+        scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+    else:
+        scores = torch.bmm(q_scaled, k.transpose(-2, -1))
+    weights = F.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    attended = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * batch, heads * head_dim)
+    weights = weights.view(batch, heads, tgt_len, src_len)
+    return attended, (weights.mean(dim=1) if average else weights)
+
+
+def _fused_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, batch: int, is_causal: bool
+) -> Tensor:
+    """The same attention through `F.scaled_dot_product_attention`, as (T B, E), without weights."""
+    batch_heads, tgt_len, head_dim = q.shape
+    heads, src_len = batch_heads // batch, k.shape[1]
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(batch, heads, -1, src_len)
+    q = q.view(batch, heads, tgt_len, head_dim)
+    k = k.view(batch, heads, src_len, head_dim)
+    v = v.view(batch, heads, src_len, head_dim)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    return attended.permute(2, 0, 1, 3).reshape(batch * tgt_len, heads * head_dim)
 
 
 class MultiheadAttentionBlock(SwitchedForwardBlock):
@@ -291,24 +352,27 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         """`attention_forward`, recording the projections' statistics."""
         return self.attention_forward(*args, record=True, keep=keep, **kwargs)
 
+    def _statistic_rows(
+        self, x: Tensor, steps: int, batch: int, pool: Callable[..., Tensor]
+    ) -> tuple[Tensor, int]:
+        """A projection's input or output gradient laid out (T, N, d) as statistic rows, and N.
+
+        Rows (N T, d) ('expand'), or one row per example pooled over its T positions by `pool`
+        ('reduce': the mean of inputs, the sum of output gradients); centered if `center`.
+        """
+        rows = x.detach().reshape(steps, batch, -1).transpose(0, 1)  # (N, T, d)
+        if self.kfac_approx == "reduce":
+            rows = pool(rows, dim=1, keepdim=True)
+        n, t, d = rows.shape
+        flat = rows.reshape(n * t, d)
+        return (centered(flat) if self.center else flat), n
+
     def _record_activations(
         self, x: Tensor, names: tuple[str, ...], steps: int, batch: int, bias: bool
     ) -> None:
         """Pend 1/(N T) sum [a, 1][a, 1]^T of a projection input laid out (T, N, d) for the pairs."""
-        rows = x.detach().reshape(steps, batch, -1).transpose(0, 1)  # (N, T, d)
-        if self.kfac_approx == "reduce":
-            rows = rows.mean(dim=1, keepdim=True)
-        n, t, d = rows.shape
-        flat = rows.reshape(n * t, d)
-        if self.center:
-            flat = flat - flat.mean(dim=0, keepdim=True)
-        moment = flat.mT @ flat
-        if bias:
-            # [a, 1] without copying the rows: [[sum a a^T, sum a], [sum a^T, N T]].
-            col = flat.sum(dim=0).unsqueeze(-1)
-            corner = col.new_full((1, 1), float(n * t))
-            moment = torch.cat([torch.cat([moment, col], -1), torch.cat([col.mT, corner], -1)], -2)
-        moment = moment / (n * t)
+        flat, _ = self._statistic_rows(x, steps, batch, torch.mean)
+        moment = input_second_moment(flat, bias)
         for name in names:
             self._pending[f"A_{name}"].append(moment)
 
@@ -318,13 +382,7 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         """Tensor hook: add s sum g g^T of the projection's output gradient (T, N, d) to each pair's G."""
         if self.backward_gate is not None and not self.backward_gate():
             return
-        rows = grad.detach().reshape(steps, batch, -1).transpose(0, 1)  # (N, T, d_out)
-        if self.kfac_approx == "reduce":
-            rows = rows.sum(dim=1, keepdim=True)
-        n, t, d = rows.shape
-        flat = rows.reshape(n * t, d)
-        if self.center:
-            flat = flat - flat.mean(dim=0, keepdim=True)
+        flat, n = self._statistic_rows(grad, steps, batch, torch.sum)
         scale = second_moment_scale(self.reduction, n, self.loss_terms)
         for name, start, end in columns:
             part = flat[:, start:end]
@@ -429,47 +487,10 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         head_dim = embed_dim // heads
 
         # In-projections. Rows of every projection input and output are laid out (T, N, d).
-        w, b, e = m.in_proj_weight, m.in_proj_bias, embed_dim
         project = partial(self._project, batch=bsz, record=record, keep=keep)
-        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
-        if self._packed and shared_input and is_batched:
-            proj = project(query, (w,), (b,), (("in", 0, 3 * e),), tgt_len)
-            q, k, v = _split_qkv(proj, e)
-        elif self._packed and shared_input:
-            # torch's unsqueeze of unbatched inputs breaks `query is key`: it projects block by block.
-            proj = project(query, w.chunk(3), (b_q, b_k, b_v), (("in", 0, 3 * e),), tgt_len)
-            q, k, v = _split_qkv(proj, e)
-        elif self._packed and kv_shared and is_batched:
-            w_q, w_kv = w.split([e, 2 * e])
-            b_q, b_kv = (None, None) if b is None else b.split([e, 2 * e])
-            q = project(query, (w_q,), (b_q,), (("q", 0, e),), tgt_len)
-            kv = project(key, (w_kv,), (b_kv,), (("k", 0, e), ("v", e, 2 * e)), src_len)
-            k, v = _split_qkv(kv, e)
-        else:
-            if self._packed:
-                w_q, w_k, w_v = w.chunk(3)
-            else:
-                w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
-            q = project(query, (w_q,), (b_q,), (("q", 0, e),), tgt_len)
-            k = project(key, (w_k,), (b_k,), (("k", 0, e),), src_len)
-            v = project(value, (w_v,), (b_v,), (("v", 0, e),), src_len)
-
-        if attn_mask is not None:
-            if attn_mask.dim() == 2:
-                if attn_mask.shape != (tgt_len, src_len):
-                    raise RuntimeError(
-                        f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
-                        f"{(tgt_len, src_len)}."
-                    )
-                attn_mask = attn_mask.unsqueeze(0)
-            elif attn_mask.dim() == 3:
-                if attn_mask.shape != (bsz * heads, tgt_len, src_len):
-                    raise RuntimeError(
-                        f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
-                        f"{(bsz * heads, tgt_len, src_len)}."
-                    )
-            else:
-                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+        sharing = (shared_input, kv_shared, is_batched)
+        q, k, v = self._in_projections(project, query, key, value, sharing, (tgt_len, src_len))
+        attn_mask = _checked_attn_mask(attn_mask, tgt_len, src_len, bsz * heads)
 
         if m.bias_k is not None and m.bias_v is not None:
             k = torch.cat([k, m.bias_k.repeat(1, bsz, 1)])
@@ -505,33 +526,14 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
             attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
         dropout_p = m.dropout if m.training else 0.0
 
-        out_weight, out_bias = m.out_proj.weight, m.out_proj.bias
-        weights: Tensor | None = None
         if need_weights:
-            q_scaled = q * math.sqrt(1.0 / float(head_dim))
-            if attn_mask is not None:
-                scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
-            else:
-                scores = torch.bmm(q_scaled, k.transpose(-2, -1))
-            weights = F.softmax(scores, dim=-1)
-            if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
-            attended = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-            weights = weights.view(bsz, heads, tgt_len, src_len)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
+            attended, weights = _attention_with_weights(
+                q, k, v, attn_mask, dropout_p, bsz, average_attn_weights
+            )
         else:
-            if attn_mask is not None:
-                if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
-                    attn_mask = attn_mask.unsqueeze(0)
-                else:
-                    attn_mask = attn_mask.view(bsz, heads, -1, src_len)
-            q = q.view(bsz, heads, tgt_len, head_dim)
-            k = k.view(bsz, heads, src_len, head_dim)
-            v = v.view(bsz, heads, src_len, head_dim)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-            attended = attended.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-        output = project(attended, (out_weight,), (out_bias,), (("out", 0, e),), tgt_len)
+            attended, weights = _fused_attention(q, k, v, attn_mask, dropout_p, bsz, is_causal), None
+        out_proj = m.out_proj
+        output = project(attended, (out_proj.weight,), (out_proj.bias,), (("out", 0, embed_dim),), tgt_len)
         output = output.view(tgt_len, bsz, output.size(1))
         if not is_batched:
             output = output.squeeze(1)
@@ -540,16 +542,52 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
             output = output.transpose(1, 0)
         return output, weights
 
+    def _in_projections(
+        self,
+        project: Callable[..., Tensor],
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        sharing: tuple[bool, bool, bool],
+        lengths: tuple[int, int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v (T, N, E) as `F.multi_head_attention_forward` projects them, through `project`.
+
+        `sharing` is (query is key is value, key is value, batched input) as the caller passed
+        them; `lengths` the target and source lengths.
+        """
+        m = self.module
+        shared_input, kv_shared, is_batched = sharing
+        tgt_len, src_len = lengths
+        w, b, e = m.in_proj_weight, m.in_proj_bias, m.embed_dim
+        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+        if self._packed and shared_input and is_batched:
+            proj = project(query, (w,), (b,), (("in", 0, 3 * e),), tgt_len)
+            return _split_qkv(proj, e)
+        if self._packed and shared_input:
+            # torch's unsqueeze of unbatched inputs breaks `query is key`: it projects block by block.
+            proj = project(query, w.chunk(3), (b_q, b_k, b_v), (("in", 0, 3 * e),), tgt_len)
+            return _split_qkv(proj, e)
+        if self._packed and kv_shared and is_batched:
+            w_q, w_kv = w.split([e, 2 * e])
+            b_q, b_kv = (None, None) if b is None else b.split([e, 2 * e])
+            q = project(query, (w_q,), (b_q,), (("q", 0, e),), tgt_len)
+            kv = project(key, (w_kv,), (b_kv,), (("k", 0, e), ("v", e, 2 * e)), src_len)
+            k, v = _split_qkv(kv, e)
+            return q, k, v
+        if self._packed:
+            w_q, w_k, w_v = w.chunk(3)
+        else:
+            w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+        q = project(query, (w_q,), (b_q,), (("q", 0, e),), tgt_len)
+        k = project(key, (w_k,), (b_k,), (("k", 0, e),), src_len)
+        v = project(value, (w_v,), (b_v,), (("v", 0, e),), src_len)
+        return q, k, v
+
     # ---------------------------------------------------------------- preconditioning
     def factors(self) -> dict[str, Tensor]:
         """The estimated factors of the current layout by name (A_<pair>, G_<pair>)."""
         return {k: self._factor(k) for k in self.FACTORS if self.has_factor(k)}
-
-    def _drop_caches(self) -> None:
-        """Forget every pair's cached inverses and eigendecompositions."""
-        for factor in _ALL_FACTORS:
-            for cache in _CACHES:
-                self.state.pop(f"{factor}_{cache}", None)
 
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
         """Refresh each pair's damped inverses ('cholesky') or eigendecompositions ('eigh').
@@ -557,15 +595,14 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         With 'cholesky' the factored damping (A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I), pi per pair,
         is baked into the inverses; with 'eigh' the damping is applied at preconditioning time.
         """
-        self._drop_caches()
+        self.drop_state(f"{factor}_{cache}" for factor in _ALL_FACTORS for cache in _CACHES)
         if method == "cholesky" and self.power != -1.0:
             raise ValueError("inverse power -1/2 needs inverse_method='eigh'")
         for pair in self.pairs():
             a, g = self._factor(f"A_{pair.name}"), self._factor(f"G_{pair.name}")
             if method == "cholesky":
-                a_damp, g_damp = KroneckerBlock.factored_damping(a, g, damping, pi_correction)
-                self.state[f"A_{pair.name}_inv"] = damped_inverse(a, a_damp)
-                self.state[f"G_{pair.name}_inv"] = damped_inverse(g, g_damp)
+                inverses = damped_kronecker_inverses(a, g, damping, pi_correction)
+                self.state[f"A_{pair.name}_inv"], self.state[f"G_{pair.name}_inv"] = inverses
             else:
                 self.state[f"A_{pair.name}_eigvals"], self.state[f"A_{pair.name}_eigvecs"] = symmetric_eigh(a)
                 self.state[f"G_{pair.name}_eigvals"], self.state[f"G_{pair.name}_eigvecs"] = symmetric_eigh(g)
@@ -582,14 +619,9 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         """(A (x) G + damping)^power of one pair applied to its (d_out, d_in [+1]) gradient matrix."""
         if f"A_{name}_inv" in self.state:  # (G + d_G I)^-1 M (A + d_A I)^-1
             return self.state[f"G_{name}_inv"] @ mat @ self.state[f"A_{name}_inv"]
-        qa, la = self.state[f"A_{name}_eigvecs"], self.state[f"A_{name}_eigvals"]
-        qg, lg = self.state[f"G_{name}_eigvecs"], self.state[f"G_{name}_eigvals"]
-        shifts = None
-        if damping_type != "exact":
-            shifts = KroneckerBlock.factored_damping(
-                self._factor(f"A_{name}"), self._factor(f"G_{name}"), damping, pi_correction
-            )
-        return in_eigenbasis(mat, qa, qg, kronecker_eigenvalues(la, lg, damping, shifts).pow(self.power))
+        eigen = tuple(self.state[f"{k}_{name}_{c}"] for k in "AG" for c in ("eigvals", "eigvecs"))
+        factors = (self._factor(f"A_{name}"), self._factor(f"G_{name}"))
+        return kronecker_power(mat, factors, eigen, damping, pi_correction, damping_type, self.power)
 
     def precondition(
         self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"

@@ -1,11 +1,14 @@
-"""The Kronecker-factored curvature block shared by every weight-matrix layer.
+"""The block protocols: `CurvatureBlock` (what the optimizer needs), `KroneckerBlock` (weight matrices).
 
-A block approximates the per-example-loss Fisher of one layer's weight (and bias) as A (x) G:
-A is the second moment of the layer's inputs a~ = [a, 1] (the 1 only with a bias) and G that of
-the per-example gradients g of the loss with respect to the layer's outputs. A layer family only
-says how its inputs and output gradients become rows of a~ and g (`activation_rows`,
-`output_grad_rows`); the statistics, the factors' running averages, the damped inverses and the
-preconditioning live here.
+A block approximates the per-example-loss Fisher of one layer's parameters. `CurvatureBlock` is the
+abstract protocol: statistics in (`record_inputs`, `record_output_grad`), running factors folded
+into zero-debiased averages, cached inverses refreshed, gradients preconditioned.
+
+`KroneckerBlock` is the base of every weight-matrix layer (Linear, Conv, ConvTranspose, your own):
+a layer family only says how its inputs and output gradients become rows a~ = [a, 1] (the 1 only
+with a bias) and g (`activation_rows`, `output_grad_rows`); the block turns the rows into
+statistics, and its `Approximation` (K-FAC's A (x) G, EKFAC, the diagonal, forward-only; see
+`approximation.py`) says which statistics are kept and how they precondition.
 
 Weight sharing (sequence positions, convolution locations) follows the `expand` convention of
 Eschenhagen et al. (2023) and Grosse & Martens (2016): with T shared positions per example,
@@ -17,24 +20,31 @@ Grouped layers are block-diagonal: every tensor carries a leading group dimensio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.linalg import (
-    add_to_diagonal,
-    damped_inverse,
-    in_eigenbasis,
-    kronecker_eigenvalues,
-    pi_adjustment,
-    symmetric_eigh,
-)
+from torch_kfac.blocks.approximation import Approximation
+from torch_kfac.blocks.diagonal import DiagonalFisher
+from torch_kfac.blocks.ekfac import EigenbasisDiagonal
+from torch_kfac.blocks.forward_only import ForwardOnly
+from torch_kfac.blocks.kronecker import KroneckerFactors
+from torch_kfac.linalg import add_to_diagonal
 
 #: How the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions' (averaged over the
 #: batch and over each example's T loss terms, e.g. tokens of a sequence or pixels of a mask).
 REDUCTIONS = ("mean", "sum", "mean_positions")
+
+#: The approximation classes of Kronecker blocks by option value.
+APPROXIMATIONS: dict[str, type[Approximation]] = {
+    cls.NAME: cls for cls in (KroneckerFactors, EigenbasisDiagonal, DiagonalFisher, ForwardOnly)
+}
+
+#: Inverses and eigendecompositions a Kronecker block may cache; dropped before each refresh.
+_CACHES = ("A_inv", "G_inv", "A_eigvals", "A_eigvecs", "G_eigvals", "G_eigvecs")
 
 
 def second_moment_scale(reduction: str, batch_size: int, loss_terms: int = 1) -> float:
@@ -51,6 +61,26 @@ def second_moment_scale(reduction: str, batch_size: int, loss_terms: int = 1) ->
     return float(batch_size * loss_terms)
 
 
+def centered(rows: Tensor) -> Tensor:
+    """Rows (..., K, d) minus their mean over the K rows."""
+    return rows - rows.mean(dim=-2, keepdim=True)
+
+
+def input_second_moment(rows: Tensor, bias: bool) -> Tensor:
+    """1/K sum_k a~_k a~_k^T over rows (..., K, d), a~ = [a, 1] with a bias, else a.
+
+    The bias column is not appended to the rows (a copy of all of them): the moment is assembled
+    as [[sum a a^T, sum a], [sum a^T, K]].
+    """
+    count = rows.shape[-2]
+    moment = rows.mT @ rows
+    if bias:
+        col = rows.sum(dim=-2).unsqueeze(-1)
+        corner = col.new_full((*rows.shape[:-2], 1, 1), float(count))
+        moment = torch.cat([torch.cat([moment, col], -1), torch.cat([col.mT, corner], -1)], -2)
+    return moment / count
+
+
 def _graph_task_id() -> int | None:
     """Id of the backward pass now running (None where PyTorch does not expose it)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
@@ -58,14 +88,14 @@ def _graph_task_id() -> int | None:
     return None if task < 0 else int(task)
 
 
-class CurvatureBlock:
+class CurvatureBlock(ABC):
     """What the optimizer needs from a curvature block: statistics in, preconditioning out.
 
-    A block handles the parameters (`weight`, optional `bias`) of one module. It records
-    statistics from the module's inputs (forward) and output gradients (backward), folds them into
-    zero-debiased running factors named in `FACTORS` (kept in `state` as `<name>_ema` and
-    `<name>_weight`), refreshes cached inverses, and multiplies gradients laid out by `to_matrix`
-    by its damped inverse curvature.
+    A block handles the parameters (`weight`, optional `bias`, or those `parameters()` lists) of
+    one module. It records statistics from the module's inputs (forward) and output gradients
+    (backward), folds them into zero-debiased running factors named in `FACTORS` (kept in `state`
+    as `<name>_ema` and `<name>_weight`), refreshes cached inverses, and multiplies gradients laid
+    out by `pack` by its damped inverse curvature.
     """
 
     #: Names of the running factors.
@@ -93,52 +123,41 @@ class CurvatureBlock:
         self.backward_gate: Callable[[], bool] | None = None
 
     # --------------------------------------------------------------------- to implement
+    @abstractmethod
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
         """Record the forward statistics of one call."""
-        raise NotImplementedError
 
+    @abstractmethod
     def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
         """Record the backward statistics of one call (`reduction` of the loss over the batch)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
         """Refresh the cached inverses from the current factors."""
-        raise NotImplementedError
 
+    @abstractmethod
     def has_inverses(self) -> bool:
         """Whether `precondition` can run."""
-        raise NotImplementedError
 
+    @abstractmethod
     def precondition(
         self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"
     ) -> Tensor:
-        """Damped inverse curvature times a gradient in `to_matrix` layout."""
-        raise NotImplementedError
+        """Damped inverse curvature times a gradient in `pack` layout."""
 
+    @abstractmethod
     def curvature_product(self, mat: Tensor) -> Tensor:
-        """Undamped curvature times a tensor in `to_matrix` layout."""
-        raise NotImplementedError
+        """Undamped curvature times a tensor in `pack` layout."""
 
-    def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
-        """Weight- and bias-shaped tensors in the block's layout."""
-        raise NotImplementedError
-
-    def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Inverse of `to_matrix`: the weight-shaped and bias-shaped parts."""
-        raise NotImplementedError
-
+    @abstractmethod
     def pack(self, tensors: list[Tensor]) -> Tensor:
-        """One tensor per parameter (in `parameters()` order) in the block's layout.
+        """One tensor per parameter (in `parameters()` order) in the block's layout."""
 
-        Blocks of modules with other parameters than weight and bias override `parameters`,
-        `pack` and `unpack`.
-        """
-        return self.to_matrix(tensors[0], tensors[1] if len(tensors) > 1 else None)
-
+    @abstractmethod
     def unpack(self, mat: Tensor) -> list[Tensor]:
         """Inverse of `pack`: one tensor per parameter, in `parameters()` order."""
-        return [t for t in self.from_matrix(mat) if t is not None]
 
+    # ------------------------------------------------------------------------ optional
     def configure(
         self, approximation: str = "kfac", power: float = -1.0, kfac_approx: str = "expand"
     ) -> None:
@@ -153,7 +172,7 @@ class CurvatureBlock:
         """The blocks whose modules the capture hooks: this one, or the members of a composite."""
         return [self]
 
-    def before_forward(self, recording: bool, keep: list[Tensor] | None) -> None:
+    def before_forward(self, recording: bool, keep: list[Tensor] | None) -> None:  # noqa: B027 (optional)
         """Called before each forward call of the module, for blocks that record internally.
 
         Such a block records its statistics itself during the call when `recording` (it has the
@@ -162,7 +181,7 @@ class CurvatureBlock:
         preconditioner's own Fisher passes backpropagate to them.
         """
 
-    def remove(self) -> None:
+    def remove(self) -> None:  # noqa: B027 (optional: most blocks attach nothing)
         """Undo anything the block attached to its module (called by `close()`)."""
 
     @property
@@ -264,31 +283,91 @@ class CurvatureBlock:
     def _factor(self, key: str) -> Tensor:
         return self.state[f"{key}_ema"] / self.state[f"{key}_weight"]
 
+    def _read_factor(self, key: str) -> Tensor:
+        """Factor `key` as the `Factor` attribute shows it."""
+        return self._factor(key)
 
-class KroneckerBlock(CurvatureBlock):
+    def drop_state(self, keys: Iterable[str]) -> None:
+        """Forget the given state entries where present (cached inverses before a refresh)."""
+        for key in keys:
+            self.state.pop(key, None)
+
+    def _set_factor(self, key: str, value: Tensor) -> None:
+        """Set factor `key` to `value` as if it were the only statistic seen (weight 1)."""
+        self.state[f"{key}_ema"] = value.detach().clone()
+        self.state[f"{key}_weight"] = value.new_ones(())
+
+
+class Factor:
+    """A running factor as an attribute: reading gives its zero-debiased average, writing sets it.
+
+    Declared in a block class as `A = Factor("doc")`; the attribute name is the factor's key.
+    Blocks with a leading group dimension override `_read_factor` / `_set_factor`.
+    """
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, block: CurvatureBlock | None, owner: type | None = None) -> Tensor:
+        if block is None:
+            return self  # type: ignore[return-value]
+        return block._read_factor(self.key)
+
+    def __set__(self, block: CurvatureBlock, value: Tensor) -> None:
+        block._set_factor(self.key, value)
+
+
+class WeightBiasBlock(CurvatureBlock):
+    """A block over a module's `weight` and optional `bias`, laid out by `to_matrix` / `from_matrix`."""
+
+    @abstractmethod
+    def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
+        """Weight- and bias-shaped tensors in the block's layout."""
+
+    @abstractmethod
+    def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of `to_matrix`: the weight-shaped and bias-shaped parts."""
+
+    def pack(self, tensors: list[Tensor]) -> Tensor:
+        """The weight-shaped and (if any) bias-shaped tensor through `to_matrix`."""
+        return self.to_matrix(tensors[0], tensors[1] if len(tensors) > 1 else None)
+
+    def unpack(self, mat: Tensor) -> list[Tensor]:
+        """Inverse of `pack`: one tensor per parameter, in `parameters()` order."""
+        return [t for t in self.from_matrix(mat) if t is not None]
+
+
+class KroneckerBlock(WeightBiasBlock):
     """Curvature block F ~ A (x) G for a module with a `weight` of shape (out, ...) and optional `bias`.
 
     Subclass it for a new module type, implement `activation_rows` and `output_grad_rows`, and
-    register it with `torch_kfac.register_block`.
+    register it with `torch_kfac.register_block`. The approximation (`configure`) decides what is
+    done with the rows; `approx` is its object.
     """
 
-    FACTORS = ("A", "G")
-    FORWARD_FACTORS = ("A",)
+    A = Factor("Input factor E[a~ a~^T] (bias folded in as the last row and column).")
+    G = Factor("Output-gradient factor E[g g^T] of the per-example loss.")
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
         if not isinstance(getattr(module, "weight", None), Tensor):
             raise TypeError(f"{type(module).__name__} {name!r} has no weight tensor for K-FAC")
+        # Set before the base initialiser, which reads FACTORS (the approximation's); `configure`
+        # then applies the defaults.
+        self.approx: Approximation = KroneckerFactors(self)
         super().__init__(module, name)
         self.configure()
 
     # ----------------------------------------------------------------- layer-specific hooks
+    @abstractmethod
     def activation_rows(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """The layer's inputs as rows a, shape (groups, N, T, d_in) without the bias column."""
-        raise NotImplementedError
 
+    @abstractmethod
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         """Output gradients as rows g, shape (groups, N, T, d_out)."""
-        raise NotImplementedError
 
     def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
         """Stack a weight-shaped and a bias-shaped tensor into matrices (groups, d_out, d_in [+1])."""
@@ -318,30 +397,35 @@ class KroneckerBlock(CurvatureBlock):
         (A averages a a^T over them, G sums g g^T); 'reduce' averages the inputs and sums the
         output gradients over positions first, then takes second moments over examples.
         """
+        if approximation not in APPROXIMATIONS:
+            raise ValueError(f"approximation must be one of {sorted(APPROXIMATIONS)}, got {approximation!r}")
         self.approximation = approximation
+        self.approx = APPROXIMATIONS[approximation](self)
         self.power = power
         self.kfac_approx = kfac_approx
-        factors = {"kfac": ("A", "G"), "ekfac": ("A", "G", "S"), "diagonal": ("D",), "forward-only": ("A",)}
-        self.FACTORS = factors[approximation]  # type: ignore[misc]
-        self.FORWARD_FACTORS = ("A",) if "A" in self.FACTORS else ()  # type: ignore[misc]
         self._pending = {k: [] for k in self.FACTORS}
         self._saved_rows: list[Tensor] = []
 
     @property
+    def FACTORS(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The running factors of the approximation."""
+        return self.approx.FACTORS
+
+    @property
+    def FORWARD_FACTORS(self) -> tuple[str, ...]:  # type: ignore[override]
+        """A, where the approximation keeps it."""
+        return ("A",) if "A" in self.FACTORS else ()
+
+    @property
     def needs_output_grads(self) -> bool:
         """Whether backward statistics are used (not for the forward-only approximation)."""
-        return self.approximation != "forward-only"
-
-    def _joint_statistics(self) -> bool:
-        """Whether a backward statistic pairs output gradients with that call's inputs."""
-        return self.approximation == "diagonal" or (
-            self.approximation == "ekfac" and "A_eigvecs" in self.state
-        )
+        return self.approx.NEEDS_OUTPUT_GRADS
 
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
         """Add one call's contribution 1/(N T) sum a~ a~^T to the pending A statistics.
 
-        EKFAC and the diagonal also keep the call's rows until its backward pass.
+        Approximations with joint statistics (EKFAC, the diagonal) also keep the call's rows until
+        its backward pass.
         """
         rows = self.activation_rows(inputs).detach()
         if self.kfac_approx == "reduce":
@@ -350,27 +434,19 @@ class KroneckerBlock(CurvatureBlock):
         self.batch_size = n
         flat = rows.reshape(groups, n * t, -1)
         if center:
-            flat = flat - flat.mean(dim=1, keepdim=True)
-        if self._joint_statistics():
+            flat = centered(flat)
+        if self.approx.joint_statistics():
             kept = flat.reshape(groups, n, t, -1)
             if self.bias is not None:
                 kept = torch.cat([kept, kept.new_ones(groups, n, t, 1)], dim=-1)
             self._saved_rows.append(kept)
-        if "A" not in self.FACTORS:
-            return
-        moment = flat.mT @ flat
-        if self.bias is not None:
-            # [a, 1] without copying the rows: [[sum a a^T, sum a], [sum a^T, NT]].
-            col = flat.sum(dim=1).unsqueeze(-1)
-            corner = col.new_full((groups, 1, 1), float(n * t))
-            moment = torch.cat([torch.cat([moment, col], -1), torch.cat([col.mT, corner], -1)], -2)
-        self._pending["A"].append(moment / (n * t))
+        if "A" in self.FACTORS:
+            self._pending["A"].append(input_second_moment(flat, self.bias is not None))
 
     def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
         """Add one call's per-example-gradient second moment 1/N sum g g^T to the pending G.
 
-        EKFAC adds the squared per-example gradients in the current eigenbasis to S, the
-        diagonal approximation the squared per-example gradients to D.
+        With joint statistics the call's kept rows and these go to the approximation together.
         """
         if not self.needs_output_grads:
             return
@@ -380,155 +456,64 @@ class KroneckerBlock(CurvatureBlock):
         groups, n, t, _ = rows.shape
         flat = rows.reshape(groups, n * t, -1)
         if center:
-            flat = flat - flat.mean(dim=1, keepdim=True)
+            flat = centered(flat)
         scale = second_moment_scale(reduction, n, self.loss_terms)
         if "G" in self.FACTORS:
             self.add_backward_statistic("G", flat.mT @ flat * scale)
-        if not self._saved_rows:
-            return
-        # Backward runs in reverse order of the forward calls.
-        a_rows = self._saved_rows.pop()
-        g_rows = flat.reshape(groups, n, t, -1)
-        if self.approximation == "ekfac":
-            squares = per_example_squares(a_rows, g_rows, self.state["A_eigvecs"], self.state["G_eigvecs"])
-            self.add_backward_statistic("S", squares * scale)
-        else:
-            self.add_backward_statistic("D", per_example_squares(a_rows, g_rows) * scale)
+        if self._saved_rows:
+            # Backward runs in reverse order of the forward calls.
+            self.approx.record_joint(self._saved_rows.pop(), flat.reshape(groups, n, t, -1), scale)
+
+    def drop_saved_rows(self) -> None:
+        """Forget the rows kept for joint statistics."""
+        self._saved_rows = []
 
     def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:
         """Drop pending statistics (of the given factors, or all) and rows kept for them."""
         super().clear_pending(keys)
         if keys is None or "A" in keys:
-            self._saved_rows = []
+            self.drop_saved_rows()
 
     def has_factors(self) -> bool:
         """Whether the factors the preconditioner is built from have been estimated."""
-        return all(self.has_factor(k) for k in self.FACTORS if k != "S")
+        return self.approx.has_factors()
 
-    @property
-    def A(self) -> Tensor:
-        """Input factor E[a~ a~^T] (bias folded in as the last row and column)."""
-        a = self._factor("A")
-        return a[0] if self.groups == 1 else a
-
-    @A.setter
-    def A(self, value: Tensor) -> None:
-        self._set_factor("A", value)
-
-    @property
-    def G(self) -> Tensor:
-        """Output-gradient factor E[g g^T] of the per-example loss."""
-        g = self._factor("G")
-        return g[0] if self.groups == 1 else g
-
-    @G.setter
-    def G(self, value: Tensor) -> None:
-        self._set_factor("G", value)
+    def _read_factor(self, key: str) -> Tensor:
+        factor = self._factor(key)
+        return factor[0] if self.groups == 1 else factor
 
     def _set_factor(self, key: str, value: Tensor) -> None:
-        value = value.detach().clone()
-        if value.dim() == 2:
-            value = value.unsqueeze(0)
-        self.state[f"{key}_ema"] = value
-        self.state[f"{key}_weight"] = value.new_ones(())
+        super()._set_factor(key, value.unsqueeze(0) if value.dim() == 2 else value)
 
     # ---------------------------------------------------------------- preconditioning
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
-        """Refresh the cached inverses ('cholesky') or eigendecompositions ('eigh').
+        """Refresh the approximation's cached inverses ('cholesky') or eigendecompositions ('eigh').
 
         With 'cholesky' the damping is baked into the inverses; with 'eigh' it is applied at
-        preconditioning time, so a new damping takes effect at once. EKFAC restarts its
-        eigenbasis diagonal S from the Kronecker eigenvalues whenever the basis changes.
+        preconditioning time, so a new damping takes effect at once.
         """
-        for key in ("A_inv", "G_inv", "A_eigvals", "A_eigvecs", "G_eigvals", "G_eigvecs"):
-            self.state.pop(key, None)
-        if self.approximation == "diagonal":
-            return
-        a = self._factor("A")
-        g = self._factor("G") if "G" in self.FACTORS else None
-        if method == "cholesky" and self.approximation != "ekfac":
-            if g is None:
-                self.state["A_inv"] = damped_inverse(a, damping)
-                return
-            a_damp, g_damp = self.factored_damping(a, g, damping, pi_correction)
-            self.state["A_inv"] = damped_inverse(a, a_damp)
-            self.state["G_inv"] = damped_inverse(g, g_damp)
-            return
-        self.state["A_eigvals"], self.state["A_eigvecs"] = symmetric_eigh(a)
-        if g is not None:
-            self.state["G_eigvals"], self.state["G_eigvecs"] = symmetric_eigh(g)
-        if self.approximation == "ekfac":
-            self._saved_rows = []  # rows kept for the old basis
-            self._pending["S"] = []
-            self.state["S_ema"] = self.state["G_eigvals"].unsqueeze(-1) * self.state["A_eigvals"].unsqueeze(
-                -2
-            )
-            self.state["S_weight"] = self.state["S_ema"].new_ones(())
-
-    @staticmethod
-    def factored_damping(a: Tensor, g: Tensor, damping: Tensor, pi_correction: bool) -> tuple[Tensor, Tensor]:
-        """The diagonal shifts (pi sqrt(l), sqrt(l) / pi) of factored Tikhonov damping."""
-        root = damping.sqrt()
-        if not pi_correction:
-            return root, root
-        pi = pi_adjustment(a, g)
-        return pi * root, root / pi
+        self.drop_state(_CACHES)
+        self.approx.update_inverses(damping, pi_correction, method)
 
     def has_inverses(self) -> bool:
         """Whether a cached inverse, eigendecomposition or diagonal is available."""
-        if self.approximation == "diagonal":
-            return self.has_factor("D")
-        return "A_inv" in self.state or "A_eigvecs" in self.state
+        return self.approx.has_inverses()
 
     def precondition(
         self, mat: Tensor, damping: Tensor, pi_correction: bool, damping_type: str = "factored"
     ) -> Tensor:
         """Multiply gradient matrices by the damped curvature raised to `power` (-1 or -1/2)."""
-        power = self.power
-        if self.approximation == "diagonal":
-            return mat * (self._factor("D") + damping).pow(power)
-        if "A_inv" in self.state:  # Cholesky inverses, power -1
-            right = mat @ self.state["A_inv"]
-            return self.state["G_inv"] @ right if "G_inv" in self.state else right
-        qa, la = self.state["A_eigvecs"], self.state["A_eigvals"]
-        if self.approximation == "forward-only":
-            return ((mat @ qa) * (la + damping).pow(power).unsqueeze(-2)) @ qa.mT
-        qg, lg = self.state["G_eigvecs"], self.state["G_eigvals"]
-        if self.approximation == "ekfac":
-            eigvals = self._factor("S") + damping
-        else:
-            shifts = None
-            if damping_type != "exact":
-                shifts = self.factored_damping(self._factor("A"), self._factor("G"), damping, pi_correction)
-            eigvals = kronecker_eigenvalues(la, lg, damping, shifts)
-        return in_eigenbasis(mat, qa, qg, eigvals.pow(power))
+        return self.approx.precondition(mat, damping, pi_correction, damping_type)
 
     def curvature_product(self, mat: Tensor) -> Tensor:
         """The undamped curvature of the chosen approximation applied to matrices."""
-        if self.approximation == "diagonal":
-            return self._factor("D") * mat
-        if self.approximation == "forward-only":
-            return mat @ self._factor("A")
-        if self.approximation == "ekfac" and self.has_factor("S"):
-            qa, qg = self.state["A_eigvecs"], self.state["G_eigvecs"]
-            return qg @ ((qg.mT @ mat @ qa) * self._factor("S")) @ qa.mT
-        return self._factor("G") @ mat @ self._factor("A")
+        return self.approx.curvature_product(mat)
 
     def dense_curvature(self, damping: float = 0.0) -> Tensor:
         """The block's curvature as a dense matrix (vec = column stacking), for tests and small layers."""
         if self.groups != 1:
             raise ValueError("dense_curvature is defined for ungrouped blocks only")
-        d_out = self.weight.shape[0]
-        if self.approximation == "diagonal":
-            dense = torch.diag(self._factor("D")[0].mT.reshape(-1))
-        elif self.approximation == "forward-only":
-            dense = torch.kron(self.A, torch.eye(d_out, dtype=self.A.dtype, device=self.A.device))
-        elif self.approximation == "ekfac" and self.has_factor("S"):
-            basis = torch.kron(self.state["A_eigvecs"][0], self.state["G_eigvecs"][0])
-            dense = basis @ torch.diag(self._factor("S")[0].mT.reshape(-1)) @ basis.T
-        else:
-            dense = torch.kron(self.A, self.G)
-        return add_to_diagonal(dense, damping)
+        return add_to_diagonal(self.approx.dense_curvature(), damping)
 
     def extra_repr(self) -> str:
         """Factor shapes and memory, for the registration report."""
@@ -538,23 +523,3 @@ class KroneckerBlock(CurvatureBlock):
         size = numel * self.weight.element_size()
         grp = f" x {self.groups} groups" if self.groups > 1 else ""
         return f"A {d_in}x{d_in}, G {d_out}x{d_out}{grp}, {size / 2**20:.2f} MiB per factor set"
-
-
-def per_example_squares(
-    a_rows: Tensor, g_rows: Tensor, qa: Tensor | None = None, qg: Tensor | None = None, chunk: int = 64
-) -> Tensor:
-    """sum_n (Q_G^T W_n Q_A)^2 with W_n = sum_t g_nt a_nt^T the per-example gradient matrices.
-
-    a_rows (groups, N, T, d_in), g_rows (groups, N, T, d_out); without bases Q the squares of
-    W_n themselves. Without shared positions (T = 1) this is one product of squared rows;
-    otherwise per-example gradients are formed `chunk` examples at a time to bound memory.
-    """
-    if qa is not None and qg is not None:
-        a_rows, g_rows = a_rows @ qa.unsqueeze(1), g_rows @ qg.unsqueeze(1)
-    if a_rows.shape[2] == 1:
-        return g_rows[:, :, 0].square().mT @ a_rows[:, :, 0].square()
-    total = g_rows.new_zeros(g_rows.shape[0], g_rows.shape[-1], a_rows.shape[-1])
-    for start in range(0, a_rows.shape[1], chunk):
-        grads = g_rows[:, start : start + chunk].mT @ a_rows[:, start : start + chunk]
-        total += grads.square().sum(1)
-    return total

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.blocks.base import CurvatureBlock, second_moment_scale
+from torch_kfac.blocks.base import Factor, WeightBiasBlock, centered, second_moment_scale
 from torch_kfac.linalg import add_to_diagonal, damped_inverse, symmetric_eigh
 
 
-class EmbeddingBlock(CurvatureBlock):
+class EmbeddingBlock(WeightBiasBlock):
     """K-FAC block of `nn.Embedding`; ids (N, *) share the table over the dims after the first.
 
     A 1-D tensor of ids is a batch of N single tokens. `sparse=True`, `max_norm` and
@@ -92,32 +92,13 @@ class EmbeddingBlock(CurvatureBlock):
         n = int(g.shape[0]) if g.dim() > 1 else 1
         rows = g.reshape(-1, g.shape[-1])
         if center:
-            rows = rows - rows.mean(dim=0, keepdim=True)
+            rows = centered(rows)
         # Summed over the calls of one backward pass (a shared table counts like more positions).
         self.add_backward_statistic("G", rows.mT @ rows * second_moment_scale(reduction, n, self.loss_terms))
 
     # ----------------------------------------------------------------------- factors
-    @property
-    def A(self) -> Tensor:
-        """The diagonal input factor as a vector of V token frequencies."""
-        return self._factor("A")
-
-    @A.setter
-    def A(self, value: Tensor) -> None:
-        self._set_factor("A", value)
-
-    @property
-    def G(self) -> Tensor:
-        """Output-gradient factor E[g g^T] of the per-example loss, (d, d)."""
-        return self._factor("G")
-
-    @G.setter
-    def G(self, value: Tensor) -> None:
-        self._set_factor("G", value)
-
-    def _set_factor(self, key: str, value: Tensor) -> None:
-        self.state[f"{key}_ema"] = value.detach().clone()
-        self.state[f"{key}_weight"] = value.new_ones(())
+    A = Factor("The diagonal input factor as a vector of V token frequencies.")
+    G = Factor("Output-gradient factor E[g g^T] of the per-example loss, (d, d).")
 
     # ---------------------------------------------------------------- preconditioning
     def configure(
@@ -146,8 +127,7 @@ class EmbeddingBlock(CurvatureBlock):
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
         """Refresh 1/(a + d_A) and (G + d_G I)^-1 ('cholesky', power -1) or G's eigendecomposition."""
         a, g = self._factor("A"), self._factor("G")
-        for key in ("A_inv", "G_inv", "A_eigvals", "G_eigvals", "G_eigvecs"):
-            self.state.pop(key, None)
+        self.drop_state(("A_inv", "G_inv", "A_eigvals", "G_eigvals", "G_eigvecs"))
         if method == "cholesky" and self.power == -1.0:
             a_damp, g_damp = self.factored_damping(a, g, damping, pi_correction)
             self.state["A_inv"] = 1.0 / (a + a_damp)

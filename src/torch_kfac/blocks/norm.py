@@ -21,16 +21,17 @@ RMSNorm), kept on the block until the output gradient of that call arrives, and 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_kfac.blocks.base import CurvatureBlock, second_moment_scale
+from torch_kfac.blocks.base import Factor, WeightBiasBlock, second_moment_scale
 from torch_kfac.linalg import damped_inverse, symmetric_eigh
 
 
-class NormBlock(CurvatureBlock):
+class NormBlock(WeightBiasBlock):
     """Exact per-channel (scale, shift) Fisher of a normalization layer, block-diagonal over channels.
 
     Subclasses say how the module normalizes (`normalize`) and which output positions share a
@@ -60,13 +61,13 @@ class NormBlock(CurvatureBlock):
         """The input or output with a leading batch dimension (added for an unbatched tensor)."""
         return x
 
+    @abstractmethod
     def normalize(self, x: Tensor) -> Tensor:
         """xhat of a batched input, computed as the module computes it (without scale and shift)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def parameter_sums(self, t: Tensor) -> Tensor:
         """Sum an output-shaped batched tensor over the positions sharing each parameter: (N, C)."""
-        raise NotImplementedError
 
     # -------------------------------------------------------------------- statistics
     def num_examples(self, inputs: tuple[Tensor, ...]) -> int:
@@ -142,15 +143,7 @@ class NormBlock(CurvatureBlock):
         self._consumed = False
 
     # ----------------------------------------------------------------------- factors
-    @property
-    def F(self) -> Tensor:
-        """Per-channel second moments of the per-example (scale, shift) gradients, (C, k, k)."""
-        return self._factor("F")
-
-    @F.setter
-    def F(self, value: Tensor) -> None:
-        self.state["F_ema"] = value.detach().clone()
-        self.state["F_weight"] = value.new_ones(())
+    F = Factor("Per-channel second moments of the per-example (scale, shift) gradients, (C, k, k).")
 
     # ---------------------------------------------------------------- preconditioning
     def configure(
@@ -171,8 +164,7 @@ class NormBlock(CurvatureBlock):
         A power other than -1 always goes through the eigendecompositions.
         """
         f = self._factor("F")
-        for key in ("F_inv", "F_eigvals", "F_eigvecs"):
-            self.state.pop(key, None)
+        self.drop_state(("F_inv", "F_eigvals", "F_eigvecs"))
         if method == "cholesky" and self.power == -1.0:
             self.state["F_inv"] = damped_inverse(f, damping)
         else:

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from torch_kfac.blocks.base import KroneckerBlock, second_moment_scale
+from torch_kfac.blocks.approximation import damped_kronecker_inverses, kronecker_power
+from torch_kfac.blocks.base import centered, input_second_moment, second_moment_scale
 from torch_kfac.blocks.switched import SwitchedForwardBlock
-from torch_kfac.linalg import damped_inverse, in_eigenbasis, kronecker_eigenvalues, symmetric_eigh
+from torch_kfac.linalg import symmetric_eigh
 
 #: Gate blocks stacked in the rows of W_ih and W_hh, per recurrent mode.
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -171,14 +172,6 @@ class RNNBlock(SwitchedForwardBlock):
         params = self.parameters()
         pieces = mat.split([p.numel() for p in params])
         return [piece.reshape(p.shape) for piece, p in zip(pieces, params, strict=True)]
-
-    def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
-        """Not meaningful for several matrices; use `pack`."""
-        raise NotImplementedError("RNNBlock lays out all its parameters with pack()")
-
-    def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Not meaningful for several matrices; use `unpack`."""
-        raise NotImplementedError("RNNBlock splits its layout with unpack()")
 
     def _matrix_views(self, flat: Tensor) -> dict[str, Tensor]:
         """Each matrix's [W, b] (bias as the last column) from a flat `pack` layout."""
@@ -421,16 +414,7 @@ class RNNBlock(SwitchedForwardBlock):
 
     def _input_moment(self, rows: Tensor, bias: bool) -> Tensor:
         """1/K sum over K rows of a~ a~^T, a~ = [a, 1] with a bias (centered rows if `center`)."""
-        count = rows.shape[0]
-        if self.center:
-            rows = rows - rows.mean(dim=0, keepdim=True)
-        moment = rows.mT @ rows
-        if bias:
-            # [a, 1] without copying the rows: [[sum a a^T, sum a], [sum a^T, K]].
-            col = rows.sum(dim=0).unsqueeze(-1)
-            corner = col.new_full((1, 1), float(count))
-            moment = torch.cat([torch.cat([moment, col], -1), torch.cat([col.mT, corner], -1)], -2)
-        return moment / count
+        return input_second_moment(centered(rows) if self.center else rows, bias)
 
     def _gate_hook(
         self, key: str, active: Tensor | None, gru_hh: tuple[str, Tensor] | None = None
@@ -459,7 +443,7 @@ class RNNBlock(SwitchedForwardBlock):
     def _output_moment(self, rows: Tensor) -> Tensor:
         """sum over rows of g g^T (centered rows if `center`)."""
         if self.center:
-            rows = rows - rows.mean(dim=0, keepdim=True)
+            rows = centered(rows)
         return rows.mT @ rows
 
     # ----------------------------------------------------------------------- factors
@@ -485,14 +469,11 @@ class RNNBlock(SwitchedForwardBlock):
         With 'cholesky' the damping is baked into the inverses; with 'eigh' (and for any power
         other than -1) it is applied at preconditioning time.
         """
-        for key in self._inverse_keys():
-            self.state.pop(key, None)
+        self.drop_state(self._inverse_keys())
         if method == "cholesky" and self.power == -1.0:
             for mat in self.matrices:
-                a, g = self.factors(mat.name)
-                a_damp, g_damp = KroneckerBlock.factored_damping(a, g, damping, pi_correction)
-                self.state[f"{mat.name}_A_inv"] = damped_inverse(a, a_damp)
-                self.state[f"{mat.name}_G_inv"] = damped_inverse(g, g_damp)
+                inverses = damped_kronecker_inverses(*self.factors(mat.name), damping, pi_correction)
+                self.state[f"{mat.name}_A_inv"], self.state[f"{mat.name}_G_inv"] = inverses
             return
         for key in self.FACTORS:
             self.state[f"{key}_eigvals"], self.state[f"{key}_eigvecs"] = symmetric_eigh(self._factor(key))
@@ -513,13 +494,10 @@ class RNNBlock(SwitchedForwardBlock):
             if f"{m.name}_A_inv" in self.state:  # Cholesky inverses, power -1
                 result[m.name] = self.state[f"{m.name}_G_inv"] @ grad @ self.state[f"{m.name}_A_inv"]
                 continue
-            qa, la = self.state[f"{m.a_key}_eigvecs"], self.state[f"{m.a_key}_eigvals"]
-            qg, lg = self.state[f"{m.g_key}_eigvecs"], self.state[f"{m.g_key}_eigvals"]
-            shifts = None
-            if damping_type != "exact":
-                shifts = KroneckerBlock.factored_damping(*self.factors(m.name), damping, pi_correction)
-            eigvals = kronecker_eigenvalues(la, lg, damping, shifts)
-            result[m.name] = in_eigenbasis(grad, qa, qg, eigvals.pow(self.power))
+            eigen = tuple(self.state[f"{k}_{c}"] for k in (m.a_key, m.g_key) for c in ("eigvals", "eigvecs"))
+            result[m.name] = kronecker_power(
+                grad, self.factors(m.name), eigen, damping, pi_correction, damping_type, self.power
+            )
         return self._flatten_matrices(result)
 
     def curvature_product(self, mat: Tensor) -> Tensor:

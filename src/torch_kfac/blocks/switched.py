@@ -8,6 +8,7 @@ re-implementation once, which records statistics itself. `remove()` puts the for
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 from torch import Tensor, nn
@@ -98,10 +99,10 @@ class SwitchedForwardBlock(CurvatureBlock):
             return previous(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
 
+    @abstractmethod
     def observe_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Note what a call says about the batch (its size)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def recording_forward(self, *args: Any, keep: list[Tensor] | None = None, **kwargs: Any) -> Any:
         """The module's forward, re-implemented to record statistics."""
-        raise NotImplementedError

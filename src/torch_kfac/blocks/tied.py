@@ -96,6 +96,12 @@ class TiedBlock(CurvatureBlock):
         """The members record their own statistics from their own modules."""
         return list(self.members)
 
+    def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
+        """Nothing: the capture hooks the members (`hooked`), which record their own inputs."""
+
+    def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
+        """Nothing: the members record their own output gradients."""
+
     # ----------------------------------------------------------------------- parameters
     @property
     def weight(self) -> Tensor:
