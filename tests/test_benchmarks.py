@@ -92,3 +92,20 @@ def test_time_to_loss_quick(bench: dict[str, ModuleType], tmp_path: Path) -> Non
     assert summary["targets"][0]["loss"] == 1e9
     assert summary["best"]["kfac"]["to_target"]["1e+09"] == {"seconds": 0.0, "steps": 0}
     assert "recomputed by" in (tmp_path / "again" / "time_to_loss.md").read_text()
+
+
+def test_distributed_scale_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scale model: f=1 sends no gradients, f=1/W no inverses and holds ~1/W of them; bytes
+    per step of ResNet-50's factors are the upper triangles' over the factor interval."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    scale = importlib.import_module("distributed_scale")
+    costs = scale.Costs(1e13, 1e-11, 1e-10, 25e9, 5e-6)
+    layers = scale.resnet50_layers()
+    assert len(layers) == 54
+    replicated = scale.predict(layers, 8, 1.0, costs, 32, intervals=(10, 100))
+    owner_only = scale.predict(layers, 8, 1 / 8, costs, 32, intervals=(10, 100))
+    assert replicated["bytes"]["gradients"] == 0 and owner_only["bytes"]["inverses"] == 0
+    assert owner_only["inverse_memory_bytes"] < replicated["inverse_memory_bytes"] / 4
+    triangles = sum(x.d_in * (x.d_in + 1) // 2 + x.d_out * (x.d_out + 1) // 2 for x in layers)
+    assert replicated["bytes"]["factors"] == triangles * 4 / 10
+    assert replicated["step_s"] > replicated["sgd_step_s"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -47,8 +48,8 @@ def test_clip_leaves_small_updates_and_no_bound_alone() -> None:
     assert torch.equal(clip(zero, zero, 0.1, 1.0)["a"], torch.tensor([0.0]))  # no 0/0
 
 
-def _precondition(name: str, mat: torch.Tensor) -> torch.Tensor:
-    return mat / 2.0  # P = I / 2
+def _precondition(mats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: mat / 2.0 for name, mat in mats.items()}  # P = I / 2
 
 
 def test_regular_momentum_accumulates_clipped_natural_gradients() -> None:

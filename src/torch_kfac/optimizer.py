@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.damping import levenberg_marquardt, model_change, rejected_damping, step_rejected
+from torch_kfac.distributed import unwrap
 from torch_kfac.options import (
     ORIGINAL_POSITIONAL,
     KFACOptions,
@@ -74,6 +75,7 @@ class KFAC(OriginalAPI, Optimizer):
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         self.options = opts = kfac_options(args, kwargs)
         self.preconditioner = KFACPreconditioner(model, options=opts)
+        model = unwrap(model)  # DistributedDataParallel: the optimizer's own passes skip the wrapper
         self.loss_fn = opts.loss_fn
         self._exact = ExactCurvature(model, opts.loss_fn) if opts.loss_fn is not None else None
         self.model = model
@@ -152,6 +154,8 @@ class KFAC(OriginalAPI, Optimizer):
         hyper = self._hyperparameters(k)
         self._check_step_inputs(loss, batch, closure)
         loss_t = None if loss is None else torch.as_tensor(loss).detach().to(pre.damping)
+        if loss_t is not None:
+            loss_t = pre.average_over_ranks(loss_t)  # DISTRIBUTED: the global batch's loss
         block_params = {id(p) for p in iter_block_params(pre.blocks)}
         params = {n: p for n, p in self._named_params.items() if p.grad is not None}
         fallback = {n: p for n, p in params.items() if id(p) not in block_params}
@@ -201,7 +205,7 @@ class KFAC(OriginalAPI, Optimizer):
             self._named_params[n].add_(d)
         new_loss = None
         if same_batch and (damping_due or opts.reject_steps):
-            new_loss = self._evaluate(batch, closure) * scale
+            new_loss = pre.average_over_ranks(self._evaluate(batch, closure)) * scale
         if damping_due:
             assert q is not None
             if new_loss is not None:
@@ -286,7 +290,7 @@ class KFAC(OriginalAPI, Optimizer):
         states = {n: self.state[blocks[n].parameters()[0]] for n in mats}
         updates = block_updates(
             mats,
-            lambda n, m: pre.precondition(blocks[n], m),
+            pre.precondition_all,
             states,
             self.options.momentum_type,
             lr,
@@ -314,7 +318,7 @@ class KFAC(OriginalAPI, Optimizer):
             inputs, targets = batch
             with pre.paused():
                 assert self._exact is not None
-                curv = self._exact.gram(inputs, targets, [delta])[0, 0] * scale
+                curv = pre.average_over_ranks(self._exact.gram(inputs, targets, [delta])[0, 0]) * scale
         else:
             curv = pre.quadratic_form(lambda p: delta.get(self._param_names[id(p)]))
         return model_change(dot(grads, delta), curv, self._model_damping, dot(delta, delta))
@@ -340,7 +344,7 @@ class KFAC(OriginalAPI, Optimizer):
         previous step's change. Returns the change and its model value q (for damping).
         """
         pre, opts = self.preconditioner, self.options
-        natural = {n: pre.precondition(pre.blocks[n], m) for n, m in mats.items()}
+        natural = pre.precondition_all(mats)
         v1 = {self._param_names[id(p)]: -u for p, u in per_parameter(pre.blocks, natural)}
         v1.update({n: -grads[n] for n in fallback})
         previous = {
@@ -352,7 +356,7 @@ class KFAC(OriginalAPI, Optimizer):
         inputs, targets = batch
         with pre.paused():
             assert self._exact is not None
-            curvature = self._exact.gram(inputs, targets, directions) * scale
+            curvature = pre.average_over_ranks(self._exact.gram(inputs, targets, directions)) * scale
         linear = torch.stack([dot(grads, d) for d in directions])
         fixed: dict[int, float] = {}
         if not opts.adaptive_learning_rate:
@@ -399,7 +403,7 @@ class KFAC(OriginalAPI, Optimizer):
         return {
             "params": {n: p.detach().clone() for n, p in self._named_params.items()},
             "state": {p: _copy(s) for p, s in self.state.items()},
-            "kfac": self.preconditioner.state_dict(),
+            "kfac": self.preconditioner.state_dict(complete=False),
             "adaptation": dict(self.adaptation),
         }
 

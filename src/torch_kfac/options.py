@@ -201,6 +201,20 @@ def check_inverse_power(name: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def check_fraction(name: str, value: object) -> float:
+    """A fraction in (0, 1] (`grad_worker_fraction`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_seed(name: str, value: object) -> int:
+    """A non-negative int seed."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -229,6 +243,9 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "approximation": Approximation.parse,
     "inverse_power": check_inverse_power,
     "kfac_approx": KFACApprox.parse,
+    "grad_worker_fraction": check_fraction,
+    "reduce_upper_triangle": _optional(check_bool),
+    "mc_seed": _optional(check_seed),
     "lr": _optional(check_number),
     "momentum": _number(high=1.0, high_inclusive=False),
     "momentum_type": MomentumType.parse,
@@ -309,6 +326,15 @@ class PreconditionerOptions:
         kfac_approx: weight sharing over sequence/spatial positions (Eschenhagen et al. 2023):
             'expand' (positions count like examples) or 'reduce' (inputs averaged and output
             gradients summed over positions before the second moments).
+        grad_worker_fraction: with `torch.distributed` initialized, the fraction of ranks that
+            hold each block's inverses and precondition its gradient: 1 (every rank; no gradient
+            broadcast), 1/world_size (only the block's owner, which broadcasts the preconditioned
+            gradient; least memory) or in between. See docs/distributed.md.
+        reduce_upper_triangle: in distributed runs, all-reduce only the upper triangle of
+            symmetric statistics (half the bytes, for a pack and unpack); None: on GPUs only.
+        mc_seed: seed of the labels sampled for fisher_type='mc' (re-seeded from it every step);
+            None uses the global generator on one process, and rank 0's seed in distributed runs,
+            where every rank draws for the whole global batch and keeps its own rows.
     """
 
     #: Options that may be a callable of the step.
@@ -332,6 +358,9 @@ class PreconditionerOptions:
     approximation: Approximation | str = Approximation.KFAC
     inverse_power: float = -1.0
     kfac_approx: KFACApprox | str = KFACApprox.EXPAND
+    grad_worker_fraction: float = 1.0
+    reduce_upper_triangle: bool | None = None
+    mc_seed: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -8,7 +8,7 @@ of every supported layer with the natural gradient, and any `torch.optim` optimi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.capture import StatisticsCapture
+from torch_kfac.distributed import LAYOUT_KEY, DistributedCurvature, check_model, is_distributed, unwrap
 from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.options import FisherType, PreconditionerOptions, Reduction, check_option, signature
 from torch_kfac.registration import make_blocks, report
@@ -52,6 +53,17 @@ class KFACPreconditioner:
         if options is not None and kwargs:
             raise TypeError("pass either options=... or the options as keywords, not both")
         self.options = opts = PreconditionerOptions(**kwargs) if options is None else options
+        check_model(model)
+        model = unwrap(model)  # DistributedDataParallel: blocks named without `module.`
+        #: Communication with the other ranks (None on a single process; torch_kfac.distributed).
+        self.distributed = (
+            DistributedCurvature(opts.grad_worker_fraction, opts.reduce_upper_triangle)
+            if is_distributed()
+            else None
+        )
+        self.mc_seed = opts.mc_seed
+        if self.distributed is not None and self.mc_seed is None and opts.fisher_type == FisherType.MC:
+            self.mc_seed = self.distributed.shared_seed()
         self.loss_fn = opts.loss_fn
         self.loss_curvature: LossCurvature | None = (
             None if opts.loss_fn is None else loss_curvature(opts.loss_fn)
@@ -120,10 +132,15 @@ class KFACPreconditioner:
             return True
         return self.steps % self.options.value_at("factor_update_steps", self.steps) == 0
 
-    def _inverses_due(self, block: CurvatureBlock) -> bool:
+    def _inverses_due(self, name: str) -> bool:
+        block = self.blocks[name]
         if not block.has_factors():
             return False
-        if self.steps < self.options.warmup_steps or not block.has_inverses():
+        if self.distributed is not None:  # DISTRIBUTED: not every rank holds the inverses
+            ready = name in self.global_state.get(LAYOUT_KEY, {})
+        else:
+            ready = block.has_inverses()
+        if self.steps < self.options.warmup_steps or not ready:
             return True
         return self.steps % self.options.value_at("inverse_update_steps", self.steps) == 0
 
@@ -160,8 +177,17 @@ class KFACPreconditioner:
             if not layer_outputs:
                 return
             if self.options.fisher_type == FisherType.MC:
+                generator = None
+                if self.mc_seed is not None:
+                    generator = torch.Generator(device=outputs.device)
+                    generator.manual_seed((self.mc_seed + self.steps * 0x9E3779B97F4A7C15) % 2**63)
                 for i in range(self.options.mc_samples):
-                    sampled = self.loss_curvature.sample_targets(outputs, targets, None)
+                    if self.distributed is not None:  # DISTRIBUTED: rows of the global batch's labels
+                        assert generator is not None
+                        sample = self.loss_curvature.sample_targets
+                        sampled = self.distributed.sample_targets(sample, outputs, targets, generator)
+                    else:
+                        sampled = self.loss_curvature.sample_targets(outputs, targets, generator)
                     loss = self.loss_fn(outputs, sampled)
                     torch.autograd.grad(
                         loss, layer_outputs, retain_graph=i + 1 < self.options.mc_samples, allow_unused=True
@@ -184,16 +210,23 @@ class KFACPreconditioner:
         """Statistics recorded since the last fold, for a finiteness check."""
         return [b.pending(k) for b in self.blocks.values() for k in b.FACTORS if b.has_pending(k)]
 
+    def _statistics(self) -> dict[tuple[str, str], Tensor]:
+        """(block, factor) -> the pending statistic; averaged over ranks in distributed runs."""
+        stats = {(n, k): b.pending(k) for n, b in self.blocks.items() for k in b.FACTORS if b.has_pending(k)}
+        if self.distributed is not None and stats:  # DISTRIBUTED: one all-reduce per dtype
+            stats = self.distributed.average_statistics(stats)
+        return stats
+
     def update_factors(self) -> bool:
         """Fold the recorded statistics into the running factors.
 
         Non-finite statistics are dropped with a warning and the factors are left as they were.
         Returns whether the factors changed.
         """
-        pending = self.pending_statistics()
-        if not pending:
+        stats = self._statistics()
+        if not stats:
             return False
-        if not all_finite(pending):
+        if not all_finite(stats.values()):
             self.discard_statistics()
             warnings.warn(
                 "K-FAC: non-finite layer statistics; the factors were not updated",
@@ -201,13 +234,21 @@ class KFACPreconditioner:
                 stacklevel=2,
             )
             return False
-        self._fold()
+        self._fold(stats)
         return True
 
-    def _fold(self) -> None:
-        """Fold the (already checked) pending statistics into the running factors."""
+    def _fold(self, stats: dict[tuple[str, str], Tensor]) -> None:
+        """Fold the (already checked) statistics into the running factors."""
+        decay = self.options.cov_ema_decay
+        if self.distributed is None:
+            for block in self.blocks.values():
+                block.fold_pending(decay)
+            return
+        # DISTRIBUTED: fold the statistics averaged over ranks, not the local ones.
+        for (name, key), value in stats.items():
+            self.blocks[name].fold_statistic(key, value, decay)
         for block in self.blocks.values():
-            block.fold_pending(self.options.cov_ema_decay)
+            block.clear_pending()
 
     def discard_statistics(self) -> None:
         """Drop statistics recorded since the last fold."""
@@ -219,6 +260,7 @@ class KFACPreconditioner:
         for block in self.blocks.values():
             block.clear_pending()
             block.state.clear()
+        self.global_state.pop(LAYOUT_KEY, None)
 
     def update_inverses(self, force: bool = False) -> None:
         """Refresh the inverses of blocks that are due (every block with factors if `force`).
@@ -226,21 +268,28 @@ class KFACPreconditioner:
         A block whose new inverses cannot be computed (an eigendecomposition that does not
         converge) or are not finite keeps its previous ones (none: the raw gradient), with a warning.
         """
+        due = [n for n, b in self.blocks.items() if b.has_factors() and (force or self._inverses_due(n))]
+        here = due
+        if self.distributed is not None:  # DISTRIBUTED: each block refreshed by its owner
+            here = self.distributed.computes(self.blocks, due, self.global_state.setdefault(LAYOUT_KEY, {}))
         refreshed = []
+        before = {}
         pi = self.options.enable_pi_correction
-        for name, block in self.blocks.items():
-            if block.has_factors() and (force or self._inverses_due(block)):
-                previous = dict(block.state)
-                try:
-                    block.update_inverses(self.damping, pi, self.options.inverse_method.value)
-                except torch.linalg.LinAlgError as exc:
-                    _keep_inverses(name, block, previous, str(exc).splitlines()[0])
-                    continue
-                refreshed.append((name, block, previous))
+        for name in here:
+            block = self.blocks[name]
+            previous = before[name] = dict(block.state)
+            try:
+                block.update_inverses(self.damping, pi, self.options.inverse_method.value)
+            except torch.linalg.LinAlgError as exc:
+                _keep_inverses(name, block, previous, str(exc).splitlines()[0])
+                continue
+            refreshed.append((name, block, previous))
         if refreshed and not all_finite([t for _, b, p in refreshed for t in _new_tensors(b, p)]):
             for name, block, previous in refreshed:
                 if not all_finite(_new_tensors(block, previous)):
                     _keep_inverses(name, block, previous, "the result is not finite")
+        if self.distributed is not None:  # DISTRIBUTED: owners broadcast to the blocks' grad workers
+            self.distributed.share_inverses(self.blocks, due, before, self.global_state[LAYOUT_KEY])
 
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
@@ -258,6 +307,23 @@ class KFACPreconditioner:
             return mat
         opts = self.options
         return block.precondition(mat, self.damping, opts.enable_pi_correction, opts.damping_type.value)
+
+    def precondition_all(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Natural gradients of several blocks' gradient matrices (keyed by block name).
+
+        In distributed runs each block's grad workers compute it and broadcast it to the others.
+        """
+        if self.distributed is None:
+            return {name: self.precondition(self.blocks[name], mat) for name, mat in mats.items()}
+        # DISTRIBUTED: computed where the inverses are, then broadcast.
+        layouts = self.global_state.get(LAYOUT_KEY, {})
+        return self.distributed.precondition(
+            dict(mats), lambda name, mat: self.precondition(self.blocks[name], mat), layouts
+        )
+
+    def average_over_ranks(self, value: Tensor) -> Tensor:
+        """The mean over ranks of a loss or Gram matrix (the value itself on one process)."""
+        return value if self.distributed is None else self.distributed.average(value)
 
     def quadratic_form(self, part: Callable[[Tensor], Tensor | None]) -> Tensor:
         """delta^T C delta with C the K-FAC curvature of the blocks that have factors.
@@ -301,7 +367,8 @@ class KFACPreconditioner:
                 )
             self.fisher_pass(batch)
         mats = self.gradient_matrices()
-        if not all_finite([*mats.values(), *self.pending_statistics(), *extra]):
+        stats = self._statistics()
+        if not all_finite([*mats.values(), *stats.values(), *extra]):
             self.discard_statistics()
             warnings.warn(
                 f"K-FAC: non-finite gradient, statistic or loss at step {self.steps}; "
@@ -311,7 +378,7 @@ class KFACPreconditioner:
             )
             return None
         if not self.options.update_factors_manually:
-            self._fold()
+            self._fold(stats)
         self.update_inverses()
         return mats
 
@@ -339,8 +406,7 @@ class KFACPreconditioner:
         mats = self.prepare(batch=batch)
         if mats is None:
             return False
-        natural = {name: self.precondition(self.blocks[name], mat) for name, mat in mats.items()}
-        for param, new_grad in per_parameter(self.blocks, natural):
+        for param, new_grad in per_parameter(self.blocks, self.precondition_all(mats)):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             param.grad.copy_(new_grad)
@@ -356,11 +422,21 @@ class KFACPreconditioner:
         return f"{type(self).__name__}(\n{self.describe()}\n)"
 
     # -------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Factors, inverses and schedule state, keyed by module name."""
+    def state_dict(self, *, complete: bool = True) -> dict[str, Any]:
+        """Factors, inverses and schedule state, keyed by module name.
+
+        In distributed runs with `complete` every rank must call it: it gathers the inverses
+        other ranks hold, so the result loads with any number of ranks. `complete=False` keeps
+        this rank's own (a snapshot it restores itself).
+        """
+        blocks = {name: {k: v.clone() for k, v in b.state.items()} for name, b in self.blocks.items()}
+        if complete and self.distributed is not None:  # DISTRIBUTED: collective
+            layouts = self.global_state.get(LAYOUT_KEY, {})
+            for name, entries in self.distributed.gather_inverses(self.blocks, layouts).items():
+                blocks[name].update(entries)
         return {
             "global": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.global_state.items()},
-            "blocks": {name: {k: v.clone() for k, v in b.state.items()} for name, b in self.blocks.items()},
+            "blocks": blocks,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -376,6 +452,8 @@ class KFACPreconditioner:
         damping = self.global_state["damping"]
         self.global_state.update(state["global"])
         self.global_state["damping"] = damping.copy_(state["global"]["damping"])
+        if self.distributed is not None:  # DISTRIBUTED: keep only the inverses this rank holds
+            self.distributed.after_load(self.blocks, self.global_state.get(LAYOUT_KEY, {}))
 
     def close(self) -> None:
         """Remove the hooks from the model."""

@@ -49,7 +49,7 @@ def clip(
 
 def block_updates(
     mats: Mapping[str, Tensor],
-    precondition: Callable[[str, Tensor], Tensor],
+    precondition: Callable[[Mapping[str, Tensor]], dict[str, Tensor]],
     states: Mapping[str, MutableMapping[str, Any]],
     momentum_type: MomentumType,
     lr: float,
@@ -58,13 +58,14 @@ def block_updates(
 ) -> dict[str, Tensor]:
     """The update direction of every block (before lr and weight decay), by block name.
 
-    `precondition(name, mat)` applies a block's P; `states[name]` holds its momentum buffer.
+    `precondition(mats)` applies every block's P (at once: in distributed runs the results are
+    broadcast in buckets); `states[name]` holds a block's momentum buffer.
     """
     if momentum_type == MomentumType.REGULAR:
-        natural = clip(mats, {n: precondition(n, m) for n, m in mats.items()}, lr, bound)
+        natural = clip(mats, precondition(mats), lr, bound)
         return {n: velocity(states[n], v, mu) for n, v in natural.items()}
     velocities = {n: velocity(states[n], m, mu) for n, m in mats.items()}
-    return clip(velocities, {n: precondition(n, v) for n, v in velocities.items()}, lr, bound)
+    return clip(velocities, precondition(velocities), lr, bound)
 
 
 def parameter_change(param: Tensor, update: Tensor, lr: float, weight_decay: float) -> Tensor:

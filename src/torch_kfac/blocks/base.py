@@ -256,14 +256,17 @@ class CurvatureBlock(ABC):
         for key in self.FACTORS:
             if not self._pending[key]:
                 continue
-            batch = self.pending(key)
-            ema, weight = self.state.get(f"{key}_ema"), self.state.get(f"{key}_weight")
-            if ema is None or weight is None:
-                ema = torch.zeros_like(batch)
-                weight = batch.new_zeros(())
-            self.state[f"{key}_ema"] = ema.lerp_(batch, 1.0 - decay)
-            self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
+            self.fold_statistic(key, self.pending(key), decay)
             self._pending[key] = []
+
+    def fold_statistic(self, key: str, batch: Tensor, decay: float) -> None:
+        """Fold one batch statistic (e.g. averaged over ranks) into factor `key`'s running average."""
+        ema, weight = self.state.get(f"{key}_ema"), self.state.get(f"{key}_weight")
+        if ema is None or weight is None:
+            ema = torch.zeros_like(batch)
+            weight = batch.new_zeros(())
+        self.state[f"{key}_ema"] = ema.lerp_(batch, 1.0 - decay)
+        self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
 
     def follow_weight(self) -> None:
         """Move the state to the parameters' device and dtype (after `model.to(...)`)."""
