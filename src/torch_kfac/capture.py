@@ -22,6 +22,13 @@ from torch.utils.hooks import RemovableHandle
 
 from torch_kfac.blocks.base import CurvatureBlock
 
+#: Why the hooks run outside a compiled graph (dynamo shows it in its graph-break report, and in the
+#: error of `torch.compile(model, fullgraph=True)`, which cannot work with them).
+_EAGER = (
+    "K-FAC records layer statistics in Python hooks, outside the compiled graph: compile the model "
+    "without fullgraph=True"
+)
+
 
 class StatisticsCapture:
     """Decides when statistics are recorded and routes them to the blocks.
@@ -66,9 +73,11 @@ class StatisticsCapture:
             return self._forward_on
         return torch.is_grad_enabled() and self.is_due()
 
+    @torch.compiler.disable(reason=_EAGER)
     def _pre_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         block.before_forward(self._recording(), self._forced)
 
+    @torch.compiler.disable(reason=_EAGER)
     def _forward_hook(
         self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
     ) -> Any:
@@ -90,6 +99,7 @@ class StatisticsCapture:
         """Whether output gradients arriving now are recorded."""
         return self._forced is not None or not (self._paused or (self.explicit and not self._backward_on))
 
+    @torch.compiler.disable(reason=_EAGER)
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
         if self._backward_recording():
             block.record_output_grad(grad, self.reduction, self.center)
