@@ -113,3 +113,17 @@ def test_newton_schulz_converges_quadratically_from_the_previous_inverse() -> No
     assert all(after < before for before, after in itertools.pairwise(bounds[:4])) and bounds[0] < 0.1
     with pytest.raises(ValueError, match="iterations"):
         newton_schulz_inverse(new, 0.03, start, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_factors_are_decomposed_in_float32(dtype: torch.dtype) -> None:
+    """LAPACK has no 16-bit Cholesky or eigh: they run, and return, in float32."""
+    matrix = spd(6, 0).to(dtype)
+    exact = exact_inverse(matrix.double(), 0.125)  # a damping exact in 16 bits
+    inverse = damped_inverse(matrix, torch.tensor(0.125, dtype=dtype))
+    flagged, ok = cholesky_damped_inverse(matrix, 0.125)
+    vals, vecs = symmetric_eigh(matrix)
+    assert inverse.dtype == flagged.dtype == vals.dtype == vecs.dtype == torch.float32 and bool(ok)
+    torch.testing.assert_close(inverse.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flagged.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(((vecs * vals) @ vecs.mT).double(), matrix.double(), rtol=1e-5, atol=1e-6)

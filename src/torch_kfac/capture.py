@@ -12,7 +12,7 @@ gradient with respect to the layer's own output.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -56,6 +56,10 @@ class StatisticsCapture:
         self._paused = False
         self._forced: list[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
+        #: dtype in which statistics are computed (None: the activations' and gradients' own).
+        self.factor_dtype: torch.dtype | None = None
+        #: The loss scale of the backward pass now running (a GradScaler's, on the device), or None.
+        self.loss_scale: Callable[[], Tensor | None] = _no_scale
         self.hooked = [member for block in blocks.values() for member in block.hooked()]
         for block in self.hooked:
             block.reduction, block.center = reduction, center
@@ -85,7 +89,8 @@ class StatisticsCapture:
             block.batch_size = block.num_examples(inputs)
         if not self._recording():
             return
-        block.record_inputs(inputs, self.center)
+        with _statistics_precision(inputs):
+            block.record_inputs(_cast(inputs, self.factor_dtype), self.center)
         if isinstance(output, Tensor) and output.requires_grad and block.needs_output_grads:
             output.register_hook(partial(self._grad_hook, block))
             if self._forced is not None:
@@ -102,7 +107,13 @@ class StatisticsCapture:
     @torch.compiler.disable(reason=_EAGER)
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
         if self._backward_recording():
-            block.record_output_grad(grad, self.reduction, self.center)
+            with _statistics_precision((grad,)):
+                if self.factor_dtype is not None:
+                    grad = grad.to(self.factor_dtype)
+                scale = self.loss_scale()
+                if scale is not None:  # statistics of the unscaled loss
+                    grad = grad / scale.to(grad.dtype)
+                block.record_output_grad(grad, self.reduction, self.center)
 
     @contextmanager
     def track_forward(self) -> Iterator[None]:
@@ -154,3 +165,23 @@ class StatisticsCapture:
         self._handles = []
         for block in self.hooked:
             block.remove()
+
+
+def _no_scale() -> None:
+    """No loss scaling."""
+    return None
+
+
+def _cast(values: tuple[Any, ...], dtype: torch.dtype | None) -> tuple[Any, ...]:
+    """Floating-point tensors among `values` in `dtype` (all unchanged when dtype is None)."""
+    if dtype is None:
+        return values
+    return tuple(v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for v in values)
+
+
+def _statistics_precision(values: tuple[Any, ...]) -> AbstractContextManager[object]:
+    """Autocast off while statistics are computed (they are sums of squares: 16 bits lose them)."""
+    tensor = next((v for v in values if isinstance(v, Tensor)), None)
+    if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+        return nullcontext()
+    return torch.autocast(tensor.device.type, enabled=False)

@@ -35,12 +35,24 @@ def add_to_diagonal(matrix: Tensor, value: Tensor | float) -> Tensor:
     return matrix + value * eye
 
 
+#: 16-bit dtypes, which LAPACK and cuSOLVER do not factorise.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a decomposition runs in: float32 for 16-bit matrices, else their own."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
 def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
     """(M + damping I)^-1 of symmetric positive semi-definite matrices.
 
     Cholesky where it succeeds; where rounding made M + damping I indefinite, the inverse is taken
-    through an eigendecomposition with the eigenvalues clamped at zero before damping.
+    through an eigendecomposition with the eigenvalues clamped at zero before damping. 16-bit
+    matrices are inverted (and returned) in float32.
     """
+    matrix = matrix.to(solver_dtype(matrix.dtype))
+    damping = torch.as_tensor(damping).to(matrix)
     damped = add_to_diagonal(matrix, damping)
     chol, info = torch.linalg.cholesky_ex(damped)
     if bool((info == 0).all()):
@@ -55,7 +67,9 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
     When the solver does not converge in single precision (ill-conditioned factors), it is
     retried in float64; a failure there (e.g. a NaN entry) raises `torch.linalg.LinAlgError`.
+    16-bit matrices are decomposed (and the results returned) in float32.
     """
+    matrix = matrix.to(solver_dtype(matrix.dtype))
     sym = 0.5 * (matrix + matrix.mT)
     try:
         eigvals, eigvecs = torch.linalg.eigh(sym)
@@ -90,8 +104,9 @@ def cholesky_damped_inverse(matrix: Tensor, damping: Tensor | float) -> tuple[Te
 
     No host synchronisation: where M + damping I is not positive definite (in floating point)
     the inverse is garbage and the flag, a boolean tensor of the batch shape, is False; the caller
-    decides on the device (`torch.where`) what to use instead.
+    decides on the device (`torch.where`) what to use instead. 16-bit matrices: as `damped_inverse`.
     """
+    matrix = matrix.to(solver_dtype(matrix.dtype))
     chol, info = torch.linalg.cholesky_ex(add_to_diagonal(matrix, damping))
     return torch.cholesky_inverse(chol), info == 0
 
