@@ -213,7 +213,7 @@ def test_lightning_kfac(load: Loader) -> None:
 def test_hf_trainer(load: Loader) -> None:
     """The Hugging Face Trainer drives KFAC on a GPT-2; every projection, embedding and norm has a block."""
     argv = ["--steps", "15", "--batch-size", "8", "--context", "16", "--width", "32", "--warmup", "2"]
-    out = load("hf_trainer").main([*argv, "--no-bf16", *COMMON])
+    out = load("hf_trainer").main([*argv, *COMMON])  # bfloat16 autocast on the CPU
     assert len(out["losses"]) == 15
     assert_learned(out["losses"], factor=0.9)
     blocks = out["coverage"]

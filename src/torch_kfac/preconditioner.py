@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.capture import StatisticsCapture
+from torch_kfac.linalg import LOW_PRECISION
 from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.options import FisherType, PreconditionerOptions, Reduction, check_option, signature
 from torch_kfac.registration import make_blocks, report
@@ -66,9 +68,12 @@ class KFACPreconditioner:
         #: Step counter and damping: the preconditioner's own state (`state_dict` saves it).
         self.global_state: dict[str, Any] = {
             "step": 0,
-            "damping": torch.tensor(opts.initial_damping, dtype=dtype, device=device),
+            "damping": torch.tensor(opts.initial_damping, dtype=factor_dtype(opts, dtype), device=device),
         }
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
+        self._capture.factor_dtype = factor_dtype(opts, dtype)
+        if opts.grad_scaler is not None:
+            self._capture.loss_scale = partial(loss_scale, opts.grad_scaler)
         self._root_hook = (
             model.register_forward_hook(self._observe_outputs)
             if opts.reduction == Reduction.MEAN_POSITIONS
@@ -257,7 +262,10 @@ class KFACPreconditioner:
         if not block.has_inverses():
             return mat
         opts = self.options
-        return block.precondition(mat, self.damping, opts.enable_pi_correction, opts.damping_type.value)
+        natural = block.precondition(
+            mat.to(self.damping.dtype), self.damping, opts.enable_pi_correction, opts.damping_type.value
+        )
+        return natural.to(mat.dtype)
 
     def quadratic_form(self, part: Callable[[Tensor], Tensor | None]) -> Tensor:
         """delta^T C delta with C the K-FAC curvature of the blocks that have factors.
@@ -269,7 +277,7 @@ class KFACPreconditioner:
             parts = [part(p) for p in block.parameters()]
             if not block.has_factors() or parts[0] is None:
                 continue
-            mat = block.pack(parts)
+            mat = block.pack(parts).to(self.damping.dtype)
             total = total + (mat * block.curvature_product(mat)).sum()
         return total
 
@@ -303,6 +311,8 @@ class KFACPreconditioner:
         mats = self.gradient_matrices()
         if not all_finite([*mats.values(), *self.pending_statistics(), *extra]):
             self.discard_statistics()
+            if self.options.grad_scaler is not None:
+                return None  # a loss-scale overflow: the scaler skips the step and lowers its scale
             warnings.warn(
                 f"K-FAC: non-finite gradient, statistic or loss at step {self.steps}; "
                 "the step was skipped and parameters and factors left unchanged",
@@ -316,14 +326,17 @@ class KFACPreconditioner:
         return mats
 
     def _follow_model(self) -> None:
-        """Keep factors and damping on the parameters' device and dtype after `model.to()`."""
+        """Keep factors and damping on the parameters' device, in the factor dtype, after `model.to()`."""
+        if not self.blocks:
+            return
+        w = next(iter(self.blocks.values())).parameters()[0]
+        dtype = factor_dtype(self.options, w.dtype)
+        self._capture.factor_dtype = dtype
         for block in self.blocks.values():
-            block.follow_weight()
-        if self.blocks:
-            w = next(iter(self.blocks.values())).parameters()[0]
-            damping = self.global_state["damping"]
-            if damping.device != w.device or damping.dtype != w.dtype:
-                self.global_state["damping"] = damping.to(device=w.device, dtype=w.dtype)
+            block.follow_weight(dtype)
+        damping = self.global_state["damping"]
+        if damping.device != w.device or damping.dtype != dtype:
+            self.global_state["damping"] = damping.to(device=w.device, dtype=dtype)
 
     def finish_step(self) -> None:
         """End of a step: advance the step counter that schedules factor and inverse updates."""
@@ -401,7 +414,16 @@ def _keep_inverses(name: str, block: CurvatureBlock, previous: dict[str, Tensor]
     )
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+def factor_dtype(options: PreconditionerOptions, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of factors and inverses: the option, else the parameters' (float32 for 16 bits)."""
+    if options.factor_dtype is not None:
+        return options.factor_dtype
+    return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+
+def loss_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
+    """The scaler's current loss scale, a device tensor (no host sync); None when it is disabled."""
+    return scaler._scale if scaler.is_enabled() else None
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
