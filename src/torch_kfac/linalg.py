@@ -45,21 +45,15 @@ def solver_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
-    """(M + damping I)^-1 of symmetric positive semi-definite matrices.
+    """(M + damping I)^-1 of symmetric positive semi-definite matrices, through Cholesky.
 
-    Cholesky where it succeeds; where rounding made M + damping I indefinite, the inverse is taken
-    through an eigendecomposition with the eigenvalues clamped at zero before damping. 16-bit
-    matrices are inverted (and returned) in float32.
+    No host synchronisation: where rounding made M + damping I indefinite (Cholesky fails), that
+    matrix's result is NaN, and the preconditioner, which checks new inverses for finiteness,
+    takes the block through `symmetric_eigh` instead (eigenvalues clamped at zero before damping).
+    16-bit matrices are inverted (and returned) in float32.
     """
-    matrix = matrix.to(solver_dtype(matrix.dtype))
-    damping = torch.as_tensor(damping).to(matrix)
-    damped = add_to_diagonal(matrix, damping)
-    chol, info = torch.linalg.cholesky_ex(damped)
-    if bool((info == 0).all()):
-        return torch.cholesky_inverse(chol)
-    eigvals, eigvecs = symmetric_eigh(matrix)
-    inv_vals = 1.0 / (eigvals + damping.squeeze(-1))
-    return (eigvecs * inv_vals.unsqueeze(-2)) @ eigvecs.mT
+    inverse, ok = cholesky_damped_inverse(matrix, damping)
+    return torch.where(ok[..., None, None], inverse, torch.full_like(inverse, float("nan")))
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,14 @@ from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.linalg import LOW_PRECISION
 from torch_kfac.losses import LossCurvature, loss_curvature
-from torch_kfac.options import FisherType, PreconditionerOptions, Reduction, check_option, signature
+from torch_kfac.options import (
+    FisherType,
+    InverseMethod,
+    PreconditionerOptions,
+    Reduction,
+    check_option,
+    signature,
+)
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
 from torch_kfac.utils import as_args, preserved_buffers
@@ -228,24 +235,38 @@ class KFACPreconditioner:
     def update_inverses(self, force: bool = False) -> None:
         """Refresh the inverses of blocks that are due (every block with factors if `force`).
 
-        A block whose new inverses cannot be computed (an eigendecomposition that does not
-        converge) or are not finite keeps its previous ones (none: the raw gradient), with a warning.
+        One host synchronisation checks all new inverses for finiteness. A block whose Cholesky
+        inverses failed (rounding made a damped factor indefinite) is decomposed with eigh
+        instead; a block whose new inverses cannot be computed (an eigendecomposition that does
+        not converge) or are not finite keeps its previous ones (none: the raw gradient), with a
+        warning.
         """
         refreshed = []
         pi = self.options.enable_pi_correction
+        method = self.options.inverse_method.value
         for name, block in self.blocks.items():
             if block.has_factors() and (force or self._inverses_due(block)):
                 previous = dict(block.state)
                 try:
-                    block.update_inverses(self.damping, pi, self.options.inverse_method.value)
+                    block.update_inverses(self.damping, pi, method)
                 except torch.linalg.LinAlgError as exc:
                     _keep_inverses(name, block, previous, str(exc).splitlines()[0])
                     continue
                 refreshed.append((name, block, previous))
-        if refreshed and not all_finite([t for _, b, p in refreshed for t in _new_tensors(b, p)]):
-            for name, block, previous in refreshed:
-                if not all_finite(_new_tensors(block, previous)):
-                    _keep_inverses(name, block, previous, "the result is not finite")
+        if not refreshed or all_finite([t for _, b, p in refreshed for t in _new_tensors(b, p)]):
+            return
+        for name, block, previous in refreshed:
+            if all_finite(_new_tensors(block, previous)):
+                continue
+            why = "the result is not finite"
+            if method == InverseMethod.CHOLESKY:
+                try:
+                    block.update_inverses(self.damping, pi, InverseMethod.EIGH.value)
+                    if all_finite(_new_tensors(block, previous)):
+                        continue
+                except torch.linalg.LinAlgError as exc:
+                    why = str(exc).splitlines()[0]
+            _keep_inverses(name, block, previous, why)
 
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
