@@ -162,3 +162,35 @@ def test_factor_dtype_option() -> None:
             kfac(mlp(), factor_dtype=bad)
     with pytest.raises(ValueError, match="grad_scaler"):
         kfac(mlp(), grad_scaler=object())
+
+
+class AttentionLSTM(nn.Module):
+    """Blocks that hook their own tensors: attention projections and recurrent gates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(5, 1, batch_first=True)
+        self.lstm = nn.LSTM(5, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.view(x.shape[0], 1, 5).expand(-1, 3, -1)
+        h = self.attention(h, h, h, need_weights=False)[0]
+        return self.head(self.lstm(h)[0][:, -1])
+
+
+def test_grad_scaler_unscales_the_statistics_of_attention_and_recurrent_blocks() -> None:
+    runs = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = AttentionLSTM()
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, enabled=scaled)
+        opt = kfac(model, grad_scaler=scaler)
+        for x, y in batches(2):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append(factors(opt.preconditioner))
+    assert any(k.startswith("attention.G") for k in runs[0]) and any(k.startswith("lstm.G") for k in runs[0])
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=0)

@@ -64,6 +64,7 @@ class StatisticsCapture:
         for block in self.hooked:
             block.reduction, block.center = reduction, center
             block.backward_gate = self._backward_recording
+            block.statistics_grad = self.statistics_grad
             if type(block).before_forward is not CurvatureBlock.before_forward:
                 self._handles.append(block.module.register_forward_pre_hook(partial(self._pre_hook, block)))
             self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block)))
@@ -108,12 +109,14 @@ class StatisticsCapture:
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
         if self._backward_recording():
             with _statistics_precision((grad,)):
-                if self.factor_dtype is not None:
-                    grad = grad.to(self.factor_dtype)
-                scale = self.loss_scale()
-                if scale is not None:  # statistics of the unscaled loss
-                    grad = grad / scale.to(grad.dtype)
-                block.record_output_grad(grad, self.reduction, self.center)
+                block.record_output_grad(self.statistics_grad(grad), self.reduction, self.center)
+
+    def statistics_grad(self, grad: Tensor) -> Tensor:
+        """An output gradient as statistics take it: in the factor dtype, the loss scale removed."""
+        if self.factor_dtype is not None:
+            grad = grad.to(self.factor_dtype)
+        scale = self.loss_scale()
+        return grad if scale is None else grad / scale.to(grad.dtype)
 
     @contextmanager
     def track_forward(self) -> Iterator[None]:

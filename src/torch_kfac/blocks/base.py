@@ -88,6 +88,11 @@ def _graph_task_id() -> int | None:
     return None if task < 0 else int(task)
 
 
+def _unchanged(grad: Tensor) -> Tensor:
+    """The gradient as it is."""
+    return grad
+
+
 class CurvatureBlock(ABC):
     """What the optimizer needs from a curvature block: statistics in, preconditioning out.
 
@@ -121,6 +126,9 @@ class CurvatureBlock(ABC):
         #: Set by the capture: whether backward statistics are recorded right now (blocks that
         #: hook tensors themselves check it in their hooks).
         self.backward_gate: Callable[[], bool] | None = None
+        #: Set by the capture: an output gradient as statistics take it (in the factor dtype, the
+        #: loss scale removed), for blocks that hook tensors themselves.
+        self.statistics_grad: Callable[[Tensor], Tensor] = _unchanged
 
     # --------------------------------------------------------------------- to implement
     @abstractmethod
