@@ -30,6 +30,14 @@ _EAGER = (
 )
 
 
+def _outside_compiled_graphs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compiler.disable` with K-FAC's reason (older torch versions take no reason)."""
+    try:
+        return torch.compiler.disable(fn, reason=_EAGER)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
 class StatisticsCapture:
     """Decides when statistics are recorded and routes them to the blocks.
 
@@ -78,11 +86,11 @@ class StatisticsCapture:
             return self._forward_on
         return torch.is_grad_enabled() and self.is_due()
 
-    @torch.compiler.disable(reason=_EAGER)
+    @_outside_compiled_graphs
     def _pre_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         block.before_forward(self._recording(), self._forced)
 
-    @torch.compiler.disable(reason=_EAGER)
+    @_outside_compiled_graphs
     def _forward_hook(
         self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
     ) -> Any:
@@ -105,7 +113,7 @@ class StatisticsCapture:
         """Whether output gradients arriving now are recorded."""
         return self._forced is not None or not (self._paused or (self.explicit and not self._backward_on))
 
-    @torch.compiler.disable(reason=_EAGER)
+    @_outside_compiled_graphs
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
         if self._backward_recording():
             with _statistics_precision((grad,)):
@@ -185,6 +193,14 @@ def _cast(values: tuple[Any, ...], dtype: torch.dtype | None) -> tuple[Any, ...]
 def _statistics_precision(values: tuple[Any, ...]) -> AbstractContextManager[object]:
     """Autocast off while statistics are computed (they are sums of squares: 16 bits lose them)."""
     tensor = next((v for v in values if isinstance(v, Tensor)), None)
-    if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+    if tensor is None or not _autocast_enabled(tensor.device.type):
         return nullcontext()
     return torch.autocast(tensor.device.type, enabled=False)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for the device type (older torch versions: CPU or CUDA only)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
