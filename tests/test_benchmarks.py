@@ -20,11 +20,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     """The benchmark modules, imported from benchmarks/ (their own `common` first on the path)."""
     monkeypatch.syspath_prepend(str(BENCH_DIR))
-    for name in ("common", "step_cost", "time_to_loss"):
+    for name in ("common", "step_cost", "time_to_loss", "inverse_methods"):
         module = sys.modules.get(name)
         if module is not None and Path(getattr(module, "__file__", "") or "").parent != BENCH_DIR:
             monkeypatch.delitem(sys.modules, name)
-    return {name: importlib.import_module(name) for name in ("common", "step_cost", "time_to_loss")}
+    return {
+        name: importlib.import_module(name)
+        for name in ("common", "step_cost", "time_to_loss", "inverse_methods")
+    }
 
 
 def test_step_cost_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
@@ -109,3 +112,23 @@ def test_distributed_scale_model(monkeypatch: pytest.MonkeyPatch) -> None:
     triangles = sum(x.d_in * (x.d_in + 1) // 2 + x.d_out * (x.d_out + 1) // 2 for x in layers)
     assert replicated["bytes"]["factors"] == triangles * 4 / 10
     assert replicated["step_s"] > replicated["sgd_step_s"]
+
+
+def test_inverse_methods_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Two small sizes: every method timed, Cholesky exact in float64, Newton-Schulz converged."""
+    result = bench["inverse_methods"].main(["--quick", "--reps", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "inverse_methods.json").read_text())
+    assert [(r["n"], r["dtype"]) for r in saved["records"]] == [
+        (31, "float32"),
+        (31, "float64"),
+        (65, "float32"),
+        (65, "float64"),
+    ]
+    for record in result["records"]:
+        for method in ("matmul", "cholesky", "cholesky_batched", "lu", "eigh", "newton_schulz_1"):
+            assert math.isfinite(record[f"{method}_ms"]) and record[f"{method}_ms"] > 0
+        tolerance = 1e-5 if record["dtype"] == "float32" else 1e-12
+        assert record["cholesky_error"] < tolerance and record["eigh_error"] < 10 * tolerance
+        assert record["newton_schulz_1_iters"] >= 1 and record["newton_schulz_1_error"] < 1e-2
+    text = (tmp_path / "inverse_methods.md").read_text()
+    assert saved["command"] in text and "| 65 | float64 |" in text

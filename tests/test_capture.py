@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_data, make_mlp
-from torch_kfac import KFAC
+from torch_kfac import KFAC, LinearBlock
+from torch_kfac.capture import StatisticsCapture
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -140,3 +141,28 @@ def test_tracked_statistics_are_folded_at_every_step_whatever_the_interval() -> 
         changed.append(previous is None or not torch.equal(previous, current))
         previous = current
     assert changed == [True] * 5
+
+
+def test_statistics_in_the_factor_dtype_with_the_loss_scale_removed() -> None:
+    """Under bfloat16 autocast and a loss scale of 2^10, the capture records float32 statistics of the
+    unscaled loss: those of a float32 run, up to the bfloat16 rounding of the activations."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).float()
+    x, y = (t.float() if t.is_floating_point() else t for t in make_data())
+    pending = {}
+    scale = torch.tensor(2.0**10)
+    for mode in ("float32", "bf16-scaled"):
+        blocks = {n: LinearBlock(model[int(n)], n) for n in ("0", "2")}
+        capture = StatisticsCapture(blocks, lambda: True, "mean")
+        if mode != "float32":
+            capture.factor_dtype = torch.float32
+            capture.loss_scale = lambda: scale
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float32"):
+            loss = F.cross_entropy(model(x), y)
+        (loss * (scale if mode != "float32" else 1.0)).backward()
+        pending[mode] = {f"{n}.{k}": b.pending(k) for n, b in blocks.items() for k in b.FACTORS}
+        capture.remove()
+    for key, expected in pending["float32"].items():
+        got = pending["bf16-scaled"][key]
+        assert got.dtype == torch.float32, key
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=1e-3 * expected.abs().max().item())

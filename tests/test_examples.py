@@ -26,6 +26,7 @@ EXAMPLES = (
     "preconditioner_adamw",
     "lightning_kfac",
     "original_api",
+    "hf_trainer",
 )
 
 
@@ -51,7 +52,11 @@ def test_help(load: Loader, name: str, capsys: pytest.CaptureFixture[str]) -> No
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert all(opt in text for opt in ("--steps", "--batch-size", "--device", "--no-progress"))
-    assert "--synthetic" in text or name in ("char_transformer", "lstm_sequence")  # these make their data
+    assert "--synthetic" in text or name in (
+        "char_transformer",
+        "lstm_sequence",
+        "hf_trainer",
+    )  # these make their data
 
 
 @pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
@@ -203,6 +208,21 @@ def test_lightning_kfac(load: Loader) -> None:
     assert out["steps"] == 10 and len(out["losses"]) == 10
     assert_learned(out["losses"], factor=0.8)
     assert len(out["val_accuracy"]) == 2 and 0.0 <= out["val_accuracy"][-1] <= 1.0
+
+
+def test_hf_trainer(load: Loader) -> None:
+    """The Hugging Face Trainer drives KFAC on a GPT-2; every projection, embedding and norm has a block."""
+    argv = ["--steps", "15", "--batch-size", "8", "--context", "16", "--width", "32", "--warmup", "2"]
+    out = load("hf_trainer").main([*argv, *COMMON])  # bfloat16 autocast on the CPU
+    assert len(out["losses"]) == 15
+    assert_learned(out["losses"], factor=0.9)
+    blocks = out["coverage"]
+    # Two embeddings (the output head shares the token embedding's weight), four Conv1D with bias
+    # and two LayerNorms per layer (two layers), the final LayerNorm.
+    assert len(blocks) == 2 + 2 * (4 * 2 + 2 * 2) + 2
+    assert all(not line.startswith("fallback") for line in blocks.values()), blocks
+    assert sum("Conv1DBlock" in line for line in blocks.values()) == 2 * 4 * 2
+    assert "TiedBlock" in blocks["transformer.wte.weight"] and "lm_head" in blocks["transformer.wte.weight"]
 
 
 @pytest.mark.parametrize("loop", ["tracked", "manual-mc"])

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from torch_kfac.linalg import damped_inverse, pi_adjustment, symmetric_eigh
+from torch_kfac.linalg import (
+    cholesky_damped_inverse,
+    damped_inverse,
+    grouped_damped_inverses,
+    newton_schulz_inverse,
+    pi_adjustment,
+    symmetric_eigh,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -18,11 +27,14 @@ def test_damped_inverse_of_a_batch() -> None:
     torch.testing.assert_close(damped_inverse(mats, damping), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_damped_inverse_falls_back_to_eigh_for_indefinite_input() -> None:
-    mat = torch.diag(torch.tensor([1.0, -1e-3, 2.0]))
-    inv = damped_inverse(mat, torch.tensor(1e-6))
-    expected = torch.diag(1.0 / torch.tensor([1.0 + 1e-6, 1e-6, 2.0 + 1e-6]))
-    torch.testing.assert_close(inv, expected, rtol=1e-10, atol=1e-12)
+def test_damped_inverse_is_nan_where_cholesky_fails() -> None:
+    """No host read to branch on: an indefinite matrix's result is NaN (the preconditioner then uses
+    eigh), the other matrices of the batch are inverted."""
+    good = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+    bad = torch.diag(torch.tensor([1.0, -1e-3, 2.0]))
+    inv = damped_inverse(torch.stack([good, bad]), torch.tensor(1e-6))
+    torch.testing.assert_close(inv[0], torch.diag(1.0 / (torch.tensor([1.0, 2.0, 3.0]) + 1e-6)))
+    assert inv[1].isnan().all()
 
 
 def test_pi_adjustment_and_its_guard() -> None:
@@ -54,3 +66,67 @@ def test_eigh_that_fails_in_single_precision_is_retried_in_double(monkeypatch: p
     torch.testing.assert_close((vecs * vals) @ vecs.T, matrix.float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(torch.linalg.LinAlgError):
         symmetric_eigh(torch.full((3, 3), float("nan"), dtype=torch.float64))
+
+
+def spd(n: int, seed: int, batch: tuple[int, ...] = ()) -> torch.Tensor:
+    """A random symmetric positive semi-definite matrix of rank n - 1 (a batch of them)."""
+    root = torch.randn(*batch, n, n - 1, generator=torch.Generator().manual_seed(seed))
+    return root @ root.mT / n
+
+
+def exact_inverse(matrix: torch.Tensor, damping: float | torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(matrix + damping * torch.eye(matrix.shape[-1]))
+
+
+def test_cholesky_damped_inverse_flags_each_failure_without_raising() -> None:
+    good, bad = spd(4, 0), -torch.eye(4)
+    inverses, ok = cholesky_damped_inverse(torch.stack([good, bad]), torch.tensor(0.1))
+    assert ok.tolist() == [True, False]
+    torch.testing.assert_close(inverses[0], exact_inverse(good, 0.1), rtol=1e-12, atol=1e-13)
+
+
+def test_grouped_inverses_equal_one_call_per_matrix() -> None:
+    """Mixed sizes and per-group dampings (convolution groups); every result in its input's place."""
+    matrices = [spd(3, 0), spd(5, 1), spd(3, 2), spd(4, 3, batch=(2,)), spd(5, 4)]
+    dampings = [0.1, torch.tensor(0.2), 0.3, torch.tensor([0.5, 2.0]).reshape(2, 1, 1), 1e-3]
+    got = grouped_damped_inverses(matrices, dampings)
+    for matrix, damping, inverse in zip(matrices, dampings, got, strict=True):
+        torch.testing.assert_close(inverse, exact_inverse(matrix, damping), rtol=1e-11, atol=1e-12)
+    with pytest.raises(ValueError, match="2 matrices and 1 dampings"):
+        grouped_damped_inverses(matrices[:2], dampings[:1])
+
+
+def test_newton_schulz_converges_quadratically_from_the_previous_inverse() -> None:
+    """From the inverse of a running average before one more fold: residual r -> r^2 per iteration."""
+    old, batch = spd(30, 0), spd(30, 1)
+    new = 0.95 * old + 0.05 * batch
+    exact = exact_inverse(new, 0.3)
+    start = exact_inverse(old, 0.3)
+    errors, bounds = [], []
+    for iterations in (1, 2, 3, 4, 5):
+        inverse, bound = newton_schulz_inverse(new, 0.3, start, iterations)
+        residual = torch.linalg.matrix_norm(torch.eye(30) - (new + 0.3 * torch.eye(30)) @ inverse) / 30**0.5
+        assert residual <= bound + 1e-14  # the bound, up to rounding
+        errors.append(float(torch.linalg.matrix_norm(inverse - exact) / torch.linalg.matrix_norm(exact)))
+        bounds.append(float(bound))
+    errors.insert(0, float(torch.linalg.matrix_norm(start - exact) / torch.linalg.matrix_norm(exact)))
+    assert 1e-2 < errors[0] < 0.5
+    assert all(after < 5 * before**2 for before, after in itertools.pairwise(errors[:4])), errors  # quadratic
+    assert errors[-1] < 1e-12
+    assert all(after < before for before, after in itertools.pairwise(bounds[:4])) and bounds[0] < 0.1
+    with pytest.raises(ValueError, match="iterations"):
+        newton_schulz_inverse(new, 0.03, start, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_factors_are_decomposed_in_float32(dtype: torch.dtype) -> None:
+    """LAPACK has no 16-bit Cholesky or eigh: they run, and return, in float32."""
+    matrix = spd(6, 0).to(dtype)
+    exact = exact_inverse(matrix.double(), 0.125)  # a damping exact in 16 bits
+    inverse = damped_inverse(matrix, torch.tensor(0.125, dtype=dtype))
+    flagged, ok = cholesky_damped_inverse(matrix, 0.125)
+    vals, vecs = symmetric_eigh(matrix)
+    assert inverse.dtype == flagged.dtype == vals.dtype == vecs.dtype == torch.float32 and bool(ok)
+    torch.testing.assert_close(inverse.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flagged.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(((vecs * vals) @ vecs.mT).double(), matrix.double(), rtol=1e-5, atol=1e-6)

@@ -151,6 +151,32 @@ def test_finiteness_check_finds_nan_and_inf_and_passes_large_finite_values(dtype
     assert all_finite([])
 
 
+def test_an_indefinite_damped_factor_is_decomposed_with_eigh() -> None:
+    """Cholesky fails where rounding made A + damping indefinite: the block gets eigendecompositions
+    with the eigenvalues clamped at zero, (A+ + a I)^-1 (x) (G + g I)^-1, instead."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, enable_pi_correction=False, update_factors_manually=True)
+    x, y = make_data()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.update_factors()
+    block = pre.blocks["2"]
+    a, g = block.A.clone(), block.G.clone()
+    vals, vecs = torch.linalg.eigh(a)
+    vals[0] = -1.0  # far below -sqrt(damping): no Cholesky
+    block.A = (vecs * vals) @ vecs.T
+    mat = block.grad_matrix()
+    pre.update_inverses(force=True)
+    assert "A_eigvecs" in block.state and "A_inv" not in block.state
+    assert "A_inv" in pre.blocks["0"].state  # the other blocks as usual
+    shift = 1e-2**0.5
+    a_inv = (vecs / (vals.clamp(min=0) + shift)) @ vecs.T
+    g_inv = torch.linalg.inv(g + shift * torch.eye(3))
+    torch.testing.assert_close(
+        pre.precondition(block, mat)[0], g_inv @ mat[0] @ a_inv, rtol=1e-10, atol=1e-12
+    )
+
+
 @pytest.mark.parametrize("failure", ["no convergence", "not finite"])
 def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None:
     model = make_mlp()
@@ -167,7 +193,8 @@ def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None
         if failure == "no convergence":
             raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
         original(*args)
-        block.state["A_inv"] = torch.full_like(block.state["A_inv"], float("nan"))
+        for key in [k for k in block.state if k.endswith(("_inv", "_eigvecs"))]:  # Cholesky, then eigh
+            block.state[key] = torch.full_like(block.state[key], float("nan"))
 
     block.update_inverses = broken  # type: ignore[method-assign]
     model.zero_grad()

@@ -12,7 +12,7 @@ gradient with respect to the layer's own output.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -21,6 +21,21 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_kfac.blocks.base import CurvatureBlock
+
+#: Why the hooks run outside a compiled graph (dynamo shows it in its graph-break report, and in the
+#: error of `torch.compile(model, fullgraph=True)`, which cannot work with them).
+_EAGER = (
+    "K-FAC records layer statistics in Python hooks, outside the compiled graph: compile the model "
+    "without fullgraph=True"
+)
+
+
+def _outside_compiled_graphs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compiler.disable` with K-FAC's reason (older torch versions take no reason)."""
+    try:
+        return torch.compiler.disable(fn, reason=_EAGER)
+    except TypeError:
+        return torch.compiler.disable(fn)
 
 
 class StatisticsCapture:
@@ -49,10 +64,15 @@ class StatisticsCapture:
         self._paused = False
         self._forced: list[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
+        #: dtype in which statistics are computed (None: the activations' and gradients' own).
+        self.factor_dtype: torch.dtype | None = None
+        #: The loss scale of the backward pass now running (a GradScaler's, on the device), or None.
+        self.loss_scale: Callable[[], Tensor | None] = _no_scale
         self.hooked = [member for block in blocks.values() for member in block.hooked()]
         for block in self.hooked:
             block.reduction, block.center = reduction, center
             block.backward_gate = self._backward_recording
+            block.statistics_grad = self.statistics_grad
             if type(block).before_forward is not CurvatureBlock.before_forward:
                 self._handles.append(block.module.register_forward_pre_hook(partial(self._pre_hook, block)))
             self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block)))
@@ -66,9 +86,11 @@ class StatisticsCapture:
             return self._forward_on
         return torch.is_grad_enabled() and self.is_due()
 
+    @_outside_compiled_graphs
     def _pre_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         block.before_forward(self._recording(), self._forced)
 
+    @_outside_compiled_graphs
     def _forward_hook(
         self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
     ) -> Any:
@@ -76,7 +98,8 @@ class StatisticsCapture:
             block.batch_size = block.num_examples(inputs)
         if not self._recording():
             return
-        block.record_inputs(inputs, self.center)
+        with _statistics_precision(inputs):
+            block.record_inputs(_cast(inputs, self.factor_dtype), self.center)
         if isinstance(output, Tensor) and output.requires_grad and block.needs_output_grads:
             output.register_hook(partial(self._grad_hook, block))
             if self._forced is not None:
@@ -90,9 +113,18 @@ class StatisticsCapture:
         """Whether output gradients arriving now are recorded."""
         return self._forced is not None or not (self._paused or (self.explicit and not self._backward_on))
 
+    @_outside_compiled_graphs
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
         if self._backward_recording():
-            block.record_output_grad(grad, self.reduction, self.center)
+            with _statistics_precision((grad,)):
+                block.record_output_grad(self.statistics_grad(grad), self.reduction, self.center)
+
+    def statistics_grad(self, grad: Tensor) -> Tensor:
+        """An output gradient as statistics take it: in the factor dtype, the loss scale removed."""
+        if self.factor_dtype is not None:
+            grad = grad.to(self.factor_dtype)
+        scale = self.loss_scale()
+        return grad if scale is None else grad / scale.to(grad.dtype)
 
     @contextmanager
     def track_forward(self) -> Iterator[None]:
@@ -144,3 +176,31 @@ class StatisticsCapture:
         self._handles = []
         for block in self.hooked:
             block.remove()
+
+
+def _no_scale() -> None:
+    """No loss scaling."""
+    return None
+
+
+def _cast(values: tuple[Any, ...], dtype: torch.dtype | None) -> tuple[Any, ...]:
+    """Floating-point tensors among `values` in `dtype` (all unchanged when dtype is None)."""
+    if dtype is None:
+        return values
+    return tuple(v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for v in values)
+
+
+def _statistics_precision(values: tuple[Any, ...]) -> AbstractContextManager[object]:
+    """Autocast off while statistics are computed (they are sums of squares: 16 bits lose them)."""
+    tensor = next((v for v in values if isinstance(v, Tensor)), None)
+    if tensor is None or not _autocast_enabled(tensor.device.type):
+        return nullcontext()
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for the device type (older torch versions: CPU or CUDA only)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()

@@ -6,6 +6,9 @@ block that is block-diagonal over convolution groups is handled in one call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -32,19 +35,25 @@ def add_to_diagonal(matrix: Tensor, value: Tensor | float) -> Tensor:
     return matrix + value * eye
 
 
-def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
-    """(M + damping I)^-1 of symmetric positive semi-definite matrices.
+#: 16-bit dtypes, which LAPACK and cuSOLVER do not factorise.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-    Cholesky where it succeeds; where rounding made M + damping I indefinite, the inverse is taken
-    through an eigendecomposition with the eigenvalues clamped at zero before damping.
+
+def solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a decomposition runs in: float32 for 16-bit matrices, else their own."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
+    """(M + damping I)^-1 of symmetric positive semi-definite matrices, through Cholesky.
+
+    No host synchronisation: where rounding made M + damping I indefinite (Cholesky fails), that
+    matrix's result is NaN, and the preconditioner, which checks new inverses for finiteness,
+    takes the block through `symmetric_eigh` instead (eigenvalues clamped at zero before damping).
+    16-bit matrices are inverted (and returned) in float32.
     """
-    damped = add_to_diagonal(matrix, damping)
-    chol, info = torch.linalg.cholesky_ex(damped)
-    if bool((info == 0).all()):
-        return torch.cholesky_inverse(chol)
-    eigvals, eigvecs = symmetric_eigh(matrix)
-    inv_vals = 1.0 / (eigvals + damping.squeeze(-1))
-    return (eigvecs * inv_vals.unsqueeze(-2)) @ eigvecs.mT
+    inverse, ok = cholesky_damped_inverse(matrix, damping)
+    return torch.where(ok[..., None, None], inverse, torch.full_like(inverse, float("nan")))
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,7 +61,9 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
     When the solver does not converge in single precision (ill-conditioned factors), it is
     retried in float64; a failure there (e.g. a NaN entry) raises `torch.linalg.LinAlgError`.
+    16-bit matrices are decomposed (and the results returned) in float32.
     """
+    matrix = matrix.to(solver_dtype(matrix.dtype))
     sym = 0.5 * (matrix + matrix.mT)
     try:
         eigvals, eigvecs = torch.linalg.eigh(sym)
@@ -80,3 +91,62 @@ def kronecker_eigenvalues(
 def in_eigenbasis(mat: Tensor, a_eigvecs: Tensor, g_eigvecs: Tensor, scale: Tensor) -> Tensor:
     """Q_G [(Q_G^T M Q_A) * scale] Q_A^T: a function of A (x) G applied to a gradient matrix."""
     return g_eigvecs @ ((g_eigvecs.mT @ mat @ a_eigvecs) * scale) @ a_eigvecs.mT
+
+
+def cholesky_damped_inverse(matrix: Tensor, damping: Tensor | float) -> tuple[Tensor, Tensor]:
+    """(M + damping I)^-1 through Cholesky, and whether each matrix's factorisation succeeded.
+
+    No host synchronisation: where M + damping I is not positive definite (in floating point)
+    the inverse is garbage and the flag, a boolean tensor of the batch shape, is False; the caller
+    decides on the device (`torch.where`) what to use instead. 16-bit matrices: as `damped_inverse`.
+    """
+    matrix = matrix.to(solver_dtype(matrix.dtype))
+    chol, info = torch.linalg.cholesky_ex(add_to_diagonal(matrix, damping))
+    return torch.cholesky_inverse(chol), info == 0
+
+
+def grouped_damped_inverses(matrices: Sequence[Tensor], dampings: Sequence[Tensor | float]) -> list[Tensor]:
+    """`damped_inverse` of many matrices, one batched call per group of equal shape, dtype and device.
+
+    A group's matrices are stacked along a new leading dimension, so k factors of one size cost one
+    factorisation call instead of k (on a GPU, one kernel launch per step of the factorisation).
+    """
+    if len(matrices) != len(dampings):
+        raise ValueError(f"got {len(matrices)} matrices and {len(dampings)} dampings")
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, matrix in enumerate(matrices):
+        groups.setdefault((matrix.shape, matrix.dtype, matrix.device), []).append(i)
+    inverses: list[Tensor] = list(matrices)
+    for members in groups.values():
+        stacked = torch.stack([matrices[i] for i in members])
+        shifts = torch.stack(
+            [torch.as_tensor(dampings[i]).to(stacked).expand(*stacked.shape[1:-2], 1, 1) for i in members]
+        )
+        for i, inverse in zip(members, damped_inverse(stacked, shifts), strict=True):
+            inverses[i] = inverse
+    return inverses
+
+
+def newton_schulz_inverse(
+    matrix: Tensor, damping: Tensor | float, start: Tensor, iterations: int = 2
+) -> tuple[Tensor, Tensor]:
+    """Refine an approximate inverse X of D = M + damping I by Newton-Schulz: X <- X (2 I - D X).
+
+    With the residual R = I - D X, one iteration gives X (I + R), whose residual is R^2: the
+    error falls quadratically once ||R|| < 1, e.g. from the previous inverse of a running
+    average that changed little. Two matrix products per iteration, no factorisation, so on a GPU
+    it is far cheaper than a Cholesky or eigendecomposition. Returns the last iterate and a bound
+    on its relative residual ||I - D X||_F / sqrt(n) (per matrix, no host synchronisation); the
+    iteration diverges where the bound is not below 1 (keep the start or factorise instead).
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    target = add_to_diagonal(matrix, damping)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    x = start
+    for _ in range(iterations):
+        residual = eye - target @ x
+        x = x + x @ residual
+    # ||R^2||_F <= ||R||_F^2: a bound on the final residual without another product.
+    bound = torch.linalg.matrix_norm(residual).square() / matrix.shape[-1] ** 0.5
+    return x, bound

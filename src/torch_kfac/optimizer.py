@@ -151,6 +151,9 @@ class KFAC(OriginalAPI, Optimizer):
                 loss = closure()
         pre = self.preconditioner
         k = pre.steps
+        if self._unscale_gradients():
+            self.last_stats = {"step": k, "loss": None, "skipped": True, "rejected": False}
+            return None if loss is None else torch.as_tensor(loss).detach()
         hyper = self._hyperparameters(k)
         self._check_step_inputs(loss, batch, closure)
         loss_t = None if loss is None else torch.as_tensor(loss).detach().to(pre.damping)
@@ -173,6 +176,36 @@ class KFAC(OriginalAPI, Optimizer):
         return loss_t
 
     # ------------------------------------------------------------------ pieces of step
+    #: `torch.amp.GradScaler.step(opt)` calls `step` on every step, with the loss scale in
+    #: `self.grad_scale` and its inf/NaN flag in `self.found_inf`, instead of unscaling the
+    #: gradients and skipping the call itself.
+    _step_supports_amp_scaling = True
+
+    def _unscale_gradients(self) -> bool:
+        """Under `GradScaler.step`: divide the gradients by the loss scale; whether to skip the step.
+
+        A step the scaler found inf or NaN in is skipped whole: statistics dropped, factors and
+        step counters unchanged. Reading the flag is this step's one host synchronisation, the
+        one `GradScaler.step` makes for other optimizers.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return False  # not stepped by a GradScaler
+        if self.options.grad_scaler is None:
+            raise ValueError(
+                "KFAC is stepped by a GradScaler: pass grad_scaler=scaler to KFAC, so that the "
+                "recorded layer statistics are unscaled too"
+            )
+        if bool(found_inf):
+            self.preconditioner.discard_statistics()
+            return True
+        scale = getattr(self, "grad_scale", None)  # None: the user called scaler.unscale_(opt)
+        if scale is not None:
+            for p in self._named_params.values():
+                if p.grad is not None:
+                    p.grad.div_(scale.to(p.grad.dtype))
+        return False
+
     def _update(
         self,
         k: int,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from torch import nn
 
 from torch_kfac.losses import loss_curvature
@@ -215,6 +216,20 @@ def check_seed(name: str, value: object) -> int:
     return value
 
 
+def check_factor_dtype(name: str, value: object) -> torch.dtype | None:
+    """None (the default rule) or a dtype the decompositions run in: float32 or float64."""
+    if value is not None and value not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be None, torch.float32 or torch.float64, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_grad_scaler(name: str, value: object) -> torch.amp.GradScaler | None:
+    """None or a `torch.amp.GradScaler`."""
+    if value is not None and not isinstance(value, torch.amp.GradScaler):
+        raise ValueError(f"{name} must be None or a torch.amp.GradScaler, got {value!r}")
+    return value
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -246,6 +261,8 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "grad_worker_fraction": check_fraction,
     "reduce_upper_triangle": _optional(check_bool),
     "mc_seed": _optional(check_seed),
+    "factor_dtype": check_factor_dtype,
+    "grad_scaler": check_grad_scaler,
     "lr": _optional(check_number),
     "momentum": _number(high=1.0, high_inclusive=False),
     "momentum_type": MomentumType.parse,
@@ -335,6 +352,15 @@ class PreconditionerOptions:
         mc_seed: seed of the labels sampled for fisher_type='mc' (re-seeded from it every step);
             None uses the global generator on one process, and rank 0's seed in distributed runs,
             where every rank draws for the whole global batch and keeps its own rows.
+        factor_dtype: dtype of the factors, their inverses and the preconditioning: torch.float32
+            or torch.float64; None (default): the parameters' dtype, float32 for 16-bit
+            parameters. Statistics are computed in it with autocast off; the preconditioned
+            gradient is cast back to the parameters' dtype.
+        grad_scaler: the `torch.amp.GradScaler` that scales the loss: recorded output gradients
+            are divided by its scale (on the device), so the factors are those of the unscaled
+            loss. `KFAC` then unscales the gradients itself in `scaler.step(opt)` and skips the
+            steps the scaler skips; in front of another optimizer call `scaler.unscale_(opt)`
+            before `pre.step()`.
     """
 
     #: Options that may be a callable of the step.
@@ -361,6 +387,8 @@ class PreconditionerOptions:
     grad_worker_fraction: float = 1.0
     reduce_upper_triangle: bool | None = None
     mc_seed: int | None = None
+    factor_dtype: torch.dtype | None = None
+    grad_scaler: torch.amp.GradScaler | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,8 +19,16 @@ from torch import Tensor, nn
 from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.distributed import LAYOUT_KEY, DistributedCurvature, check_model, is_distributed, unwrap
+from torch_kfac.linalg import LOW_PRECISION
 from torch_kfac.losses import LossCurvature, loss_curvature
-from torch_kfac.options import FisherType, PreconditionerOptions, Reduction, check_option, signature
+from torch_kfac.options import (
+    FisherType,
+    InverseMethod,
+    PreconditionerOptions,
+    Reduction,
+    check_option,
+    signature,
+)
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
 from torch_kfac.utils import as_args, preserved_buffers
@@ -78,9 +87,12 @@ class KFACPreconditioner:
         #: Step counter and damping: the preconditioner's own state (`state_dict` saves it).
         self.global_state: dict[str, Any] = {
             "step": 0,
-            "damping": torch.tensor(opts.initial_damping, dtype=dtype, device=device),
+            "damping": torch.tensor(opts.initial_damping, dtype=factor_dtype(opts, dtype), device=device),
         }
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
+        self._capture.factor_dtype = factor_dtype(opts, dtype)
+        if opts.grad_scaler is not None:
+            self._capture.loss_scale = partial(loss_scale, opts.grad_scaler)
         self._root_hook = (
             model.register_forward_hook(self._observe_outputs)
             if opts.reduction == Reduction.MEAN_POSITIONS
@@ -265,8 +277,11 @@ class KFACPreconditioner:
     def update_inverses(self, force: bool = False) -> None:
         """Refresh the inverses of blocks that are due (every block with factors if `force`).
 
-        A block whose new inverses cannot be computed (an eigendecomposition that does not
-        converge) or are not finite keeps its previous ones (none: the raw gradient), with a warning.
+        One host synchronisation checks all new inverses for finiteness. A block whose Cholesky
+        inverses failed (rounding made a damped factor indefinite) is decomposed with eigh
+        instead; a block whose new inverses cannot be computed (an eigendecomposition that does
+        not converge) or are not finite keeps its previous ones (none: the raw gradient), with a
+        warning.
         """
         due = [n for n, b in self.blocks.items() if b.has_factors() and (force or self._inverses_due(n))]
         here = due
@@ -275,11 +290,12 @@ class KFACPreconditioner:
         refreshed = []
         before = {}
         pi = self.options.enable_pi_correction
+        method = self.options.inverse_method.value
         for name in here:
             block = self.blocks[name]
             previous = before[name] = dict(block.state)
             try:
-                block.update_inverses(self.damping, pi, self.options.inverse_method.value)
+                block.update_inverses(self.damping, pi, method)
             except torch.linalg.LinAlgError as exc:
                 _keep_inverses(name, block, previous, str(exc).splitlines()[0])
                 continue
@@ -287,9 +303,26 @@ class KFACPreconditioner:
         if refreshed and not all_finite([t for _, b, p in refreshed for t in _new_tensors(b, p)]):
             for name, block, previous in refreshed:
                 if not all_finite(_new_tensors(block, previous)):
-                    _keep_inverses(name, block, previous, "the result is not finite")
+                    self._retry_with_eigh(name, block, previous, method)
         if self.distributed is not None:  # DISTRIBUTED: owners broadcast to the blocks' grad workers
             self.distributed.share_inverses(self.blocks, due, before, self.global_state[LAYOUT_KEY])
+
+    def _retry_with_eigh(
+        self, name: str, block: CurvatureBlock, previous: dict[str, Tensor], method: str
+    ) -> None:
+        """A block whose new inverses are not finite: decomposed with eigh if Cholesky failed, else
+        (or if that fails too) its previous inverses are kept, with a warning."""
+        why = "the result is not finite"
+        if method == InverseMethod.CHOLESKY:
+            try:
+                block.update_inverses(
+                    self.damping, self.options.enable_pi_correction, InverseMethod.EIGH.value
+                )
+                if all_finite(_new_tensors(block, previous)):
+                    return
+            except torch.linalg.LinAlgError as exc:
+                why = str(exc).splitlines()[0]
+        _keep_inverses(name, block, previous, why)
 
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
@@ -306,7 +339,10 @@ class KFACPreconditioner:
         if not block.has_inverses():
             return mat
         opts = self.options
-        return block.precondition(mat, self.damping, opts.enable_pi_correction, opts.damping_type.value)
+        natural = block.precondition(
+            mat.to(self.damping.dtype), self.damping, opts.enable_pi_correction, opts.damping_type.value
+        )
+        return natural.to(mat.dtype)
 
     def precondition_all(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Natural gradients of several blocks' gradient matrices (keyed by block name).
@@ -335,7 +371,7 @@ class KFACPreconditioner:
             parts = [part(p) for p in block.parameters()]
             if not block.has_factors() or parts[0] is None:
                 continue
-            mat = block.pack(parts)
+            mat = block.pack(parts).to(self.damping.dtype)
             total = total + (mat * block.curvature_product(mat)).sum()
         return total
 
@@ -370,6 +406,8 @@ class KFACPreconditioner:
         stats = self._statistics()
         if not all_finite([*mats.values(), *stats.values(), *extra]):
             self.discard_statistics()
+            if self.options.grad_scaler is not None:
+                return None  # a loss-scale overflow: the scaler skips the step and lowers its scale
             warnings.warn(
                 f"K-FAC: non-finite gradient, statistic or loss at step {self.steps}; "
                 "the step was skipped and parameters and factors left unchanged",
@@ -383,14 +421,17 @@ class KFACPreconditioner:
         return mats
 
     def _follow_model(self) -> None:
-        """Keep factors and damping on the parameters' device and dtype after `model.to()`."""
+        """Keep factors and damping on the parameters' device, in the factor dtype, after `model.to()`."""
+        if not self.blocks:
+            return
+        w = next(iter(self.blocks.values())).parameters()[0]
+        dtype = factor_dtype(self.options, w.dtype)
+        self._capture.factor_dtype = dtype
         for block in self.blocks.values():
-            block.follow_weight()
-        if self.blocks:
-            w = next(iter(self.blocks.values())).parameters()[0]
-            damping = self.global_state["damping"]
-            if damping.device != w.device or damping.dtype != w.dtype:
-                self.global_state["damping"] = damping.to(device=w.device, dtype=w.dtype)
+            block.follow_weight(dtype)
+        damping = self.global_state["damping"]
+        if damping.device != w.device or damping.dtype != dtype:
+            self.global_state["damping"] = damping.to(device=w.device, dtype=dtype)
 
     def finish_step(self) -> None:
         """End of a step: advance the step counter that schedules factor and inverse updates."""
@@ -479,7 +520,16 @@ def _keep_inverses(name: str, block: CurvatureBlock, previous: dict[str, Tensor]
     )
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+def factor_dtype(options: PreconditionerOptions, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of factors and inverses: the option, else the parameters' (float32 for 16 bits)."""
+    if options.factor_dtype is not None:
+        return options.factor_dtype
+    return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+
+def loss_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
+    """The scaler's current loss scale, a device tensor (no host sync); None when it is disabled."""
+    return scaler._scale if scaler.is_enabled() else None
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

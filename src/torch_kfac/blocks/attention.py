@@ -382,7 +382,7 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         """Tensor hook: add s sum g g^T of the projection's output gradient (T, N, d) to each pair's G."""
         if self.backward_gate is not None and not self.backward_gate():
             return
-        flat, n = self._statistic_rows(grad, steps, batch, torch.sum)
+        flat, n = self._statistic_rows(self.statistics_grad(grad), steps, batch, torch.sum)
         scale = second_moment_scale(self.reduction, n, self.loss_terms)
         for name, start, end in columns:
             part = flat[:, start:end]

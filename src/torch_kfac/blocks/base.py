@@ -32,7 +32,7 @@ from torch_kfac.blocks.diagonal import DiagonalFisher
 from torch_kfac.blocks.ekfac import EigenbasisDiagonal
 from torch_kfac.blocks.forward_only import ForwardOnly
 from torch_kfac.blocks.kronecker import KroneckerFactors
-from torch_kfac.linalg import add_to_diagonal
+from torch_kfac.linalg import add_to_diagonal, solver_dtype
 
 #: How the loss was reduced: 'mean' over the batch, 'sum', or 'mean_positions' (averaged over the
 #: batch and over each example's T loss terms, e.g. tokens of a sequence or pixels of a mask).
@@ -88,6 +88,11 @@ def _graph_task_id() -> int | None:
     return None if task < 0 else int(task)
 
 
+def _unchanged(grad: Tensor) -> Tensor:
+    """The gradient as it is."""
+    return grad
+
+
 class CurvatureBlock(ABC):
     """What the optimizer needs from a curvature block: statistics in, preconditioning out.
 
@@ -121,6 +126,9 @@ class CurvatureBlock(ABC):
         #: Set by the capture: whether backward statistics are recorded right now (blocks that
         #: hook tensors themselves check it in their hooks).
         self.backward_gate: Callable[[], bool] | None = None
+        #: Set by the capture: an output gradient as statistics take it (in the factor dtype, the
+        #: loss scale removed), for blocks that hook tensors themselves.
+        self.statistics_grad: Callable[[Tensor], Tensor] = _unchanged
 
     # --------------------------------------------------------------------- to implement
     @abstractmethod
@@ -262,18 +270,18 @@ class CurvatureBlock(ABC):
     def fold_statistic(self, key: str, batch: Tensor, decay: float) -> None:
         """Fold one batch statistic (e.g. averaged over ranks) into factor `key`'s running average."""
         ema, weight = self.state.get(f"{key}_ema"), self.state.get(f"{key}_weight")
-        if ema is None or weight is None:
-            ema = torch.zeros_like(batch)
-            weight = batch.new_zeros(())
-        self.state[f"{key}_ema"] = ema.lerp_(batch, 1.0 - decay)
+        if ema is None or weight is None:  # 16-bit statistics (autocast) average in float32
+            ema = torch.zeros_like(batch, dtype=solver_dtype(batch.dtype))
+            weight = ema.new_zeros(())
+        self.state[f"{key}_ema"] = ema.lerp_(batch.to(ema.dtype), 1.0 - decay)
         self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
 
-    def follow_weight(self) -> None:
-        """Move the state to the parameters' device and dtype (after `model.to(...)`)."""
+    def follow_weight(self, dtype: torch.dtype) -> None:
+        """Move the state to the parameters' device and to `dtype`, the factor dtype (after `model.to`)."""
         w = self.parameters()[0]
         for key, value in self.state.items():
-            if value.device != w.device or (value.is_floating_point() and value.dtype != w.dtype):
-                self.state[key] = value.to(device=w.device, dtype=w.dtype)
+            if value.device != w.device or (value.is_floating_point() and value.dtype != dtype):
+                self.state[key] = value.to(device=w.device, dtype=dtype)
 
     def has_factors(self) -> bool:
         """Whether every factor has been estimated at least once."""

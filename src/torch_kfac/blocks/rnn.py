@@ -429,7 +429,7 @@ class RNNBlock(SwitchedForwardBlock):
         def hook(grad: Tensor) -> None:
             if self.backward_gate is not None and not self.backward_gate():
                 return
-            g = grad.detach()
+            g = self.statistics_grad(grad.detach())
             scale = second_moment_scale(self.reduction, int(g.shape[1]), self.loss_terms)
             self.add_backward_statistic(key, self._output_moment(self._rows(g, active)) * scale)
             if gru_hh is not None:

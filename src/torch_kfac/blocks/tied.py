@@ -154,12 +154,12 @@ class TiedBlock(CurvatureBlock):
         """Both uses have been estimated."""
         return all(m.has_factors() for m in self.members)
 
-    def follow_weight(self) -> None:
-        """Move the members' and the cached state to the weight's device and dtype."""
+    def follow_weight(self, dtype: torch.dtype) -> None:
+        """Move the members' and the cached state to the weight's device and to `dtype`."""
         w = self.weight
         for key, value in list(self._state.items()):
-            if value.device != w.device or (value.is_floating_point() and value.dtype != w.dtype):
-                self._state[key] = value.to(device=w.device, dtype=w.dtype)
+            if value.device != w.device or (value.is_floating_point() and value.dtype != dtype):
+                self._state[key] = value.to(device=w.device, dtype=dtype)
 
     # ------------------------------------------------------------------- the two terms
     def _terms(self) -> list[tuple[Tensor, Tensor]]:

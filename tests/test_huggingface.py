@@ -1,0 +1,57 @@
+"""The block of transformers' Conv1D is the Linear block of the transposed weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from torch_kfac import KFACPreconditioner
+from torch_kfac.blocks import block_type_for
+from torch_kfac.huggingface import Conv1DBlock, register_transformers_blocks
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def pair() -> tuple[nn.Sequential, nn.Sequential]:
+    """A Conv1D network and the same network built from nn.Linear (weights transposed)."""
+    linear = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    conv = nn.Sequential(Conv1D(4, 5), nn.Tanh(), Conv1D(3, 4))
+    with torch.no_grad():
+        for c, lin in ((conv[0], linear[0]), (conv[2], linear[2])):
+            c.weight.copy_(lin.weight.T)
+            c.bias.copy_(lin.bias)
+    return conv, linear
+
+
+def test_conv1d_block_equals_the_linear_block_of_the_transpose() -> None:
+    """Same factors, and preconditioned gradients that are the transposes of the Linear ones."""
+    register_transformers_blocks()
+    conv, linear = pair()
+    pres = [
+        KFACPreconditioner(m, damping=1e-2, factor_update_steps=1, inverse_update_steps=1)
+        for m in (conv, linear)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, y = torch.randn(6, 2, 5, generator=gen), torch.randint(0, 3, (6, 2), generator=gen)
+        for model, pre in zip((conv, linear), pres, strict=True):
+            model.zero_grad()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            pre.step()
+        for c, lin in ((conv[0], linear[0]), (conv[2], linear[2])):
+            torch.testing.assert_close(c.weight.grad, lin.weight.grad.T, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(c.bias.grad, lin.bias.grad, rtol=1e-12, atol=1e-14)
+    for name in ("0", "2"):
+        conv_block, linear_block = pres[0].blocks[name], pres[1].blocks[name]
+        assert isinstance(conv_block, Conv1DBlock)
+        torch.testing.assert_close(conv_block.A, linear_block.A, rtol=1e-13, atol=0.0)
+        torch.testing.assert_close(conv_block.G, linear_block.G, rtol=1e-13, atol=0.0)
+    assert "0.weight: Conv1DBlock (A 6x6, G 4x4" in pres[0].describe()
+
+
+def test_registration_gives_conv1d_its_block() -> None:
+    register_transformers_blocks()
+    assert block_type_for(Conv1D(4, 5)) is Conv1DBlock

@@ -1,0 +1,196 @@
+"""Loss scaling (torch.amp.GradScaler), autocast and 16-bit parameters: factors stay those of the
+unscaled loss, in float32 (or the `factor_dtype` asked for); updates in the parameters' dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests.conftest import make_data
+from torch_kfac import KFAC, KFACPreconditioner
+
+SCALE = 2.0**12
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def batches(steps: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x.float(), y) for x, y in (make_data(seed=s) for s in range(1, steps + 1))]
+
+
+def factors(pre: KFACPreconditioner) -> dict[str, Tensor]:
+    return {
+        f"{n}.{k}": v.clone() for n, b in pre.blocks.items() for k, v in b.state.items() if k.endswith("_ema")
+    }
+
+
+def params(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def kfac(model: nn.Module, **options: object) -> KFAC:
+    return KFAC(
+        model, lr=0.1, damping=1e-2, momentum=0.5, factor_update_steps=1, inverse_update_steps=1, **options
+    )
+
+
+def train_unscaled(steps: int) -> tuple[KFAC, nn.Module]:
+    model = mlp()
+    opt = kfac(model)
+    for x, y in batches(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt, model
+
+
+def test_grad_scaler_steps_equal_the_unscaled_steps_and_a_skipped_step_changes_nothing() -> None:
+    """Loss scale 2^12 (exact in binary): the same factors and parameters as without scaling; a
+    step with an inf gradient is skipped by the scaler and leaves factors and counters alone."""
+    model = mlp()
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    opt = kfac(model, grad_scaler=scaler)
+    data = batches(4)
+    for i, (x, y) in enumerate([*data[:2], data[1], *data[2:]]):
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if i == 2:  # an overflow: the scaler skips this step
+            model[0].weight.grad[0, 0] = float("inf")
+            before, steps = factors(opt.preconditioner), opt.preconditioner.steps
+        scaler.step(opt)
+        scaler.update()
+        if i == 2:
+            assert opt.last_stats["skipped"] and opt.preconditioner.steps == steps
+            torch.testing.assert_close(factors(opt.preconditioner), before, rtol=0, atol=0)
+            assert scaler.get_scale() == SCALE / 2
+    reference, ref_model = train_unscaled(4)
+    assert opt.preconditioner.steps == reference.preconditioner.steps == 4
+    torch.testing.assert_close(
+        factors(opt.preconditioner), factors(reference.preconditioner), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(params(model), params(ref_model), rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_in_front_of_another_optimizer() -> None:
+    """scaler.unscale_(opt) before pre.step(): the preconditioned gradients are the unscaled run's."""
+    results = []
+    for scaled in (False, True):
+        model = mlp()
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, enabled=scaled)
+        pre = KFACPreconditioner(model, factor_update_steps=1, inverse_update_steps=1, grad_scaler=scaler)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in batches(3):
+            sgd.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(sgd)
+            pre.step()
+            scaler.step(sgd)
+            scaler.update()
+        results.append(
+            (factors(pre), params(model), {n: p.grad.clone() for n, p in model.named_parameters()})
+        )
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_grad_scaler_needs_the_option() -> None:
+    model = mlp()
+    opt = kfac(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    x, y = batches(1)[0]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(ValueError, match="grad_scaler=scaler"):
+        scaler.step(opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_factors_are_float32_and_close_to_the_float32_run(dtype: torch.dtype) -> None:
+    def run(autocast: bool) -> tuple[KFAC, nn.Module]:
+        model = mlp()
+        opt = kfac(model)
+        for x, y in batches(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        return opt, model
+
+    (opt, model), (reference, ref_model) = run(True), run(False)
+    got, expected = factors(opt.preconditioner), factors(reference.preconditioner)
+    assert all(v.dtype == torch.float32 for v in got.values())
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0.05, atol=0.01 * value.abs().max().item())
+    torch.testing.assert_close(params(model), params(ref_model), rtol=0.05, atol=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_trains_with_float32_factors(dtype: torch.dtype) -> None:
+    model = mlp(dtype)
+    opt = kfac(model)
+    x, y = batches(1)[0]
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x.to(dtype)), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(p.dtype == dtype for p in model.parameters())
+    state = opt.preconditioner.blocks["0"].state
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    assert opt.damping.dtype == torch.float32
+
+
+def test_factor_dtype_option() -> None:
+    model = mlp()
+    opt = kfac(model, factor_dtype=torch.float64)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    state = opt.preconditioner.blocks["2"].state
+    assert {v.dtype for v in state.values()} == {torch.float64}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for bad in (torch.float16, "float32"):
+        with pytest.raises(ValueError, match="factor_dtype"):
+            kfac(mlp(), factor_dtype=bad)
+    with pytest.raises(ValueError, match="grad_scaler"):
+        kfac(mlp(), grad_scaler=object())
+
+
+class AttentionLSTM(nn.Module):
+    """Blocks that hook their own tensors: attention projections and recurrent gates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(5, 1, batch_first=True)
+        self.lstm = nn.LSTM(5, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.view(x.shape[0], 1, 5).expand(-1, 3, -1)
+        h = self.attention(h, h, h, need_weights=False)[0]
+        return self.head(self.lstm(h)[0][:, -1])
+
+
+def test_grad_scaler_unscales_the_statistics_of_attention_and_recurrent_blocks() -> None:
+    runs = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = AttentionLSTM()
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, enabled=scaled)
+        opt = kfac(model, grad_scaler=scaler)
+        for x, y in batches(2):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append(factors(opt.preconditioner))
+    assert any(k.startswith("attention.G") for k in runs[0]) and any(k.startswith("lstm.G") for k in runs[0])
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=0)
