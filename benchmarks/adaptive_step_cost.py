@@ -6,16 +6,21 @@ sigmoid cross-entropy summed over pixels and averaged over the batch):
 * adam: torch.optim.Adam.
 * kfac: fixed learning rate, momentum and damping.
 * kfac+lm: Levenberg-Marquardt damping from a same-batch loss evaluation every 5 steps.
-* kfac+qmodel: learning rate and momentum from the exact quadratic model every step (two
-  forward-mode passes) plus the Levenberg-Marquardt damping of kfac+lm.
+* kfac+qmodel: learning rate and momentum from the exact quadratic model every step (one
+  forward-mode pass that carries both directions) plus the Levenberg-Marquardt damping of kfac+lm,
+  with the quadratic model's curvature on the whole batch (`qmodel_batch_size=None`).
+* kfac+qmodel-default: the same with the library's default `qmodel_batch_size` (the curvature on
+  the batch's leading examples only).
 
 Every configuration uses the library's default update intervals and runs the same number of
 steps on the same synthetic binary images (the cost does not depend on the data) after an untimed
-warm-up longer than K-FAC's curvature warm-up; the mean step time (amortized over whole update
-cycles), the median, and the mean's ratio to `kfac` are written to
-`benchmarks/results/adaptive_step_cost.json` and `.md`.
+warm-up longer than K-FAC's curvature warm-up. The configurations take turns step by step, so a
+machine whose load changes during the run slows them alike. The mean step time (amortized over
+whole update cycles), the median, and their ratios to `kfac` are written to
+`benchmarks/results/adaptive_step_cost.json` and `.md`. `--clock cpu` times the process's CPU
+time instead of the wall clock (steadier on a shared machine; CPU only).
 
-    python benchmarks/adaptive_step_cost.py [--batch-size 1000] [--steps 30] [--device cpu]
+    python benchmarks/adaptive_step_cost.py [--batch-size 1000] [--steps 30] [--device cpu] [--clock wall]
 """
 
 from __future__ import annotations
@@ -70,35 +75,41 @@ def make_optimizer(name: str, model: nn.Module, loss_fn: nn.Module) -> torch.opt
         return KFAC(model, 0.05, momentum=0.9, **common)
     if name == "kfac+lm":
         return KFAC(model, 0.05, momentum=0.9, adapt_damping=True, damping_adaptation_interval=5, **common)
+    whole_batch = {"qmodel_batch_size": None} if name == "kfac+qmodel" else {}
     return KFAC(
         model,
         adaptive_learning_rate=True,
         adaptive_momentum=True,
         adapt_damping=True,
         damping_adaptation_interval=5,
+        **whole_batch,
         **common,
     )
 
 
-def time_steps(name: str, batch: torch.Tensor, steps: int, sync: Callable[[], None]) -> list[float]:
-    """Seconds of each of `steps` optimizer steps (forward, backward and step)."""
-    torch.manual_seed(0)
-    model = autoencoder().to(batch.device)
-    loss_fn = PixelSumBCE()
-    opt = make_optimizer(name, model, loss_fn)
-    times = []
+def time_steps(
+    names: list[str], batch: torch.Tensor, steps: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
+    """Seconds of each of `steps` optimizer steps (forward, backward and step) of every
+    configuration, the configurations taking turns step by step."""
+    runs = []
+    for name in names:
+        torch.manual_seed(0)
+        model = autoencoder().to(batch.device)
+        loss_fn = PixelSumBCE()
+        runs.append((name, model, loss_fn, make_optimizer(name, model, loss_fn)))
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss = loss_fn(model(batch), batch)
-        loss.backward()
-        if isinstance(opt, KFAC):
-            opt.step(loss=loss, batch=(batch, batch))
-        else:
-            opt.step()
-        sync()
-        times.append(time.perf_counter() - start)
+        for name, model, loss_fn, opt in runs:
+            start = clock()
+            opt.zero_grad()
+            loss = loss_fn(model(batch), batch)
+            loss.backward()
+            if isinstance(opt, KFAC):
+                opt.step(loss=loss, batch=(batch, batch))
+            else:
+                opt.step()
+            times[name].append(clock() - start)
     return times
 
 
@@ -108,24 +119,30 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptive_step_cost")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise ValueError("--clock cpu times CPU runs only")
 
-    def sync() -> None:
+    def clock() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return time.process_time() if args.clock == "cpu" else time.perf_counter()
 
     gen = torch.Generator().manual_seed(0)
     batch = (torch.rand(args.batch_size, 784, generator=gen) > 0.5).float().to(device)
-    names = ["adam", "kfac", "kfac+lm", "kfac+qmodel"]
-    timed = {name: time_steps(name, batch, WARMUP + args.steps, sync)[WARMUP:] for name in names}
+    names = ["adam", "kfac", "kfac+lm", "kfac+qmodel", "kfac+qmodel-default"]
+    timed = {n: t[WARMUP:] for n, t in time_steps(names, batch, WARMUP + args.steps, clock).items()}
     means = {name: statistics.fmean(t) for name, t in timed.items()}
+    medians = {name: statistics.median(t) for name, t in timed.items()}
     rows = {
         n: {
             "mean_ms": 1e3 * means[n],
-            "median_ms": 1e3 * statistics.median(timed[n]),
+            "median_ms": 1e3 * medians[n],
             "ratio_to_kfac": means[n] / means["kfac"],
+            "median_ratio_to_kfac": medians[n] / medians["kfac"],
         }
         for n in names
     }
@@ -140,18 +157,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "command": command.strip(),
         "device": device_name,
         "batch_size": args.batch_size,
+        "clock": args.clock,
+        "qmodel_batch_size_default": KFAC_DEFAULTS["qmodel_batch_size"],
         "results": rows,
     }
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     lines = [
         f"Command: `{command.strip()}` on {device_name}, batch {args.batch_size}, "
-        f"{args.steps} steps after {WARMUP} untimed ones, default update intervals.",
+        f"{args.steps} steps after {WARMUP} untimed ones, default update intervals, {args.clock} clock, "
+        f"default qmodel_batch_size {KFAC_DEFAULTS['qmodel_batch_size']}.",
         "",
-        "| configuration | mean step (ms) | median step (ms) | mean / kfac's |",
-        "|---|---:|---:|---:|",
+        "| configuration | mean step (ms) | median step (ms) | mean / kfac's | median / kfac's |",
+        "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {n} | {r['mean_ms']:.1f} | {r['median_ms']:.1f} | {r['ratio_to_kfac']:.2f} |"
+        f"| {n} | {r['mean_ms']:.1f} | {r['median_ms']:.1f} | {r['ratio_to_kfac']:.2f} "
+        f"| {r['median_ratio_to_kfac']:.2f} |"
         for n, r in rows.items()
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -141,6 +141,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str, dict[str, Any] | None, str]
             "adaptive_momentum": True,
             "reject_steps": True,
             "qmodel_curvature": "exact",
+            # Recorded with the quadratic model on the whole batch (the default before issue 9).
+            "qmodel_batch_size": None,
             "loss_fn": nn.CrossEntropyLoss(),
             "l2_reg": 1e-5,
         },

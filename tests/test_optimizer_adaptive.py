@@ -30,7 +30,10 @@ def one_step(opt: KFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     return record
 
 
-def test_learning_rate_and_momentum_minimise_the_exact_quadratic() -> None:
+@pytest.mark.parametrize("qmodel_batch_size", [None, 4])
+def test_learning_rate_and_momentum_minimise_the_exact_quadratic(qmodel_batch_size: int | None) -> None:
+    """With qmodel_batch_size m the curvature is the GGN of the batch's first m examples; the
+    gradient stays the whole batch's."""
     model = make_mlp()
     opt = KFAC(
         model,
@@ -39,6 +42,7 @@ def test_learning_rate_and_momentum_minimise_the_exact_quadratic() -> None:
         adaptive_learning_rate=True,
         adaptive_momentum=True,
         inverse_update_steps=1,
+        qmodel_batch_size=qmodel_batch_size,
     )
     x, y = make_data()
     names = [n for n, _ in model.named_parameters()]
@@ -61,7 +65,8 @@ def test_learning_rate_and_momentum_minimise_the_exact_quadratic() -> None:
 
     at_theta1 = make_mlp()
     at_theta1.load_state_dict(theta1)
-    damped = dense_ggn(at_theta1, LOSS, x, y) + opt.damping * torch.eye(len(g))
+    count = qmodel_batch_size or len(y)
+    damped = dense_ggn(at_theta1, LOSS, x[:count], y[:count]) + opt.damping * torch.eye(len(g))
     expected = -torch.linalg.solve(basis.T @ damped @ basis, basis.T @ g)
     torch.testing.assert_close(torch.stack([alpha, mu]), expected, rtol=1e-8, atol=1e-12)
 
@@ -86,6 +91,7 @@ def test_exact_q_for_damping_equals_the_dense_model() -> None:
         loss_fn=LOSS,
         adapt_damping=True,
         qmodel_curvature="exact",
+        qmodel_batch_size=None,
         damping_adaptation_interval=1,
     )
     x, y = make_data()
@@ -279,6 +285,9 @@ def test_adaptive_configuration_trains() -> None:
         ({"qmodel_curvature": "dense"}, "qmodel_curvature"),
         ({"burn_in_steps": -1}, "burn_in_steps"),
         ({"damping_rho_thresholds": (0.8, 0.2)}, "damping_rho_thresholds"),
+        ({"qmodel_batch_size": 0}, "qmodel_batch_size"),
+        ({"qmodel_batch_size": 2.5}, "qmodel_batch_size"),
+        ({"qmodel_batch_size": True}, "qmodel_batch_size"),
     ],
 )
 def test_invalid_adaptive_options(kwargs: dict[str, object], message: str) -> None:

@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
-from torch_kfac.qmodel import ExactCurvature, quadratic_value, solve_coefficients
+from torch_kfac.qmodel import ExactCurvature, leading_examples, quadratic_value, solve_coefficients
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -56,6 +56,35 @@ def test_gram_with_partial_directions_and_mse() -> None:
     gram = ExactCurvature(model, loss_fn).gram(x, y, [only_last])
     v = flat(full, names)
     torch.testing.assert_close(gram[0, 0], v @ dense_ggn(model, loss_fn, x, y) @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sub_batch_gram_is_the_gram_of_the_leading_examples(reduction: str) -> None:
+    """max_examples m < n: exactly the Gram of the first m examples, times n / m for a summed loss."""
+    model = make_mlp()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    x, y = make_data(n=16)
+    dirs = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    sub = ExactCurvature(model, loss_fn, max_examples=5).gram(x, y, dirs)
+    on_five = ExactCurvature(model, loss_fn).gram(x[:5], y[:5], dirs)
+    assert torch.equal(sub, on_five * (16 / 5) if reduction == "sum" else on_five)
+    names = [n for n, _ in model.named_parameters()]
+    vs = torch.stack([flat(d, names) for d in dirs])
+    reference = vs @ dense_ggn(model, nn.CrossEntropyLoss(), x[:5], y[:5]) @ vs.T
+    expected = reference * 16 if reduction == "sum" else reference
+    torch.testing.assert_close(sub, expected, rtol=1e-10, atol=1e-12)
+    whole = ExactCurvature(model, loss_fn).gram(x, y, dirs)
+    assert not torch.allclose(sub, whole)
+    assert torch.equal(ExactCurvature(model, loss_fn, max_examples=16).gram(x, y, dirs), whole)
+
+
+def test_leading_examples_slices_every_input_tensor() -> None:
+    x, y = make_data(n=6)
+    inputs, targets = leading_examples((x, x + 1, 3.0), y, 2)
+    assert torch.equal(inputs[0], x[:2]) and torch.equal(inputs[1], x[:2] + 1) and inputs[2] == 3.0
+    assert torch.equal(targets, y[:2])
+    single, _ = leading_examples(x, y, 4)
+    assert torch.equal(single, x[:4])
 
 
 def test_extra_passes_leave_buffers_and_statistics_alone() -> None:

@@ -77,7 +77,10 @@ class KFAC(OriginalAPI, Optimizer):
         self.preconditioner = KFACPreconditioner(model, options=opts)
         model = unwrap(model)  # DistributedDataParallel: the optimizer's own passes skip the wrapper
         self.loss_fn = opts.loss_fn
-        self._exact = ExactCurvature(model, opts.loss_fn) if opts.loss_fn is not None else None
+        # issue 9 (cheaper adaptive step): the exact curvature sees at most qmodel_batch_size examples.
+        self._exact = (
+            ExactCurvature(model, opts.loss_fn, opts.qmodel_batch_size) if opts.loss_fn is not None else None
+        )
         self.model = model
         self._named_params = dict(model.named_parameters())
         self._param_names = {id(p): n for n, p in self._named_params.items()}

@@ -279,6 +279,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "qmodel_curvature": QModelCurvature.parse,
     "adaptive_learning_rate": check_bool,
     "adaptive_momentum": check_bool,
+    "qmodel_batch_size": _optional(check_interval),
     "reject_steps": check_bool,
     "burn_in_steps": check_count,
 }
@@ -461,6 +462,10 @@ class KFACOptions(PreconditionerOptions):
             'exact' (the GGN/Fisher of `loss_fn` on the batch; one forward-mode pass).
         adaptive_learning_rate, adaptive_momentum: choose them each step by minimising the exact
             quadratic model over the natural gradient and the previous change (a 2x2 solve).
+        qmodel_batch_size: compute the exact curvature of the quadratic model on at most this
+            many examples, the batch's first ones along dimension 0 (None: the whole batch); the
+            gradient term and the loss change always use the whole batch. Its forward-mode pass is
+            the adaptive step's largest cost on large batches (`benchmarks/adaptive_step_cost.py`).
         reject_steps: undo a step whose loss on the same batch is NaN or larger, and raise the
             damping by 1/omega.
         burn_in_steps: the first steps only accumulate factors; the parameters stay put.
@@ -494,6 +499,7 @@ class KFACOptions(PreconditionerOptions):
     qmodel_curvature: QModelCurvature | str = QModelCurvature.KFAC
     adaptive_learning_rate: bool = False
     adaptive_momentum: bool = False
+    qmodel_batch_size: int | None = 128
     reject_steps: bool = False
     burn_in_steps: int = 0
 

@@ -5,6 +5,10 @@ Gauss-Newton matrix (equal to the Fisher for the losses in `losses.py`) costs on
 forward-mode pass over all directions: C-products in output space, (J v_i)^T H (J v_j). The
 optimizer minimises q(c) = c^T b + 1/2 c^T (M + lambda V^T V) c over the coefficients of the
 update delta = sum_i c_i v_i (b_i = g^T v_i), which gives learning rate and momentum.
+
+The Gram matrix may be estimated on the batch's leading examples only (`max_examples`): the
+forward-mode pass costs about five forward passes of those examples for two directions (the
+primal computation is shared), the largest part of an adaptive step on a large batch.
 """
 
 from __future__ import annotations
@@ -21,13 +25,28 @@ from torch_kfac.losses import loss_curvature
 from torch_kfac.utils import as_args
 
 
-class ExactCurvature:
-    """GGN quadratic forms of `loss_fn(model(inputs), targets)` at the model's current parameters."""
+def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Tensor]:
+    """The first `count` examples of a batch: dimension 0 of the targets and of every input tensor."""
+    if isinstance(inputs, (tuple, list)):
+        inputs = tuple(x[:count] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
+        return inputs, targets[:count]
+    return inputs[:count], targets[:count]
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+
+class ExactCurvature:
+    """GGN quadratic forms of `loss_fn(model(inputs), targets)` at the model's current parameters.
+
+    With `max_examples` m, a batch of n > m examples (along dimension 0 of the targets and
+    inputs) gives the forms of its first m examples (an unbiased estimate of the whole batch's
+    when the examples are shuffled), scaled by n / m when `loss_fn` sums over examples
+    (reduction='sum') so that they keep the whole batch's scale. None: always the whole batch.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, max_examples: int | None = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.hessian = loss_curvature(loss_fn)
+        self.max_examples = max_examples
 
     def output_directions(
         self, inputs: Any, directions: Sequence[dict[str, Tensor]]
@@ -59,7 +78,17 @@ class ExactCurvature:
         return outputs[0], list(jvps.unbind(0))
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
-        """M_ij = v_i^T C v_j for the directions, a (k, k) tensor."""
+        """M_ij = v_i^T C v_j for the directions, a (k, k) tensor (on the leading examples, see above)."""
+        count = self.max_examples
+        size = targets.shape[0] if count is not None and targets.dim() > 0 else 0
+        if count is not None and count < size:
+            inputs, targets = leading_examples(inputs, targets, count)
+            gram = self._gram(inputs, targets, directions)
+            return gram * (size / count) if getattr(self.loss_fn, "reduction", None) == "sum" else gram
+        return self._gram(inputs, targets, directions)
+
+    def _gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
+        """The Gram matrix on the whole of the given batch."""
         outputs, jvps = self.output_directions(inputs, directions)
         k = len(directions)
         gram = outputs.new_zeros(k, k)
