@@ -727,3 +727,38 @@ def library_blocks(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, redu
     loss_fn(model(x), y).backward()
     opt.update_cov()
     return opt.blocks
+
+
+# ---------------------------------------------------------------------------------------
+# The identity-preconditioner baseline of the "K-FAC trains" tests
+# ---------------------------------------------------------------------------------------
+
+
+class IdentityPreconditioned(torch.optim.Optimizer):
+    """K-FAC's update rule with the curvature replaced by the identity: momentum SGD.
+
+    v <- mu v + c g and theta <- theta - lr v, with K-FAC's norm constraint c = min(1, sqrt(C /
+    (lr^2 g^T g))) when `norm_constraint` is given (c = 1 otherwise: torch's SGD with momentum).
+    A test that claims K-FAC trains must beat this run, from the same start with the same lr and
+    momentum, by a clear margin: with every preconditioner replaced by the identity it cannot.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, norm_constraint: float | None = None):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "norm_constraint": norm_constraint})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            lr, mu, bound = group["lr"], group["momentum"], group["norm_constraint"]
+            coeff = 1.0
+            if bound is not None and params:
+                sq_norm = lr**2 * sum(p.grad.double().square().sum() for p in params)
+                coeff = min(1.0, math.sqrt(bound / sq_norm)) if sq_norm > 0 else 1.0
+            for p in params:
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = coeff * p.grad.clone()
+                else:
+                    state["velocity"].mul_(mu).add_(p.grad, alpha=coeff)
+                p.add_(state["velocity"], alpha=-lr)
