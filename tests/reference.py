@@ -285,6 +285,21 @@ def conv_factors(rec: LayerRecord, reduction: str) -> tuple[Tensor, Tensor]:
     return big_a, big_g
 
 
+def centered_factors(a: Tensor, g: Tensor, bias: bool, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Centered (A, G) from rows a (M, d_a) and per-example output-gradient rows g (M, d_g), M = N T.
+
+    a (not the bias's 1) and g are centered over all M rows: A = 1/M sum [a - mean, 1][...]^T and
+    G = 1/N sum (g - mean)(g - mean)^T, by explicit accumulation of outer products.
+    """
+    a = a - a.mean(0)
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    g = g - g.mean(0)
+    big_a = sum(torch.outer(row, row) for row in a) / a.shape[0]
+    big_g = sum(torch.outer(row, row) for row in g) / batch_size
+    return big_a, big_g
+
+
 def reference_factors(rec: LayerRecord, reduction: str) -> tuple[Tensor, Tensor]:
     if isinstance(rec.module, nn.Linear):
         return linear_factors(rec, reduction)
