@@ -777,3 +777,21 @@ class IdentityPreconditioned(torch.optim.Optimizer):
                 else:
                     state["velocity"].mul_(mu).add_(p.grad, alpha=coeff)
                 p.add_(state["velocity"], alpha=-lr)
+
+
+def identity_preconditioned_loss(
+    model: nn.Module,
+    loss_of: Callable[[nn.Module], Tensor],
+    steps: int,
+    lr: float,
+    momentum: float = 0.0,
+    norm_constraint: float | None = None,
+) -> float:
+    """The loss at the last of `steps` full-batch `IdentityPreconditioned` steps (trains `model`)."""
+    opt = IdentityPreconditioned(model.parameters(), lr, momentum, norm_constraint)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        opt.step()
+    return loss.item()
