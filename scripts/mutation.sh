@@ -14,12 +14,16 @@ set -euo pipefail
 MODULES=(
   src/torch_kfac/optimizer.py
   src/torch_kfac/preconditioner.py
+  src/torch_kfac/damping.py
+  src/torch_kfac/update.py
   src/torch_kfac/qmodel.py
 )
 TESTS=(
   tests/test_optimizer.py
   tests/test_optimizer_adaptive.py
   tests/test_preconditioner.py
+  tests/test_damping.py
+  tests/test_update.py
   tests/test_qmodel.py
 )
 REV=${1:-}
