@@ -505,3 +505,164 @@ def test_adam_momentum_with_the_norm_constraint() -> None:
     for n in ("0", "2"):
         expected = lr * coeff * natural(opt, n, velocity[n])
         torch.testing.assert_close(block_grad(s2, n, "d"), expected, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------- nothing silently wrong
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_frozen_parameter_never_moves_and_gets_no_grad(frozen: str, when: str) -> None:
+    """A parameter frozen before or after construction stays put; the rest of its layer trains."""
+    model = make_mlp()
+    param = getattr(model[2], frozen)
+    if when == "before":
+        param.requires_grad_(False)
+    opt = KFAC(model, 0.1, 1e-2)
+    if when == "after":
+        param.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(opt, model, 3)
+    assert torch.equal(param, before[f"2.{frozen}"]) and param.grad is None
+    other = "bias" if frozen == "weight" else "weight"
+    assert not torch.equal(getattr(model[2], other), before[f"2.{other}"])
+
+
+def test_frozen_parameter_with_a_stale_gradient_never_moves() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, weight_decay=0.1)
+    loss_of(model, *make_data()).backward()
+    model[0].weight.requires_grad_(False)  # keeps the .grad of the pass above
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert torch.equal(model[0].weight, before)
+
+
+def test_zero_grad_discards_the_statistics_of_a_batch_whose_step_never_came() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    x, y = make_data(seed=1)
+    loss_of(model, x, y).backward()  # a batch the user decides to skip
+    opt.zero_grad()
+    assert opt.preconditioner.pending_statistics() == []
+    fresh_model = make_mlp()
+    fresh = KFAC(fresh_model, 0.1, 1e-2)
+    for m, o in ((model, opt), (fresh_model, fresh)):
+        o.zero_grad()
+        loss_of(m, *make_data(seed=2)).backward()
+        o.step()
+    for name, block in opt.blocks.items():
+        assert torch.equal(block.A, fresh.blocks[name].A) and torch.equal(block.G, fresh.blocks[name].G)
+
+
+def test_zero_grad_between_forward_and_backward_keeps_the_forward_statistics() -> None:
+    """Lightning's order (forward, zero_grad, backward, step) still records both factors."""
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    x, y = make_data()
+    loss = loss_of(model, x, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert not opt.last_stats["skipped"] and all(b.has_factors() for b in opt.blocks.values())
+
+
+def test_gradient_accumulation_over_two_backward_passes_averages_their_statistics() -> None:
+    x1, y1 = make_data(seed=1)
+    x2, y2 = make_data(seed=2)
+    single = {}
+    for key, (x, y) in (("1", (x1, y1)), ("2", (x2, y2))):
+        model = make_mlp()
+        opt = KFAC(model, 0.1, 1e-2)
+        loss_of(model, x, y).backward()
+        opt.update_cov()
+        single[key] = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    opt.zero_grad()
+    for x, y in ((x1, y1), (x2, y2)):
+        (loss_of(model, x, y) / 2).backward()
+    opt.step()
+    assert not opt.last_stats["skipped"]
+    for name, block in opt.blocks.items():
+        torch.testing.assert_close(block.A, (single["1"][name][0] + single["2"][name][0]) / 2)
+
+
+def test_step_after_a_skipped_step_is_taken() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    opt.zero_grad()
+    loss_of(model, *make_data()).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="1 skipped in a row"):
+        opt.step()
+    assert opt.last_stats["skipped"] and opt.last_stats["skipped_in_a_row"] == 1
+    train(opt, model, 1)
+    assert not opt.last_stats["skipped"] and opt.last_stats["skipped_in_a_row"] == 0
+
+
+def _nan_step(opt: KFAC, model: nn.Module) -> None:
+    opt.zero_grad()
+    loss_of(model, *make_data()).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    opt.step()
+
+
+def test_consecutive_skipped_steps_are_counted_and_can_raise() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, max_skipped_steps=3)
+    for count in (1, 2):
+        with pytest.warns(RuntimeWarning, match=f"{count} skipped in a row"):
+            _nan_step(opt, model)
+        assert opt.last_stats["skipped_in_a_row"] == count
+    with pytest.raises(RuntimeError, match="max_skipped_steps=3"):
+        _nan_step(opt, model)
+    with pytest.raises(ValueError, match="max_skipped_steps"):
+        KFAC(make_mlp(), 0.1, max_skipped_steps=0)
+
+
+def test_step_without_gradients_is_a_clear_error_before_any_change() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    loss_of(model, *make_data())  # forward only: input statistics pending
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        opt.step()
+    assert opt.preconditioner.steps == 0 and not any(b.has_factors() for b in opt.blocks.values())
+
+
+def test_empty_batch_is_a_clear_error() -> None:
+    model = make_mlp()
+    KFAC(model, 0.1, 1e-2)
+    x, y = make_data()
+    with pytest.raises(ValueError, match="empty batch"):
+        loss_of(model, x[:0], y[:0])
+
+
+def test_state_dict_of_another_model_is_refused_naming_the_block() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    train(opt, model, 1)
+    other = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
+    other_opt = KFAC(other, 0.1, 1e-2)
+    with pytest.raises(ValueError, match="block '2'"):
+        other_opt.load_state_dict(opt.state_dict())
+    assert not any(b.has_factors() for b in other_opt.blocks.values())
+    diagonal = KFAC(make_mlp(), 0.1, 1e-2, approximation="diagonal")
+    with pytest.raises(ValueError, match=r"block '0'.*approximation"):
+        diagonal.load_state_dict(opt.state_dict())
+
+
+def test_add_param_group_is_refused() -> None:
+    opt = KFAC(make_mlp(), 0.1, 1e-2)
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_module_replaced_after_construction_is_a_clear_error() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    train(opt, model, 1)
+    model[2] = nn.Linear(8, 3)
+    before = model[2].weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"2\.weight"):
+        train(opt, model, 1)
+    assert torch.equal(model[2].weight, before) and opt.preconditioner.steps == 1

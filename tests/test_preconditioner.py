@@ -194,3 +194,26 @@ def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None
     assert all(block.state[k] is v for k, v in kept.items())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert pre.blocks["2"].state["A_inv"] is not other  # the other block was refreshed as usual
+
+
+def test_frozen_weight_gets_no_grad_and_its_bias_the_raw_gradient() -> None:
+    """A weight frozen after construction: the layer's block is left out, no .grad is written into the
+    weight, and the trainable bias keeps its own gradient (identity) instead of a Kronecker solve that
+    mixes in a zero weight gradient."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    model[2].weight.requires_grad_(False)
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    raw = model[2].bias.grad.clone()
+    assert pre.step()
+    assert model[2].weight.grad is None
+    torch.testing.assert_close(model[2].bias.grad, raw, rtol=0, atol=0)
+    assert "2" not in pre.active_blocks and "0" in pre.active_blocks
+
+
+def test_step_without_gradients_is_a_clear_error() -> None:
+    pre = KFACPreconditioner(make_mlp(), damping=1e-2)
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        pre.step()
+    assert pre.steps == 0

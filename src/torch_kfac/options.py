@@ -229,6 +229,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "approximation": Approximation.parse,
     "inverse_power": check_inverse_power,
     "kfac_approx": KFACApprox.parse,
+    "max_skipped_steps": _optional(check_interval),
     "lr": _optional(check_number),
     "momentum": _number(high=1.0, high_inclusive=False),
     "momentum_type": MomentumType.parse,
@@ -309,6 +310,8 @@ class PreconditionerOptions:
         kfac_approx: weight sharing over sequence/spatial positions (Eschenhagen et al. 2023):
             'expand' (positions count like examples) or 'reduce' (inputs averaged and output
             gradients summed over positions before the second moments).
+        max_skipped_steps: raise a RuntimeError once this many steps in a row were skipped for
+            non-finite values (None: keep skipping, with a warning that counts them).
     """
 
     #: Options that may be a callable of the step.
@@ -332,6 +335,7 @@ class PreconditionerOptions:
     approximation: Approximation | str = Approximation.KFAC
     inverse_power: float = -1.0
     kfac_approx: KFACApprox | str = KFACApprox.EXPAND
+    max_skipped_steps: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
