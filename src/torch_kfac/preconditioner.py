@@ -360,7 +360,6 @@ class KFACPreconditioner:
         `batch=(inputs, targets)` is needed by fisher_type 'mc' and 'type-2'. Returns False
         (after a warning) if the step was skipped for non-finite values.
         """
-        self.check_gradients()
         mats = self.prepare(batch=batch)
         if mats is None:
             return False
