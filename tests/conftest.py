@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import Phase, settings
 from torch import nn
 
 # The suite is thousands of tiny kernels: one thread avoids oversubscribing a small CI machine.
 torch.set_num_threads(1)
+
+# Property-based tests (tests/blocks/test_properties.py): 'ci' replays a fixed set of examples so the
+# suite is deterministic and fast; 'thorough' draws ten times as many at random. Choose with
+# `--hypothesis-profile=thorough` or HYPOTHESIS_PROFILE=thorough. 'ci' reports a failing example
+# as found (no minutes of shrinking); 'thorough' shrinks it.
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_data, make_mlp
+from tests.reference import identity_preconditioned_loss
 from torch_kfac import KFAC, LinearBlock
 from torch_kfac.capture import StatisticsCapture
 
@@ -60,7 +61,9 @@ def test_original_data_label_loop_with_tracking_contexts() -> None:
             loss.backward()
         opt.step(loss=loss)
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    # The identity preconditioner (momentum SGD, same lr and momentum) ends 75x higher (measured).
+    plain = identity_preconditioned_loss(make_mlp(), lambda m: F.cross_entropy(m(x), y), 30, 0.2, 0.5)
+    assert losses[-1] < 0.1 * plain, (losses[-1], plain)
     assert opt.damping.item() != pytest.approx(1e-2)
     # Outside the contexts nothing is recorded any more.
     before = opt.blocks["2"].A.clone()

@@ -23,6 +23,11 @@ OMEGA, THRESHOLDS, BOUNDS = 0.81, (0.25, 0.75), (1e-8, math.inf)
         (-0.1, -1.0, 1 / OMEGA),  # rho = 0.1 < 1/4
         (-0.1, 1.0, OMEGA),  # a gain the model did not predict
         (float("nan"), -1.0, 1.0),  # a NaN loss leaves the damping alone
+        # Boundaries found by the mutation run (benchmarks/results/mutation.md):
+        (-0.75, -1.0, 1.0),  # rho = 3/4 exactly: neither rule fires
+        (0.0, 1.0, 1 / OMEGA),  # no change where the model predicted a rise: rho = 0 < 1/4
+        (0.01, 1.0, 1 / OMEGA),  # a small rise where the model predicted a larger one: rho < 1/4
+        (-0.1, 0.0, 1 / OMEGA),  # a gain with a zero model change: rho = -inf, not "unpredicted gain"
     ],
 )
 def test_rule_on_constructed_cases(loss_change: float, q: float, factor: float) -> None:
@@ -31,7 +36,7 @@ def test_rule_on_constructed_cases(loss_change: float, q: float, factor: float) 
         damping, torch.tensor(loss_change), torch.tensor(q), OMEGA, THRESHOLDS, BOUNDS
     )
     assert new.item() == pytest.approx(1e-2 * factor, rel=1e-15)
-    torch.testing.assert_close(rho, torch.tensor(loss_change / q), equal_nan=True)
+    torch.testing.assert_close(rho, torch.tensor(loss_change) / q, equal_nan=True)
     assert damping.item() == 1e-2  # the input is not modified
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.reference import IdentityPreconditioned
 from torch_kfac import KFAC
 
 ADAM_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -180,7 +181,8 @@ CASES = {
         # The loss averages over batch and positions: the token-level Fisher.
         {
             "lr": 0.1,
-            "damping": 1e-2,
+            # damping 1e-2 ends where the identity-preconditioned run does (1.07x); 1e-1 at 0.29x.
+            "damping": 1e-1,
             "momentum": 0.9,
             "norm_constraint": 1e-2,
             "reduction": "mean_positions",
@@ -206,3 +208,14 @@ def test_kfac_beats_tuned_adam_in_the_same_number_of_steps(case: str) -> None:
     adam = tuned_adam(model_fn, data, STEPS) - floor
     kfac = train(model_fn, data, lambda m: KFAC(m, inverse_update_steps=1, **hyper), STEPS) - floor
     assert -1e-9 <= kfac < margin * adam, (kfac, adam, floor)
+    # The same run with the identity preconditioner (momentum SGD, K-FAC's norm constraint); measured
+    # K-FAC at 0.008x (resnet), 0.002x (lstm), 0.29x (transformer) of it.
+    identity = train(
+        model_fn,
+        data,
+        lambda m: IdentityPreconditioned(
+            m.parameters(), hyper["lr"], hyper["momentum"], hyper.get("norm_constraint")
+        ),
+        STEPS,
+    )
+    assert kfac < margin * (identity - floor), (kfac, identity - floor)

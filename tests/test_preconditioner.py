@@ -52,12 +52,12 @@ def test_cholesky_and_eigh_agree() -> None:
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
-def test_in_front_of_torch_optimizers_with_a_schedule(opt_name: str) -> None:
+def _scheduled_run(opt_name: str, preconditioned: bool) -> list[float]:
+    """40 steps of SGD or AdamW with a cosine schedule, with or without the preconditioner in front."""
     model = make_mlp()
-    pre = KFACPreconditioner(model, damping=1e-2)
+    pre = KFACPreconditioner(model, damping=1e-2) if preconditioned else None
     if opt_name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
@@ -67,11 +67,27 @@ def test_in_front_of_torch_optimizers_with_a_schedule(opt_name: str) -> None:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        pre.step()
+        if pre is not None:
+            pre.step()
         opt.step()
         sched.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0]
+    return losses
+
+
+def test_in_front_of_sgd_beats_sgd_alone() -> None:
+    """The same SGD run without the preconditioner (the identity) ends 40x higher (measured)."""
+    kfac, plain = _scheduled_run("sgd", True), _scheduled_run("sgd", False)
+    assert kfac[-1] < 0.6 * kfac[0]
+    assert kfac[-1] < 0.1 * plain[-1], (kfac[-1], plain[-1])
+
+
+def test_in_front_of_adamw_learns_and_changes_its_steps() -> None:
+    """AdamW normalises each coordinate's step, which hides most of the preconditioning (final loss
+    0.97x AdamW's alone here): the preconditioned run learns and takes other steps than AdamW alone."""
+    kfac, plain = _scheduled_run("adamw", True), _scheduled_run("adamw", False)
+    assert kfac[-1] < 0.6 * kfac[0]
+    assert kfac[0] == plain[0] and abs(kfac[-1] - plain[-1]) > 1e-3 * plain[-1], (kfac[-1], plain[-1])
 
 
 def test_state_dict_round_trip() -> None:
@@ -205,3 +221,19 @@ def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None
     assert all(block.state[k] is v for k, v in kept.items())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert pre.blocks["2"].state["A_inv"] is not other  # the other block was refreshed as usual
+
+
+def test_frozen_weight_gets_no_grad_and_its_bias_the_raw_gradient() -> None:
+    """A weight frozen after construction: the layer's block is left out, no .grad is written into the
+    weight, and the trainable bias keeps its own gradient (identity) instead of a Kronecker solve that
+    mixes in a zero weight gradient."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    model[2].weight.requires_grad_(False)
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    raw = model[2].bias.grad.clone()
+    assert pre.step()
+    assert model[2].weight.grad is None
+    torch.testing.assert_close(model[2].bias.grad, raw, rtol=0, atol=0)
+    assert "2" not in pre.active_blocks and "0" in pre.active_blocks

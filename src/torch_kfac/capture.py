@@ -96,6 +96,11 @@ class StatisticsCapture:
     ) -> Any:
         if inputs and isinstance(inputs[0], Tensor):
             block.batch_size = block.num_examples(inputs)
+            if block.batch_size == 0 and self._recording():
+                raise ValueError(
+                    f"K-FAC: empty batch (no examples) in the forward pass of {block.name or 'the model'!r}: "
+                    "its statistics are undefined; skip empty batches"
+                )
         if not self._recording():
             return
         with _statistics_precision(inputs):

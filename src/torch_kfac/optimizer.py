@@ -118,6 +118,7 @@ class KFAC(OriginalAPI, Optimizer):
         if "kfac" not in state_dict:
             state_dict["kfac"] = _split_shared_state(state_dict["state"], self.param_groups, self.blocks)
         kfac = state_dict.pop("kfac")
+        self.preconditioner.check_state_dict(kfac["preconditioner"])
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(kfac["preconditioner"])
         self.adaptation = dict(kfac["adaptation"])
@@ -153,6 +154,8 @@ class KFAC(OriginalAPI, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         pre = self.preconditioner
+        self._check_model()
+        pre.check_gradients()
         k = pre.steps
         if self._unscale_gradients():
             self.last_stats = {"step": k, "loss": None, "skipped": True, "rejected": False}
@@ -162,12 +165,14 @@ class KFAC(OriginalAPI, Optimizer):
         loss_t = None if loss is None else torch.as_tensor(loss).detach().to(pre.damping)
         if loss_t is not None:
             loss_t = pre.average_over_ranks(loss_t)  # DISTRIBUTED: the global batch's loss
-        block_params = {id(p) for p in iter_block_params(pre.blocks)}
-        params = {n: p for n, p in self._named_params.items() if p.grad is not None}
+        block_params = {id(p) for p in iter_block_params(pre.active_blocks)}
+        # Frozen parameters never move, whatever gradient they still hold.
+        params = {n: p for n, p in self._named_params.items() if p.grad is not None and p.requires_grad}
         fallback = {n: p for n, p in params.items() if id(p) not in block_params}
         extra = [p.grad for p in fallback.values()] + ([loss_t] if loss_t is not None else [])
         self.last_stats = {"step": k, "loss": loss_t, "skipped": True, "rejected": False}
         mats = pre.prepare(extra, batch)
+        self.last_stats["skipped_in_a_row"] = pre.skipped_in_a_row
         if mats is None:
             return loss_t
         self.last_stats["skipped"] = False
@@ -177,6 +182,28 @@ class KFAC(OriginalAPI, Optimizer):
             return loss_t
         self._update(k, mats, params, fallback, hyper, loss_t, batch, closure)
         return loss_t
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients, and the statistics recorded with them that no step has claimed.
+
+        Statistics of a finished backward pass belong to the gradients cleared here (a batch whose
+        step never came); those of a forward pass whose backward is still to come (zero_grad
+        between forward and backward, as in Lightning) are kept.
+        """
+        super().zero_grad(set_to_none)
+        pre = self.preconditioner
+        backward = [(b, k) for b in pre.blocks.values() for k in b.FACTORS if k not in b.FORWARD_FACTORS]
+        if any(b.has_pending(k) for b, k in backward):
+            pre.discard_statistics()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: KFAC trains the parameters of the model it was built on."""
+        if self.param_groups:  # the constructor's own call adds the first (and only) group
+            raise ValueError(
+                "KFAC does not support add_param_group: it trains the parameters of the model given to "
+                "its constructor; build it on a model that holds every parameter to train"
+            )
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ pieces of step
     #: `torch.amp.GradScaler.step(opt)` calls `step` on every step, with the loss scale in
@@ -208,6 +235,18 @@ class KFAC(OriginalAPI, Optimizer):
                 if p.grad is not None:
                     p.grad.div_(scale.to(p.grad.dtype))
         return False
+
+    def _check_model(self) -> None:
+        """A clear error when the model's parameters changed since construction (a module added,
+        replaced or removed): the new parameters would never be trained."""
+        now, built = dict(self.model.named_parameters()), self._named_params
+        changed = sorted(n for n in now.keys() | built.keys() if now.get(n) is not built.get(n))
+        if changed:
+            raise RuntimeError(
+                f"K-FAC: the model's parameters changed since the optimizer was built "
+                f"({', '.join(changed)}); "
+                "build a new KFAC for the changed model"
+            )
 
     def _update(
         self,
@@ -386,7 +425,7 @@ class KFAC(OriginalAPI, Optimizer):
         previous = {
             n: self.state[p]["qmodel_delta"]
             for n, p in self._named_params.items()
-            if "qmodel_delta" in self.state[p]
+            if "qmodel_delta" in self.state[p] and p.requires_grad
         }
         directions = [v1, previous] if previous else [v1]
         inputs, targets = batch

@@ -263,6 +263,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "mc_seed": _optional(check_seed),
     "factor_dtype": check_factor_dtype,
     "grad_scaler": check_grad_scaler,
+    "max_skipped_steps": _optional(check_interval),
     "lr": _optional(check_number),
     "momentum": _number(high=1.0, high_inclusive=False),
     "momentum_type": MomentumType.parse,
@@ -362,6 +363,8 @@ class PreconditionerOptions:
             loss. `KFAC` then unscales the gradients itself in `scaler.step(opt)` and skips the
             steps the scaler skips; in front of another optimizer call `scaler.unscale_(opt)`
             before `pre.step()`.
+        max_skipped_steps: raise a RuntimeError once this many steps in a row were skipped for
+            non-finite values (None: keep skipping, with a warning that counts them).
     """
 
     #: Options that may be a callable of the step.
@@ -390,6 +393,7 @@ class PreconditionerOptions:
     mc_seed: int | None = None
     factor_dtype: torch.dtype | None = None
     grad_scaler: torch.amp.GradScaler | None = None
+    max_skipped_steps: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -89,6 +89,8 @@ class KFACPreconditioner:
             "step": 0,
             "damping": torch.tensor(opts.initial_damping, dtype=factor_dtype(opts, dtype), device=device),
         }
+        #: Steps skipped in a row for non-finite values (reset by a step that is taken).
+        self.skipped_in_a_row = 0
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
         self._capture.factor_dtype = factor_dtype(opts, dtype)
         if opts.grad_scaler is not None:
@@ -375,11 +377,29 @@ class KFACPreconditioner:
             total = total + (mat * block.curvature_product(mat)).sum()
         return total
 
+    @property
+    def active_blocks(self) -> dict[str, CurvatureBlock]:
+        """The blocks all of whose parameters are trainable now.
+
+        A block with a parameter frozen after construction (`requires_grad=False`) is left out: its
+        Kronecker solve would mix the trainable parameters' gradients with a zero gradient of the
+        frozen one (and write a gradient into it); its trainable parameters get the plain update.
+        """
+        return {n: b for n, b in self.blocks.items() if all(p.requires_grad for p in b.parameters())}
+
+    def check_gradients(self) -> None:
+        """A clear error, before any state changes, when no parameter of the model has a gradient."""
+        if not any(p.grad is not None for p in self.model.parameters() if p.requires_grad):
+            raise ValueError(
+                "K-FAC step: no parameter has a gradient; call loss.backward() (or pass a closure) "
+                "before step()"
+            )
+
     def gradient_matrices(self) -> dict[str, Tensor]:
-        """Current gradients of the blocks, as mean-loss gradient matrices."""
+        """Current gradients of the (active) blocks, as mean-loss gradient matrices."""
         scale = self.grad_scale() if self.blocks else 1.0
         mats = {}
-        for name, block in self.blocks.items():
+        for name, block in self.active_blocks.items():
             mat = block.grad_matrix()
             if mat is not None:
                 mats[name] = mat * scale if scale != 1.0 else mat
@@ -408,13 +428,17 @@ class KFACPreconditioner:
             self.discard_statistics()
             if self.options.grad_scaler is not None:
                 return None  # a loss-scale overflow: the scaler skips the step and lowers its scale
-            warnings.warn(
-                f"K-FAC: non-finite gradient, statistic or loss at step {self.steps}; "
-                "the step was skipped and parameters and factors left unchanged",
-                RuntimeWarning,
-                stacklevel=3,
+            self.skipped_in_a_row += 1
+            limit = self.options.max_skipped_steps
+            message = (
+                f"K-FAC: non-finite gradient, statistic or loss at step {self.steps}; the step was skipped "
+                f"and parameters and factors left unchanged ({self.skipped_in_a_row} skipped in a row)"
             )
+            if limit is not None and self.skipped_in_a_row >= limit:
+                raise RuntimeError(f"{message}: max_skipped_steps={limit} reached")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             return None
+        self.skipped_in_a_row = 0
         if not self.options.update_factors_manually:
             self._fold(stats)
         self.update_inverses()
@@ -480,11 +504,42 @@ class KFACPreconditioner:
             "blocks": blocks,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (tensors moved to each block's device)."""
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """A ValueError naming the block when `state` does not fit this model: other blocks, factors of
+        another approximation, or factors whose shapes do not fit the block's parameters."""
         missing = set(self.blocks) ^ set(state["blocks"])
         if missing:
             raise ValueError(f"state dict does not match the model's blocks: {sorted(missing)}")
+        for name, block in self.blocks.items():
+            loaded = state["blocks"][name]
+            factors = {k for k in loaded if k.endswith("_ema")}
+            expected = {f"{k}_ema" for k in block.FACTORS}
+            if factors and factors != expected:
+                raise ValueError(
+                    f"state dict: block {name!r} holds the factors {sorted(factors)}, but its approximation "
+                    f"({self.options.approximation.value}) keeps {sorted(expected)}"
+                )
+            if not factors:
+                continue
+            own = block.state
+            block.state = {k: v.to(block.parameters()[0].device) for k, v in loaded.items()}
+            try:
+                zero = block.pack([torch.zeros_like(p) for p in block.parameters()])
+                block.curvature_product(zero)
+            except RuntimeError as err:
+                shapes = {k: tuple(v.shape) for k, v in loaded.items() if k in factors}
+                params = [tuple(p.shape) for p in block.parameters()]
+                raise ValueError(
+                    f"state dict: the factors of block {name!r} {shapes} do not fit its parameters {params} "
+                    f"(a model with other layer sizes?): {str(err).splitlines()[0]}"
+                ) from None
+            finally:
+                block.state = own
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (tensors moved to each block's device), after
+        `check_state_dict`."""
+        self.check_state_dict(state)
         for name, block in self.blocks.items():
             block.state.clear()
             block.state.update(

@@ -3,6 +3,7 @@ approximation (K-FAC, EKFAC, diagonal, forward-only) must satisfy, in float64 ag
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.blocks.tiny import labels, linear_block, model_for, run, spd
-from tests.reference import unvec, vec
+from tests.reference import identity_preconditioned_loss, unvec, vec
 from torch_kfac import KFAC, KFACPreconditioner
 from torch_kfac.blocks.approximation import (
     Approximation,
@@ -135,6 +136,7 @@ def test_invalid_approximation_options(kwargs: dict, message: str) -> None:
 def test_approximations_train_with_kfac(approximation: str) -> None:
     model, x, _ = model_for("conv")
     y = labels(x.shape[0])
+    baseline = copy.deepcopy(model)
     opt = KFAC(model, 0.2, 1e-2, approximation=approximation, inverse_method="eigh", inverse_update_steps=3)
     losses = []
     for _ in range(15):
@@ -143,4 +145,7 @@ def test_approximations_train_with_kfac(approximation: str) -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    # The identity preconditioner (momentum SGD with K-FAC's lr and default momentum) ends higher.
+    # Measured (float64): 5.6e-7 (ekfac), 3e-13 (diagonal), 1e-9 (forward-only) against 1.0e-4.
+    plain = identity_preconditioned_loss(baseline, lambda m: F.cross_entropy(m(x), y), 15, 0.2, 0.9)
+    assert losses[-1] < 0.1 * plain, (losses[-1], plain)

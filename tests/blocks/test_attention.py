@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.reference import DTYPE, EXACT, SOLVE, dense_preconditioned, make_loss, vec
+from tests.reference import (
+    DTYPE,
+    EXACT,
+    SOLVE,
+    dense_preconditioned,
+    identity_preconditioned_loss,
+    make_loss,
+    vec,
+)
 from torch_kfac import KFAC, KFACPreconditioner
 from torch_kfac.blocks import MultiheadAttentionBlock, block_type_for
 
@@ -730,11 +738,15 @@ def test_every_attention_parameter_is_in_the_block():
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 def test_tiny_transformer_trains(batch_first):
+    """K-FAC ends below a tenth of the identity-preconditioned run's loss (measured: 0.8% and 2.7%)."""
     torch.manual_seed(13)
     model = TinyTransformer(batch_first)
+    baseline = copy.deepcopy(model)
     opt = KFAC(model, lr=0.1, damping=1e-2, momentum=0.5, inverse_update_steps=2)
     losses = _train(opt, model, 20)
-    assert losses[-1] < 0.25 * losses[0]
+    ids, y = _tokens(0)
+    plain = identity_preconditioned_loss(baseline, lambda m: F.cross_entropy(m(ids), y), 20, 0.1, 0.5)
+    assert losses[-1] < 0.1 * plain, (losses[-1], plain)
     assert opt.blocks["attn"].has_factors() and opt.blocks["attn"].has_inverses()
 
 

@@ -12,16 +12,20 @@ from tests.reference import (
     SOLVE,
     assert_factor_dicts_equal,
     assert_factors_match,
+    centered_factors,
     conv_paddings,
+    conv_patches,
     curvlinops_factors,
     curvlinops_gradient_scale,
     dense_preconditioned,
     layer_gradient_matrix,
+    library_blocks,
     library_kfac_factors,
     library_preconditioned,
     make_loss,
     make_per_example_loss,
     make_target,
+    per_example_scale,
     randn,
     record,
     reference_factors,
@@ -302,3 +306,26 @@ def test_conv_preconditioner_mean_equals_sum(dim, enable_pi_correction):
     assert set(results["mean"]) == set(results["sum"])
     for name, mean_grad in results["mean"].items():
         torch.testing.assert_close(results["sum"][name], mean_grad, **SOLVE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_centered_factors(dim, bias, reduction):
+    """center=True: patches and per-example output gradients minus their mean over all locations."""
+    _seeded(12)
+    conv = _conv(dim, kernel_size=2, stride=1, padding=1, bias=bias)
+    model = _conv_model(conv, dim)
+    gen = torch.Generator().manual_seed(13)
+    batch_size = 3
+    x = randn(batch_size, C_IN, *SPATIAL[dim], generator=gen)
+    y = make_target("ce", batch_size, NUM_OUTPUTS, gen)
+    loss_fn = make_loss("ce", reduction)
+    rec = record(model, loss_fn, x, y, ["0"]).layers["0"]
+    patches, _ = conv_patches(conv, rec.input)
+    g = rec.grad_output.movedim(1, -1).reshape(-1, conv.out_channels)
+    g = g * per_example_scale(batch_size, reduction)
+    big_a, big_g = centered_factors(patches.reshape(-1, patches.shape[-1]), g, bias, batch_size)
+    block = library_blocks(model, loss_fn, x, y, reduction, center=True)["0"]
+    torch.testing.assert_close(block.A, big_a, **EXACT)
+    torch.testing.assert_close(block.G, big_g, **EXACT)

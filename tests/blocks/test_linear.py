@@ -13,16 +13,19 @@ from tests.reference import (
     Transpose,
     assert_factor_dicts_equal,
     assert_factors_match,
+    centered_factors,
     curvlinops_factors,
     curvlinops_gradient_scale,
     dense_preconditioned,
     layer_gradient_matrix,
+    library_blocks,
     library_kfac_factors,
     library_preconditioned,
     linear_factors,
     make_loss,
     make_per_example_loss,
     make_target,
+    per_example_scale,
     randn,
     record,
     vec,
@@ -309,3 +312,25 @@ def test_preconditioner_mean_equals_sum(example_shape, bias, enable_pi_correctio
     assert set(mean_grads) == set(sum_grads)
     for name, mean_grad in mean_grads.items():
         torch.testing.assert_close(sum_grads[name], mean_grad, **SOLVE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("example_shape", EXAMPLE_SHAPES[:2], ids=SHAPE_IDS[:2])
+def test_centered_factors(example_shape, bias, reduction):
+    """center=True: inputs and per-example output gradients minus their mean over all rows."""
+    gen = _seeded(11)
+    batch_size = 4
+    model = _sharing_model(example_shape, bias)
+    x = randn(batch_size, *example_shape, generator=gen)
+    y = make_target("ce", batch_size, NUM_OUTPUTS, gen)
+    loss_fn = make_loss("ce", reduction)
+    rec = record(model, loss_fn, x, y, ["0"]).layers["0"]
+    a = rec.input.reshape(-1, D_IN)
+    g = rec.grad_output.reshape(-1, D_HIDDEN) * per_example_scale(batch_size, reduction)
+    big_a, big_g = centered_factors(a, g, bias, batch_size)
+    block = library_blocks(model, loss_fn, x, y, reduction, center=True)["0"]
+    torch.testing.assert_close(block.A, big_a, **EXACT)
+    torch.testing.assert_close(block.G, big_g, **EXACT)
+    uncentered = linear_factors(rec, reduction)
+    assert not torch.allclose(uncentered[0], big_a) and not torch.allclose(uncentered[1], big_g)

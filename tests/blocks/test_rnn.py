@@ -18,7 +18,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from tests.reference import DTYPE, EXACT, SOLVE, dense_preconditioned, unvec, vec
+from tests.reference import (
+    DTYPE,
+    EXACT,
+    SOLVE,
+    dense_preconditioned,
+    identity_preconditioned_loss,
+    unvec,
+    vec,
+)
 from torch_kfac import KFAC
 from torch_kfac.blocks import RNNBlock, block_type_for
 from torch_kfac.capture import StatisticsCapture
@@ -630,11 +638,15 @@ def _train(opt: KFAC, model: nn.Module, x: Tensor, y: Tensor, steps: int, **step
 
 
 def test_lstm_classifier_trains():
+    """K-FAC ends below a tenth of the identity-preconditioned run's loss (measured: 2%)."""
     model = SequenceClassifier()
     x, y = sequence_data()
     opt = KFAC(model, lr=0.1, damping=1e-2, momentum=0.5, inverse_update_steps=1)
     losses = _train(opt, model, x, y, 20)
-    assert losses[-1] < 0.5 * losses[0]
+    plain = identity_preconditioned_loss(
+        SequenceClassifier(), lambda m: F.cross_entropy(m(x), y), 20, 0.1, 0.5
+    )
+    assert losses[-1] < 0.1 * plain, (losses[-1], plain)
     assert isinstance(opt.blocks["lstm"], RNNBlock) and opt.blocks["lstm"].has_factors()
     opt.close()
 

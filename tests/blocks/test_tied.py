@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.reference import identity_preconditioned_loss
 from torch_kfac import KFAC, KFACPreconditioner
 from torch_kfac.blocks.tied import TiedBlock
 
@@ -142,6 +143,9 @@ def test_tied_language_model_trains_with_every_parameter_in_a_block() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+    # The identity-preconditioned run ends higher (measured: K-FAC at 0.83 of it).
+    plain = identity_preconditioned_loss(TinyLM(), lambda m: F.cross_entropy(m(ids), targets), 25, 0.3, 0.5)
+    assert losses[-1] < 0.9 * plain, (losses[-1], plain)
     saved = opt.state_dict()
     fresh = TinyLM()
     fresh.load_state_dict(model.state_dict())

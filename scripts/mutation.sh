@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut 3) of the optimizer, preconditioner, damping, update and quadratic-model
+# code, against the test files that exercise them.
+#
+#   scripts/mutation.sh [REV]     # REV: a commit (default: the working tree, tracked files)
+#
+# Runs in a scratch copy (mutmut writes mutants/ there), prints the counts per status and writes the
+# full list of mutants and statuses to $MUTATION_OUT (default mutation-results.txt in the current
+# directory). CPU heavy: MUTATION_CHILDREN workers (default 2) and a time box of MUTATION_TIMEOUT
+# (default 45m); mutants not run when the time box ends are reported as "not checked".
+# Needs `pip install mutmut` (3.x). Report of the last run: benchmarks/results/mutation.md.
+set -euo pipefail
+
+MODULES=(
+  src/torch_kfac/optimizer.py
+  src/torch_kfac/preconditioner.py
+  src/torch_kfac/damping.py
+  src/torch_kfac/update.py
+  src/torch_kfac/qmodel.py
+)
+TESTS=(
+  tests/test_optimizer.py
+  tests/test_optimizer_adaptive.py
+  tests/test_preconditioner.py
+  tests/test_damping.py
+  tests/test_update.py
+  tests/test_qmodel.py
+)
+REV=${1:-}
+OUT=$(realpath -m "${MUTATION_OUT:-mutation-results.txt}")
+CHILDREN=${MUTATION_CHILDREN:-2}
+TIME_BOX=${MUTATION_TIMEOUT:-45m}
+
+repo=$(git rev-parse --show-toplevel)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if [[ -n $REV ]]; then
+  git -C "$repo" archive "$REV" | tar -x -C "$work"
+else
+  (cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$work")
+fi
+
+{
+  echo "[mutmut]"
+  echo "source_paths = src"
+  echo "only_mutate ="
+  printf '    %s\n' "${MODULES[@]}"
+  echo "pytest_add_cli_args_test_selection ="
+  printf '    %s\n' "${TESTS[@]}"
+  echo "pytest_add_cli_args ="
+  printf '    %s\n' -p no:cacheprovider -x -q
+} >"$work/setup.cfg"
+
+cd "$work"
+export OMP_NUM_THREADS=1
+status=0
+timeout "$TIME_BOX" mutmut run --max-children "$CHILDREN" >mutmut.log 2>&1 || status=$?
+if [[ $status -ne 0 && $status -ne 124 ]]; then
+  tail -20 mutmut.log
+  exit "$status"
+fi
+mutmut results --all true | sed 's/^ *//' >"$OUT"
+echo "mutmut over ${MODULES[*]} with ${TESTS[*]} ($([[ $status -eq 124 ]] && echo "stopped at $TIME_BOX" || echo complete)):"
+awk -F': ' '{count[$2]++} END {for (s in count) printf "  %-12s %d\n", s, count[s]}' "$OUT" | sort
+echo "full list: $OUT"
