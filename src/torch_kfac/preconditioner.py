@@ -16,9 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock
+from torch_kfac.calibration import initial_damping
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.losses import LossCurvature, loss_curvature
-from torch_kfac.options import FisherType, PreconditionerOptions, Reduction, check_option, signature
+from torch_kfac.options import (
+    AUTO_DAMPING,
+    FisherType,
+    PreconditionerOptions,
+    Reduction,
+    check_option,
+    signature,
+)
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
 from torch_kfac.utils import as_args, preserved_buffers
@@ -157,8 +165,8 @@ class KFACPreconditioner:
         inputs, targets = batch
         with self._capture.forced() as layer_outputs, preserved_buffers(self.model), torch.enable_grad():
             outputs = self.model(*as_args(inputs))
-            if not layer_outputs:
-                return
+            if not layer_outputs or (isinstance(outputs, Tensor) and not all_finite([outputs])):
+                return  # nothing to record; non-finite outputs: `prepare` skips the step
             if self.options.fisher_type == FisherType.MC:
                 for i in range(self.options.mc_samples):
                     sampled = self.loss_curvature.sample_targets(outputs, targets, None)
@@ -313,6 +321,9 @@ class KFACPreconditioner:
         if not self.options.update_factors_manually:
             self._fold()
         self.update_inverses()
+        if self.options.damping == AUTO_DAMPING and self.steps == 0:  # torch_kfac.calibration
+            self.set_damping(self.damping.new_tensor(initial_damping(self.blocks, mats)))
+            self.update_inverses(force=True)
         return mats
 
     def _follow_model(self) -> None:
