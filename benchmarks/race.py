@@ -100,7 +100,8 @@ def make_workload(name: str, args: argparse.Namespace) -> RaceWorkload:
     """Build one workload (its data are loaded or generated here, in the process that trains)."""
     quick = args.quick
     grids = optimizer_grids(name, quick, args.kfac_grid)
-    budget = args.budget or {"autoencoder": 60.0, "convnet": 30.0, "transformer": 30.0}[name]
+    default_budget = {"autoencoder": 60.0, "convnet": 30.0, "transformer": 30.0}[name]
+    budget = args.budget or args.budget_scale * default_budget
     if name == "transformer":
         cfg = (
             {"vocab": 32, "width": 32, "depth": 1, "heads": 2, "context": 16}
@@ -430,6 +431,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--optimizers", nargs="+", default=["adam", "sgd", "kfac-auto", "kfac-jax"])
     parser.add_argument("--budget", type=float, help="seconds per run (default: autoencoder 60, others 30)")
+    parser.add_argument(
+        "--budget-scale", type=float, default=1.0, help="multiply the default budgets (a loaded machine)"
+    )
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--evals", type=int, default=30, help="held-out evaluations per run")
     parser.add_argument("--eval-examples", type=int, default=5000)
