@@ -350,7 +350,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [header + " |", "|---|---|---:|---:|" + "---:|" * len(names)]
         for opt, rec in s["best"].items():
             run = next(r for r in work["runs"] if r["optimizer"] == opt and r["hparams"] == rec["hparams"])
-            hp = ", ".join(f"{k}={v:g}" for k, v in rec["hparams"].items() if isinstance(v, (int, float)))
+            hp = ", ".join(f"{k}={v}" for k, v in rec["hparams"].items() if isinstance(v, (int, float, str)))
             cells = []
             for n in names:
                 hit = rec["to_target"][n]
@@ -376,7 +376,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "All runs (* diverged):", "", "| optimizer | config | steps | best loss | final loss |"]
         lines.append("|---|---|---:|---:|---:|")
         for run in work["runs"]:
-            hp = ", ".join(f"{k}={v:g}" for k, v in run["hparams"].items() if isinstance(v, (int, float)))
+            hp = ", ".join(f"{k}={v}" for k, v in run["hparams"].items() if isinstance(v, (int, float, str)))
             mark = "*" if run["diverged"] else ""
             lines.append(
                 f"| {run['optimizer']}{mark} | {hp} | {run['steps']} | {run['best_loss']:.4g} "
