@@ -40,7 +40,7 @@ def test_without_factors_the_fallback_damping_is_used() -> None:
 
 def test_auto_damping_is_set_at_the_first_step_and_the_inverses_use_it() -> None:
     model = make_mlp()
-    opt = KFAC(model, lr=0.1, damping="auto", inverse_update_steps=100, warmup_steps=0)
+    opt = KFAC(model, lr=0.1, damping="auto", inverse_update_steps=100, warmup_steps=0, norm_constraint=None)
     x, y = make_data()
     nn.functional.cross_entropy(model(x), y).backward()
     mats = {n: b.grad_matrix().clone() for n, b in opt.blocks.items()}
