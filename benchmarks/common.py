@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_kfac import KFAC
+from torch_kfac import KFAC, presets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -413,6 +413,20 @@ class KFACLossModuleTrainer(Trainer):
             self.optimizer.step(batch=self._batch)
 
 
+class PresetTrainer(KFACLossModuleTrainer):
+    """`torch_kfac.presets.adaptive` (the recommended configuration) with the workload's loss module."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, overrides: dict[str, Any]) -> None:
+        Trainer.__init__(self, model, loss_fn)
+        factory, reduction = LOSS_MODULES[loss_fn]
+        self.module = factory()
+        self.sums = reduction == "sum"
+        self.name = "kfac-auto"
+        self.needs_loss = True
+        self.optimizer = presets.adaptive(model, self.module, reduction=reduction, **overrides)
+        self._batch = None
+
+
 def qmodel_options() -> dict[str, Any] | None:
     """Keyword arguments that turn on KFAC's adaptive learning rate and momentum, if it has them."""
     if "adaptive_learning_rate" in KFAC_DEFAULTS and "adaptive_momentum" in KFAC_DEFAULTS:
@@ -421,7 +435,7 @@ def qmodel_options() -> dict[str, Any] | None:
 
 
 def make_trainer(kind: str, model: nn.Module, loss_fn: LossFn, hparams: dict[str, Any]) -> Trainer:
-    """Build a trainer: 'adam', 'sgd', 'kfac', 'kfac-qmodel', 'approxngd' or 'asdl'."""
+    """Build a trainer: 'adam', 'sgd', 'kfac', 'kfac-qmodel', 'kfac-auto', 'approxngd' or 'asdl'."""
     h = dict(hparams)
     h.pop("batch_size", None)
     if kind == "adam":
@@ -439,6 +453,8 @@ def make_trainer(kind: str, model: nn.Module, loss_fn: LossFn, hparams: dict[str
         if qmodel_options() is None:
             raise RuntimeError("this torch_kfac.KFAC has no adaptive learning rate/momentum")
         return KFACLossModuleTrainer(model, loss_fn, h, qmodel=True)
+    if kind == "kfac-auto":
+        return PresetTrainer(model, loss_fn, h)
     if kind == "approxngd":
         return ApproxNGDTrainer(model, loss_fn, h["lr"], h["damping"], h.get("momentum", 0.9))
     if kind == "asdl":

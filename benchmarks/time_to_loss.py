@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -85,6 +86,7 @@ def default_grids(name: str, quick: bool) -> Grid:
             "sgd": [{"lr": 1e-2, "momentum": 0.9, "batch_size": 16}],
             "kfac": [{"lr": 0.1, "damping": 0.3, "momentum": 0.9, "batch_size": 16}],
             "kfac-qmodel": [{"damping": 0.3, "batch_size": 16}],
+            "kfac-auto": [{"batch_size": 16}],
         }
     if name == "autoencoder":
         bs = 1000
@@ -102,6 +104,7 @@ def default_grids(name: str, quick: bool) -> Grid:
             "sgd": [{"lr": lr, "momentum": 0.9, "batch_size": bs} for lr in (3e-4, 1e-3, 3e-3)],
             "kfac": [{**h, "momentum": 0.9, "batch_size": bs} for h in kfac],
             "kfac-qmodel": [{"damping": 1.0, "batch_size": b} for b in (250, 500, bs)],
+            "kfac-auto": [{"batch_size": 250}],
         }
     bs = 256 if name == "convnet" else 32
     # Without the norm constraint every configuration of an earlier grid diverged on both workloads
@@ -122,6 +125,7 @@ def default_grids(name: str, quick: bool) -> Grid:
         "sgd": [{"lr": lr, "momentum": 0.9, "batch_size": bs} for lr in sgd_lrs],
         "kfac": [{**h, "momentum": 0.9, "batch_size": bs} for h in kfac],
         "kfac-qmodel": [{"damping": 0.1, "batch_size": bs}],
+        "kfac-auto": [{"batch_size": bs}],
     }
 
 
@@ -277,6 +281,16 @@ def train_run(
     }
 
 
+def divergences(runs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Optimizer -> [diverged runs, runs] over every configuration and seed."""
+    counts: dict[str, list[int]] = {}
+    for run in runs:
+        count = counts.setdefault(run["optimizer"], [0, 0])
+        count[0] += bool(run["diverged"])
+        count[1] += 1
+    return counts
+
+
 def time_to_target(run: dict[str, Any], target: float) -> dict[str, float] | None:
     """Seconds and steps at the first evaluation with loss <= target (None if never)."""
     for point in run["curve"]:
@@ -328,7 +342,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     works = result["workloads"]
     fig, axes = plt.subplots(len(works), 2, figsize=(12, 4 * len(works)), squeeze=False)
-    colors = {"adam": "tab:blue", "sgd": "tab:green", "kfac": "tab:red", "kfac-qmodel": "tab:purple"}
+    colors = {
+        "adam": "tab:blue",
+        "sgd": "tab:green",
+        "kfac": "tab:red",
+        "kfac-qmodel": "tab:purple",
+        "kfac-auto": "tab:orange",
+    }
     for row, work in enumerate(works):
         best = {opt: rec["hparams"] for opt, rec in work["summary"]["best"].items()}
         for run in work["runs"]:
@@ -430,6 +450,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {run['optimizer']}{mark} | {hp} | {run['steps']} | {run['best_loss']:.4g} "
                 f"| {run['final_loss']:.4g} |"
             )
+        if len(result.get("seeds", [])) > 1:
+            counts = ", ".join(f"{opt} {d} of {n}" for opt, (d, n) in work["divergences"].items())
+            lines.append(f"\nDiverged runs over seeds {result['seeds']} (every configuration): {counts}.")
         for opt, err in work.get("errors", {}).items():
             lines.append(f"| {opt} | failed: {err} | | | |")
         lines.append("")
@@ -442,13 +465,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", nargs="+", default=["autoencoder", "convnet", "transformer"])
-    parser.add_argument("--optimizers", nargs="+", default=["adam", "sgd", "kfac", "kfac-qmodel"])
+    parser.add_argument(
+        "--optimizers", nargs="+", default=["adam", "sgd", "kfac", "kfac-qmodel", "kfac-auto"]
+    )
     parser.add_argument("--budget", type=float, help="seconds per run (default: 60 autoencoder, 30 others)")
     parser.add_argument("--data", default="auto", help="'fashion-mnist', 'synthetic', a folder, or 'auto'")
     parser.add_argument("--evals", type=int, default=30, help="evaluations per run")
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--eval-chunk", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run every configuration from each of these seeds (initialization and batches) and count "
+        "divergences; tables and targets use the first seed's runs (default: --seed only)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny models, synthetic data, 1.5 s per run (tests)"
     )
@@ -530,23 +562,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "workloads": [],
     }
     qmodel = qmodel_options()
+    seeds = args.seeds or [args.seed]
+    result["seeds"] = seeds
     for work in make_workloads(args):
-        runs, errors = [], {}
+        runs, other_seeds, errors = [], [], {}
         grids = copy.deepcopy(work.grids)
         if qmodel is None:
             grids.pop("kfac-qmodel", None)
         for kind, grid in grids.items():
             if kind not in args.optimizers:
                 continue
-            for hparams in grid:
+            for hparams, seed in itertools.product(grid, seeds):
+                seeded_args = argparse.Namespace(**{**vars(args), "seed": seed})
                 try:
-                    run = train_run(work, kind, hparams, device, args)
+                    run = train_run(work, kind, hparams, device, seeded_args)
                 except Exception as exc:
-                    errors[f"{kind} {hparams}"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    errors[f"{kind} {hparams} seed {seed}"] = why
                     continue
-                runs.append(run)
+                run["seed"] = seed
+                (runs if seed == seeds[0] else other_seeds).append(run)
                 print(
-                    f"{work.name} {kind} {hparams}: {run['steps']} steps, best loss {run['best_loss']:.4g}",
+                    f"{work.name} {kind} {hparams} seed {seed}: {run['steps']} steps, "
+                    f"best loss {run['best_loss']:.4g}{' (diverged)' if run['diverged'] else ''}",
                     flush=True,
                 )
         result["workloads"].append(
@@ -557,6 +595,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "optimal_loss": work.optimal_loss,
                 "grids": grids,
                 "runs": runs,
+                "other_seed_runs": other_seeds,
+                "divergences": divergences(runs + other_seeds),
                 "errors": errors,
                 "fixed_targets": work.fixed_targets,
                 "summary": summarize(work.fixed_targets, work.budget_s, runs),

@@ -20,14 +20,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     """The benchmark modules, imported from benchmarks/ (their own `common` first on the path)."""
     monkeypatch.syspath_prepend(str(BENCH_DIR))
-    for name in ("common", "step_cost", "time_to_loss", "inverse_methods"):
+    names = ("common", "step_cost", "time_to_loss", "inverse_methods", "race")
+    for name in names:
         module = sys.modules.get(name)
         if module is not None and Path(getattr(module, "__file__", "") or "").parent != BENCH_DIR:
             monkeypatch.delitem(sys.modules, name)
-    return {
-        name: importlib.import_module(name)
-        for name in ("common", "step_cost", "time_to_loss", "inverse_methods")
-    }
+    return {name: importlib.import_module(name) for name in names}
 
 
 def test_step_cost_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
@@ -132,3 +130,34 @@ def test_inverse_methods_quick(bench: dict[str, ModuleType], tmp_path: Path) -> 
         assert record["newton_schulz_1_iters"] >= 1 and record["newton_schulz_1_error"] < 1e-2
     text = (tmp_path / "inverse_methods.md").read_text()
     assert saved["command"] in text and "| 65 | float64 |" in text
+
+
+def test_race_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Tiny workloads: Adam, SGD and the preset from the same start and batches; tables and plot written."""
+    argv = ["--quick", "--budget", "0.5", "--evals", "2", "--workloads", "autoencoder", "transformer"]
+    argv += ["--optimizers", "adam", "sgd", "kfac-auto", "--out", str(tmp_path)]
+    result = bench["race"].main(argv)
+    saved = json.loads((tmp_path / "race.json").read_text())
+    assert saved["command"] == result["command"] and saved["clock"] == "cpu"
+    assert [w["name"] for w in saved["workloads"]] == ["autoencoder", "transformer"]
+    for work in saved["workloads"]:
+        assert {run["optimizer"] for run in work["runs"]} == {"adam", "sgd", "kfac-auto"}
+        # Same initialization: every run starts from the same held-out loss.
+        assert len({run["curve"][0]["loss"] for run in work["runs"]}) == 1
+        for run in work["runs"]:
+            assert run["steps"] >= 1 and run["train_seconds"] >= 0.5
+            assert all(math.isfinite(p["loss"]) for p in run["curve"])
+        assert "kfac-auto" in work["summary"]["best"]
+    text = (tmp_path / "race.md").read_text()
+    assert "| kfac-auto |" in text and "| adam |" in text and "kfac-auto's time / adam's time" in text
+    assert (tmp_path / "race.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_race_exports_the_same_batches_to_every_optimizer(bench: dict[str, ModuleType]) -> None:
+    """The batch indices depend on the seed only, not on the optimizer or the call."""
+    race = bench["race"]
+    args = race.parse_args(["--quick"])
+    work = race.make_workload("autoencoder", args)
+    first, again = race.batch_indices(work, 5, 0), race.batch_indices(work, 5, 0)
+    assert first.shape == (5, work.batch_size) and (first == again).all()
+    assert not (race.batch_indices(work, 5, 1) == first).all()

@@ -59,7 +59,7 @@ def block_grad(out: dict[str, torch.Tensor], name: str, prefix: str = "g") -> to
 # ----------------------------------------------------------------------- update rules
 def test_regular_momentum_is_momentum_on_the_natural_gradient() -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2, momentum=0.9, inverse_update_steps=1)
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9, inverse_update_steps=1, norm_constraint=None)
     x1, y1 = make_data(seed=1)
     x2, y2 = make_data(seed=2)
     s1 = grads_and_step(opt, model, x1, y1)
@@ -72,7 +72,9 @@ def test_regular_momentum_is_momentum_on_the_natural_gradient() -> None:
 
 def test_adam_momentum_preconditions_the_velocity() -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2, momentum=0.9, momentum_type="adam", inverse_update_steps=1)
+    opt = KFAC(
+        model, 0.1, 1e-2, momentum=0.9, momentum_type="adam", inverse_update_steps=1, norm_constraint=None
+    )
     s1 = grads_and_step(opt, model, *make_data(seed=1))
     s2 = grads_and_step(opt, model, *make_data(seed=2))
     velocity = 0.9 * block_grad(s1, "2") + block_grad(s2, "2")
@@ -96,7 +98,7 @@ def test_norm_constraint_scales_the_update() -> None:
 def test_weight_decay_is_decoupled() -> None:
     model = make_mlp()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = KFAC(model, 0.1, 1e-2, momentum=0.0, weight_decay=0.01)
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.0, weight_decay=0.01, norm_constraint=None)
     s = grads_and_step(opt, model, *make_data())
     theta = torch.cat([before["2.weight"], before["2.bias"][:, None]], 1)
     expected = 0.1 * (natural(opt, "2", block_grad(s, "2")) + 0.01 * theta)
@@ -185,7 +187,7 @@ def test_state_dict_round_trip_continues_bit_identically() -> None:
 
 def test_lr_scheduler_drives_the_learning_rate() -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.2, 1e-2, momentum=0.0, inverse_update_steps=1)
+    opt = KFAC(model, 0.2, 1e-2, momentum=0.0, inverse_update_steps=1, norm_constraint=None)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = make_data()
     grads_and_step(opt, model, x, y)
@@ -666,3 +668,39 @@ def test_module_replaced_after_construction_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match=r"2\.weight"):
         train(opt, model, 1)
     assert torch.equal(model[2].weight, before) and opt.preconditioner.steps == 1
+
+
+def conv_norm_classifier() -> nn.Module:
+    """Tiny Conv2d + BatchNorm2d + GroupNorm + ConvTranspose2d classifier (5 classes)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 5, 2, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+@pytest.mark.parametrize(("lr", "damping"), [(0.05, 1e-2), (0.05, 1e-3)])
+def test_default_guard_keeps_a_tiny_conv_norm_net_finite_and_falling(lr: float, damping: float) -> None:
+    """Defaults otherwise (the norm constraint among them): without the guard this net climbs
+    from 1.59 to 2.8 (damping 1e-2) and 31 (1e-3) in 30 steps at batch 8 in float32."""
+    torch.set_default_dtype(torch.float32)
+    model = conv_norm_classifier()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+    opt = KFAC(model, lr=lr, damping=damping)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert max(losses) <= losses[0] * 1.1 and losses[-1] < 0.5 * losses[0], losses

@@ -4,6 +4,7 @@
 torch optimizer. `register_block` adds a curvature block for a module type of your own.
 """
 
+from torch_kfac import presets
 from torch_kfac.blocks import ConvBlock, CurvatureBlock, KroneckerBlock, LinearBlock, register_block
 from torch_kfac.optimizer import KFAC
 from torch_kfac.preconditioner import KFACPreconditioner
@@ -18,5 +19,6 @@ __all__ = [
     "KroneckerBlock",
     "LinearBlock",
     "__version__",
+    "presets",
     "register_block",
 ]

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.damping import levenberg_marquardt, model_change, rejected_damping, step_rejected
 from torch_kfac.distributed import unwrap
+from torch_kfac.forward_ad import forward_ad_context
 from torch_kfac.options import (
     ORIGINAL_POSITIONAL,
     KFACOptions,
@@ -391,7 +392,7 @@ class KFAC(OriginalAPI, Optimizer):
         pre = self.preconditioner
         if self.options.qmodel_curvature == QModelCurvature.EXACT:
             inputs, targets = batch
-            with pre.paused():
+            with pre.paused(), forward_ad_context(self.model):
                 assert self._exact is not None
                 curv = pre.average_over_ranks(self._exact.gram(inputs, targets, [delta])[0, 0]) * scale
         else:
@@ -429,7 +430,7 @@ class KFAC(OriginalAPI, Optimizer):
         }
         directions = [v1, previous] if previous else [v1]
         inputs, targets = batch
-        with pre.paused():
+        with pre.paused(), forward_ad_context(self.model):
             assert self._exact is not None
             curvature = pre.average_over_ranks(self._exact.gram(inputs, targets, directions)) * scale
         linear = torch.stack([dot(grads, d) for d in directions])

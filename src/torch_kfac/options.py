@@ -230,6 +230,24 @@ def check_grad_scaler(name: str, value: object) -> torch.amp.GradScaler | None:
     return value
 
 
+#: Default bound on lr^2 g^T F^-1 g (the KL change of a step): without it 24 of 96 fixed
+#: (lr, damping) settings of the test models diverged, with 1e-2 13, with 1e-3 none (docs/tuning.md).
+DEFAULT_NORM_CONSTRAINT = 1e-3
+#: The damping's value that asks for calibration at the first step (`torch_kfac.calibration`).
+AUTO_DAMPING = "auto"
+#: The damping used until then, and when nothing can be measured (the default damping).
+FALLBACK_DAMPING = 1e-3
+
+
+def check_damping(name: str, value: object) -> float | str:
+    """A positive damping, or 'auto' (calibrated at the first step)."""
+    if isinstance(value, str):
+        if value.lower() != AUTO_DAMPING:
+            raise ValueError(f"{name} must be a positive number or 'auto', got {value!r}")
+        return AUTO_DAMPING
+    return check_number(name, value, low_inclusive=False)
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -240,7 +258,7 @@ def _number(**bounds: Any) -> Callable[[str, Any], float]:
 
 #: Option name -> its check (a function of the name to report and the value); each declared once.
 CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "damping": _number(low_inclusive=False),
+    "damping": check_damping,
     "cov_ema_decay": _number(high=1.0, high_inclusive=False),
     "factor_update_steps": check_interval,
     "inverse_update_steps": check_interval,
@@ -302,7 +320,9 @@ class PreconditionerOptions:
     """The curvature options of `KFACPreconditioner` (and of `KFAC`, which builds one).
 
     Args:
-        damping: Tikhonov damping lambda added to the curvature (per-example-loss scale).
+        damping: Tikhonov damping lambda added to the curvature (per-example-loss scale), or
+            'auto': a fraction of the curvature along the gradient, measured at the first step
+            (`torch_kfac.calibration`).
         cov_ema_decay: decay of the zero-debiased running average of the factors.
         factor_update_steps: record statistics and update the factors every this many steps
             (an int, or a callable of the step returning one).
@@ -370,7 +390,7 @@ class PreconditionerOptions:
     #: Options that may be a callable of the step.
     SCHEDULABLE: ClassVar[frozenset[str]] = frozenset({"factor_update_steps", "inverse_update_steps"})
 
-    damping: float = 1e-3
+    damping: float | str = 1e-3
     cov_ema_decay: float = 0.95
     factor_update_steps: int | Callable[[int], int] = 10
     inverse_update_steps: int | Callable[[int], int] = 10
@@ -435,8 +455,9 @@ class PreconditionerOptions:
 
     @property
     def initial_damping(self) -> float:
-        """The damping at step 0."""
-        return self.value_at("damping", 0)
+        """The damping at step 0 (with 'auto', a placeholder until the first step calibrates it)."""
+        value = self.value_at("damping", 0)
+        return FALLBACK_DAMPING if value == AUTO_DAMPING else value
 
 
 @dataclass
@@ -446,11 +467,14 @@ class KFACOptions(PreconditionerOptions):
     Args:
         lr: learning rate (`learning_rate=` is accepted as an alias); None only with
             adaptive_learning_rate=True.
-        damping: initial Tikhonov damping lambda (or a schedule, when not adapted).
+        damping: initial Tikhonov damping lambda (or a schedule, when not adapted), or 'auto'
+            (calibrated at the first step, `torch_kfac.calibration`).
         momentum: momentum coefficient mu.
         momentum_type: 'regular' (v <- mu v + c F^-1 g, update = v) or 'adam' (v <- mu v + g,
             update = c F^-1 v), c the norm constraint's clip coefficient (see `torch_kfac.update`).
-        norm_constraint: bound C on lr^2 g^T F^-1 g of the update (None: no constraint).
+        norm_constraint: bound C on lr^2 g^T F^-1 g of the update (None: no constraint). The
+            default 1e-3 is the guard against early blow-ups at fixed settings, chosen by
+            measurement (docs/tuning.md); the adaptive learning rate does not use it.
         weight_decay: decoupled weight decay coefficient (None or 0: none).
         adapt_damping: Levenberg-Marquardt adaptation of the damping from the loss (needs
             `step(loss=...)` or a closure): rho = (L_new - L_old) / q(delta) pairs the loss change
@@ -488,11 +512,11 @@ class KFACOptions(PreconditionerOptions):
         "norm_constraint",
     }
 
-    damping: float | Schedule = 1e-3  # type: ignore[assignment]
+    damping: float | Schedule | str = 1e-3  # type: ignore[assignment]
     lr: float | Schedule | None = None
     momentum: float | Schedule = 0.9
     momentum_type: MomentumType | str = MomentumType.REGULAR
-    norm_constraint: float | Schedule | None = None
+    norm_constraint: float | Schedule | None = DEFAULT_NORM_CONSTRAINT
     weight_decay: float | Schedule | None = None
     adapt_damping: bool = False
     damping_adaptation_decay: float = 0.99

@@ -17,11 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock
+from torch_kfac.calibration import initial_damping
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.distributed import LAYOUT_KEY, DistributedCurvature, check_model, is_distributed, unwrap
 from torch_kfac.linalg import LOW_PRECISION
 from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.options import (
+    AUTO_DAMPING,
     FisherType,
     InverseMethod,
     PreconditionerOptions,
@@ -188,8 +190,8 @@ class KFACPreconditioner:
         inputs, targets = batch
         with self._capture.forced() as layer_outputs, preserved_buffers(self.model), torch.enable_grad():
             outputs = self.model(*as_args(inputs))
-            if not layer_outputs:
-                return
+            if not layer_outputs or (isinstance(outputs, Tensor) and not all_finite([outputs])):
+                return  # nothing to record; non-finite outputs: `prepare` skips the step
             if self.options.fisher_type == FisherType.MC:
                 generator = None
                 if self.mc_seed is not None:
@@ -442,6 +444,9 @@ class KFACPreconditioner:
         if not self.options.update_factors_manually:
             self._fold(stats)
         self.update_inverses()
+        if self.options.damping == AUTO_DAMPING and self.steps == 0:  # torch_kfac.calibration
+            self.set_damping(self.damping.new_tensor(initial_damping(self.blocks, mats)))
+            self.update_inverses(force=True)
         return mats
 
     def _follow_model(self) -> None:

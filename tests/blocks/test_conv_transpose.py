@@ -352,7 +352,7 @@ def test_conv_batchnorm_conv_transpose_model_with_kfac():
     gen = _seeded(9)
     x = randn(8, 2, 6, 6, generator=gen)
     model = _autoencoder(0)
-    kwargs = {"damping": 1e-1, "momentum": 0.5, "inverse_update_steps": 2}
+    kwargs = {"damping": 1e-1, "momentum": 0.5, "inverse_update_steps": 2, "norm_constraint": None}
     opt = KFAC(model, 0.2, **kwargs)
     report = opt.preconditioner.describe()
     assert "fallback" not in report

@@ -1,0 +1,44 @@
+"""Recommended configurations of `KFAC`, chosen by measurement on the benchmark workloads.
+
+`adaptive(model, loss_fn)` is K-FAC without a number to choose: learning rate and momentum from
+the exact quadratic model each step, Levenberg-Marquardt damping from an initial value calibrated
+on the first batch (`damping='auto'`), curvature from labels sampled from the model (MC Fisher).
+Train with ``opt.step(loss=loss, batch=(inputs, targets))``. The evidence for every value of
+`ADAPTIVE` is in benchmarks/README.md ("The adaptive preset").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from torch_kfac.optimizer import KFAC
+
+#: The adaptive preset's options (any of them can be overridden by a keyword of `adaptive`).
+ADAPTIVE: dict[str, Any] = {
+    "adaptive_learning_rate": True,
+    "adaptive_momentum": True,
+    "adapt_damping": True,
+    "damping": "auto",
+    "fisher_type": "mc",
+    "damping_adaptation_decay": 0.95,
+    "damping_adaptation_interval": 5,
+    "min_damping": 1e-8,
+    "factor_update_steps": 1,
+    "inverse_update_steps": 5,
+    "warmup_steps": 20,
+}
+
+
+def adaptive(model: nn.Module, loss_fn: nn.Module, **overrides: Any) -> KFAC:
+    """A `KFAC` with the adaptive preset (`ADAPTIVE`) for `model` trained on `loss_fn`.
+
+    `reduction` defaults to that of `loss_fn` ('mean' or 'sum'); pass `reduction='mean_positions'`
+    for a loss averaged over sequence or spatial positions too (language models). Any other
+    `KFAC` keyword overrides the preset's value.
+    """
+    if not isinstance(loss_fn, nn.Module):
+        raise ValueError(f"loss_fn must be a loss module such as nn.CrossEntropyLoss(), got {loss_fn!r}")
+    options = {**ADAPTIVE, "reduction": getattr(loss_fn, "reduction", "mean"), **overrides}
+    return KFAC(model, loss_fn=loss_fn, **options)
