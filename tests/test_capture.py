@@ -50,7 +50,14 @@ def test_no_grad_forward_records_nothing() -> None:
 
 def test_original_data_label_loop_with_tracking_contexts() -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.2, 1e-2, adapt_damping=True, damping_adaptation_interval=1, momentum=0.5)
+    # The preconditioner alone against the identity: no norm constraint.
+    options = {
+        "adapt_damping": True,
+        "damping_adaptation_interval": 1,
+        "momentum": 0.5,
+        "norm_constraint": None,
+    }
+    opt = KFAC(model, 0.2, 1e-2, **options)
     x, y = make_data()
     losses = []
     for _ in range(30):

@@ -377,7 +377,7 @@ def _damping_after_one_step(damping: float, lr: float, **options: object) -> KFA
         adapt_damping=True,
         damping_adaptation_interval=1,
         damping_adaptation_decay=0.5,
-        **options,  # type: ignore[arg-type]
+        **{"norm_constraint": None, **options},  # type: ignore[arg-type]
     )
     one_step(opt, model, *make_data())
     return opt
