@@ -320,11 +320,10 @@ class DistributedCurvature:
             work.wait()
             if self.rank == src:
                 continue
-            offset = 0
-            for n, k, shape in items:
-                size = _numel(shape)
-                received.setdefault(n, {})[k] = buffer[offset : offset + size].view(shape)
-                offset += size
+            for (n, k, _), value in zip(
+                items, _unflatten(buffer, [shape for *_, shape in items]), strict=True
+            ):
+                received.setdefault(n, {})[k] = value
         return received
 
     def _group_for(self, ranks: list[int]) -> Any:
@@ -373,11 +372,7 @@ class DistributedCurvature:
             work.wait()
             if self.rank == src:
                 continue
-            offset = 0
-            for name in items:
-                size = mats[name].numel()
-                out[name] = buffer[offset : offset + size].view(mats[name].shape)
-                offset += size
+            out.update(zip(items, _unflatten(buffer, [mats[n].shape for n in items]), strict=True))
         return {name: out[name] for name in mats}
 
     # ---------------------------------------------------------------------- checkpoints
@@ -422,3 +417,9 @@ def _numel(shape: Sequence[int]) -> int:
     for s in shape:
         size *= int(s)
     return size
+
+
+def _unflatten(buffer: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Views of a flat broadcast buffer, one per shape, in order (the inverse of a concatenation)."""
+    pieces = buffer.split([_numel(shape) for shape in shapes])
+    return [piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True)]
