@@ -34,6 +34,7 @@ statistic of the concatenated batch).
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -311,7 +312,7 @@ class DistributedCurvature:
                 if self.rank == src:
                     buffer = torch.cat([blocks[n].state[k].reshape(-1).to(dtype) for n, k, _ in items])
                 else:
-                    size = sum(_numel(shape) for _, _, shape in items)
+                    size = sum(math.prod(shape) for _, _, shape in items)
                     buffer = torch.empty(size, dtype=dtype, device=device)
                 work = dist.broadcast(buffer, src, group=group, async_op=True)
                 self.bytes["inverses"] += buffer.numel() * buffer.element_size()
@@ -412,14 +413,7 @@ class DistributedCurvature:
         return sample(padded_out, padded_tgt, generator)[self.rank * n : (self.rank + 1) * n]
 
 
-def _numel(shape: Sequence[int]) -> int:
-    size = 1
-    for s in shape:
-        size *= int(s)
-    return size
-
-
 def _unflatten(buffer: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
     """Views of a flat broadcast buffer, one per shape, in order (the inverse of a concatenation)."""
-    pieces = buffer.split([_numel(shape) for shape in shapes])
+    pieces = buffer.split([math.prod(shape) for shape in shapes])
     return [piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True)]
