@@ -193,6 +193,7 @@ class KFAC(OriginalAPI, Optimizer):
         """
         super().zero_grad(set_to_none)
         pre = self.preconditioner
+        pre.examples = 0
         backward = [(b, k) for b in pre.blocks.values() for k in b.FACTORS if k not in b.FORWARD_FACTORS]
         if any(b.has_pending(k) for b, k in backward):
             pre.discard_statistics()
@@ -229,6 +230,7 @@ class KFAC(OriginalAPI, Optimizer):
             )
         if bool(found_inf):
             self.preconditioner.discard_statistics()
+            self.preconditioner.examples = 0
             return True
         scale = getattr(self, "grad_scale", None)  # None: the user called scaler.unscale_(opt)
         if scale is not None:

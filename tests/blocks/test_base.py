@@ -75,7 +75,7 @@ def test_unknown_approximation_is_refused_by_name() -> None:
 
 def test_configure_replaces_the_factors_and_what_is_pending() -> None:
     block = linear_block("kfac")
-    block._pending["A"].append(torch.eye(5))
+    block.add_forward_statistic("A", torch.eye(5), 5)
     block.configure("diagonal")
     assert block.FACTORS == ("D",) and block._pending == {"D": []}
     assert block.needs_output_grads
