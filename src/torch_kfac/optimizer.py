@@ -185,7 +185,8 @@ class KFAC(OriginalAPI, Optimizer):
         return loss_t
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients, and the statistics recorded with them that no step has claimed.
+        """Clear the gradients, and the statistics and example count recorded with them that no step
+        has claimed.
 
         Statistics of a finished backward pass belong to the gradients cleared here (a batch whose
         step never came); those of a forward pass whose backward is still to come (zero_grad
@@ -230,7 +231,6 @@ class KFAC(OriginalAPI, Optimizer):
             )
         if bool(found_inf):
             self.preconditioner.discard_statistics()
-            self.preconditioner.examples = 0
             return True
         scale = getattr(self, "grad_scale", None)  # None: the user called scaler.unscale_(opt)
         if scale is not None:
