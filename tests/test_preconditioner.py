@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -375,6 +377,36 @@ def test_a_skipped_step_forgets_the_examples_of_its_gradients() -> None:
                 assert not pre.step()
             model.zero_grad()
         F.cross_entropy(model(make_data()[0]), make_data()[1], reduction="sum").backward()
+        assert pre.step()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("container", ["tuple", "dict"])
+def test_sum_accumulation_counts_the_examples_of_a_model_with_several_outputs(container: str) -> None:
+    """A model returning (inputs, logits) or {"inputs", "logits"} (a Hugging Face `ModelOutput` is a
+    mapping): the examples are counted on its first output that requires grad, so micro-batches of 5
+    and 11 with reduction='sum' step like the whole batch."""
+
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, x: torch.Tensor) -> Any:
+            outputs = {"inputs": x, "logits": self.net(x)}
+            return outputs if container == "dict" else tuple(outputs.values())
+
+    x, y = make_data()
+    runs = []
+    for sizes in ([16], [5, 11]):
+        model = TwoOutputs()
+        pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+        for xi, yi in zip(x.split(sizes), y.split(sizes), strict=True):
+            outputs = model(xi)
+            logits = outputs["logits"] if container == "dict" else outputs[1]
+            F.cross_entropy(logits, yi, reduction="sum").backward()
         assert pre.step()
         runs.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*runs, strict=True):

@@ -130,10 +130,11 @@ class KFACPreconditioner:
         """Count the loss terms per example from the model's outputs (reduction='mean_positions'),
         or the examples whose gradients the step will take (reduction='sum')."""
         if self.options.reduction == Reduction.SUM:
-            if isinstance(outputs, Tensor) and outputs.requires_grad and not self._capture.own_pass():
+            output = _differentiable_output(outputs)
+            if output is not None and not self._capture.own_pass():
                 sizes = [b.batch_size for b in self._capture.hooked if b.batch_size is not None]
                 if sizes:
-                    outputs.register_hook(partial(self._count_examples, sizes[0]))
+                    output.register_hook(partial(self._count_examples, sizes[0]))
             return
         if isinstance(outputs, Tensor) and self.loss_curvature is not None:
             terms = self.loss_curvature.terms_per_example(outputs)
@@ -358,8 +359,8 @@ class KFACPreconditioner:
         """Factor turning the gradient of the user's loss into that of the mean-reduced loss.
 
         With reduction='sum' that is 1/N, N the examples of every backward pass since the last
-        step (gradient accumulation), or the last forward pass's where the model's output is not
-        a tensor.
+        step (gradient accumulation), or the last forward pass's where no output of the model
+        requires grad (a backward pass that starts elsewhere).
         """
         if self.options.reduction != Reduction.SUM:
             return 1.0
@@ -596,6 +597,15 @@ class KFACPreconditioner:
         if self._root_hook is not None:
             self._root_hook.remove()
             self._root_hook = None
+
+
+def _differentiable_output(outputs: Any) -> Tensor | None:
+    """The first output of a model (a tensor, or one in a tuple, list or mapping such as a Hugging
+    Face `ModelOutput`) that requires grad: its gradient hook fires in the user's backward passes."""
+    if isinstance(outputs, Mapping):
+        outputs = tuple(outputs.values())
+    candidates = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return next((t for t in candidates if isinstance(t, Tensor) and t.requires_grad), None)
 
 
 def _new_tensors(block: CurvatureBlock, previous: dict[str, Tensor]) -> list[Tensor]:
