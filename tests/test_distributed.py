@@ -131,13 +131,14 @@ def train(
         for micro in micros:
             x, y = shard(global_batch(step, micro), rank, world)
             last = micro == micros[-1]
+            # Gradient accumulation: each micro-batch's loss divided by their number.
             if ddp and not last:
                 with model.no_sync():  # type: ignore[operator]
                     loss = loss_fn(model(x), y)
-                    loss.backward()
+                    (loss / len(micros)).backward()
             else:
                 loss = loss_fn(model(x), y)
-                loss.backward()
+                (loss / len(micros)).backward()
         if world > 1 and not ddp:  # a plain model: the user averages the gradients
             for p in inner.parameters():
                 dist.all_reduce(p.grad)

@@ -567,7 +567,9 @@ def test_zero_grad_between_forward_and_backward_keeps_the_forward_statistics() -
     assert not opt.last_stats["skipped"] and all(b.has_factors() for b in opt.blocks.values())
 
 
-def test_gradient_accumulation_over_two_backward_passes_averages_their_statistics() -> None:
+def test_gradient_accumulation_over_two_halved_losses_averages_their_statistics() -> None:
+    """Two micro-batches of 16 with the common loop, (loss / 2).backward(): A and G are the averages of
+    each batch's own (G does not carry the 1/4 of the halved losses)."""
     x1, y1 = make_data(seed=1)
     x2, y2 = make_data(seed=2)
     single = {}
@@ -586,6 +588,25 @@ def test_gradient_accumulation_over_two_backward_passes_averages_their_statistic
     assert not opt.last_stats["skipped"]
     for name, block in opt.blocks.items():
         torch.testing.assert_close(block.A, (single["1"][name][0] + single["2"][name][0]) / 2)
+        torch.testing.assert_close(block.G, (single["1"][name][1] + single["2"][name][1]) / 2)
+
+
+def test_accumulated_sum_loss_steps_like_the_whole_batch_and_zero_grad_forgets_skipped_examples() -> None:
+    """reduction='sum': KFAC divides the accumulated gradient by the examples of every backward pass
+    since the last step (10 + 6), and zero_grad() forgets those of a batch whose step never came."""
+    x, y = make_data(seed=3)
+    models = [make_mlp(), make_mlp()]
+    opts = [KFAC(m, 0.1, 1e-2, reduction="sum", norm_constraint=None) for m in models]
+    loss_of(models[0], *make_data(seed=4), reduction="sum").backward()  # a batch the user skips
+    opts[0].zero_grad()
+    loss_of(models[0], x[:10], y[:10], reduction="sum").backward()
+    loss_of(models[0], x[10:], y[10:], reduction="sum").backward()
+    opts[0].step()
+    opts[1].zero_grad()
+    loss_of(models[1], x, y, reduction="sum").backward()
+    opts[1].step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_step_after_a_skipped_step_is_taken() -> None:

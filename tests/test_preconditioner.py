@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
@@ -237,3 +240,174 @@ def test_frozen_weight_gets_no_grad_and_its_bias_the_raw_gradient() -> None:
     assert model[2].weight.grad is None
     torch.testing.assert_close(model[2].bias.grad, raw, rtol=0, atol=0)
     assert "2" not in pre.active_blocks and "0" in pre.active_blocks
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+def _conv_net() -> nn.Module:
+    """Conv2d, Linear and LayerNorm blocks (no batch statistics: micro-batches see the same model)."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(48, 6),
+        nn.LayerNorm(6),
+        nn.Linear(6, 3),
+    )
+
+
+class _Tagger(nn.Module):
+    """Embedding and Linear over token positions; logits (N, C, T) for a per-position loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids))).transpose(1, 2)
+
+
+def _batch(kind: str, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    if kind == "tokens":
+        return torch.randint(0, 7, (n, 5), generator=gen), torch.randint(0, 3, (n, 5), generator=gen)
+    return torch.randn(n, 2, 4, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _accumulate(
+    kind: str, sizes: list[int], loss_scale: str, steps: int = 2, **options: object
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """`steps` steps of one batch split into micro-batches of `sizes`, each micro-batch's loss
+    multiplied by 'share' (n_i / N), 'one' (1) or 'count' (1/k); the factors and the last step's
+    preconditioned gradients."""
+    model = _Tagger() if kind == "tokens" else _conv_net()
+    reduction = options.get("reduction", "mean")
+    loss_fn = nn.CrossEntropyLoss(reduction="sum" if reduction == "sum" else "mean")
+    if reduction == "mean_positions" or options.get("fisher_type", "empirical") != "empirical":
+        options["loss_fn"] = loss_fn
+    pre = KFACPreconditioner(model, damping=1e-2, inverse_method="eigh", **options)
+    x, y = _batch(kind, sum(sizes))
+    for _ in range(steps):
+        model.zero_grad()
+        start = 0
+        for n in sizes:
+            scale = {"share": n / sum(sizes), "one": 1.0, "count": 1.0 / len(sizes)}[loss_scale]
+            (loss_fn(model(x[start : start + n]), y[start : start + n]) * scale).backward()
+            start += n
+        assert pre.step(batch=(x, y))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.1 * p.grad)
+    factors = {
+        f"{n}.{k}": b.state[f"{k}_ema"] / b.state[f"{k}_weight"]
+        for n, b in pre.blocks.items()
+        for k in b.FACTORS
+    }
+    return factors, [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same(got: tuple[dict, list], want: tuple[dict, list], grads: bool = True) -> None:
+    assert got[0].keys() == want[0].keys()
+    for key, value in want[0].items():
+        torch.testing.assert_close(got[0][key], value, rtol=1e-10, atol=1e-13, msg=key)
+    for a, b in zip(got[1], want[1], strict=True) if grads else ():
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("approximation", ["kfac", "diagonal"])
+def test_k_equal_micro_batches_with_the_loss_divided_by_k_give_the_full_batch(approximation: str) -> None:
+    """The common loop, `(loss_i / k).backward()`: the gradients add up to the batch's, and the factors
+    (A, G, the norm layer's F, the diagonal's D) and the preconditioned step are the full batch's; G
+    does not carry 1/k^2."""
+    full = _accumulate("images", [12], "one", approximation=approximation)
+    _assert_same(_accumulate("images", [4, 4, 4], "count", approximation=approximation), full)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unequal_micro_batches_are_weighted_per_example(reduction: str) -> None:
+    """Micro-batches of 2, 7 and 3 examples: with 'mean' each loss is scaled by n_i / N, with 'sum'
+    the plain sums add up to the batch's; the factors and the step are those of the full batch's mean
+    loss (with 'sum' the gradient is divided by all N examples, not by the last micro-batch's)."""
+    full = _accumulate("images", [12], "one")  # the mean loss: 'sum' takes the same steps
+    scale = "share" if reduction == "mean" else "one"
+    _assert_same(_accumulate("images", [2, 7, 3], scale, reduction=reduction), full)
+
+
+def test_micro_batch_accumulation_takes_each_loss_unscaled() -> None:
+    """accumulation='micro-batch': each backward pass is its micro-batch's own mean loss; the factors
+    are still the full batch's, weighted per example."""
+    full = _accumulate("images", [12], "one", steps=1)  # one step: the gradients differ from here on
+    got = _accumulate("images", [2, 7, 3], "one", steps=1, accumulation="micro-batch")
+    _assert_same(got, full, grads=False)
+    equal = _accumulate("images", [4, 4, 4], "one", steps=1, accumulation="micro-batch")
+    _assert_same((equal[0], [g / 3 for g in equal[1]]), full)  # the sum of 3 means, divided by 3
+
+
+def test_per_position_loss_with_an_embedding_is_weighted_per_example() -> None:
+    """reduction='mean_positions' (an embedding and a linear layer over 5 positions): micro-batches
+    of 3, 1 and 4 sequences with losses scaled by n_i / N give the full batch's factors and step."""
+    full = _accumulate("tokens", [8], "one", reduction="mean_positions")
+    _assert_same(_accumulate("tokens", [3, 1, 4], "share", reduction="mean_positions"), full)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mc_fisher_with_accumulated_gradients_is_the_full_batch(reduction: str) -> None:
+    """fisher_type='mc' with a fixed seed: the factors come from the preconditioner's own pass on the
+    batch given to step (two samples per example, averaged); the accumulated gradients of micro-batches
+    of 5 and 7 examples give the full batch's step (with 'sum', divided by the 12 examples of the
+    user's passes, not counting the preconditioner's own)."""
+    options = {"fisher_type": "mc", "mc_samples": 2, "mc_seed": 11}
+    full = _accumulate("images", [12], "one", **options)  # the mean loss: 'sum' takes the same steps
+    scale = "share" if reduction == "mean" else "one"
+    _assert_same(_accumulate("images", [5, 7], scale, reduction=reduction, **options), full)
+
+
+def test_a_skipped_step_forgets_the_examples_of_its_gradients() -> None:
+    """reduction='sum' in front of SGD: after a step skipped for a non-finite gradient, the next batch's
+    gradient is divided by its own examples only."""
+    runs = []
+    for skip in (True, False):
+        model = make_mlp()
+        pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+        if skip:
+            F.cross_entropy(model(make_data(seed=4)[0]), make_data(seed=4)[1], reduction="sum").backward()
+            model[0].weight.grad[0, 0] = float("nan")
+            with pytest.warns(RuntimeWarning, match="skipped"):
+                assert not pre.step()
+            model.zero_grad()
+        F.cross_entropy(model(make_data()[0]), make_data()[1], reduction="sum").backward()
+        assert pre.step()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("container", ["tuple", "dict"])
+def test_sum_accumulation_counts_the_examples_of_a_model_with_several_outputs(container: str) -> None:
+    """A model returning (inputs, logits) or {"inputs", "logits"} (a Hugging Face `ModelOutput` is a
+    mapping): the examples are counted on its first output that requires grad, so micro-batches of 5
+    and 11 with reduction='sum' step like the whole batch."""
+
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, x: torch.Tensor) -> Any:
+            outputs = {"inputs": x, "logits": self.net(x)}
+            return outputs if container == "dict" else tuple(outputs.values())
+
+    x, y = make_data()
+    runs = []
+    for sizes in ([16], [5, 11]):
+        model = TwoOutputs()
+        pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+        for xi, yi in zip(x.split(sizes), y.split(sizes), strict=True):
+            outputs = model(xi)
+            logits = outputs["logits"] if container == "dict" else outputs[1]
+            F.cross_entropy(logits, yi, reduction="sum").backward()
+        assert pre.step()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

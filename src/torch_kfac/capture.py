@@ -103,6 +103,7 @@ class StatisticsCapture:
                 )
         if not self._recording():
             return
+        block.new_examples = True
         with _statistics_precision(inputs):
             block.record_inputs(_cast(inputs, self.factor_dtype), self.center)
         if isinstance(output, Tensor) and output.requires_grad and block.needs_output_grads:
@@ -113,6 +114,10 @@ class StatisticsCapture:
                 self._forced.append(output)
                 return output * 1
         return None
+
+    def own_pass(self) -> bool:
+        """Whether the pass running now is the optimizer's own (a Fisher pass, or one it pauses)."""
+        return self._forced is not None or self._paused
 
     def _backward_recording(self) -> bool:
         """Whether output gradients arriving now are recorded."""

@@ -185,7 +185,8 @@ class KFAC(OriginalAPI, Optimizer):
         return loss_t
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients, and the statistics recorded with them that no step has claimed.
+        """Clear the gradients, and the statistics and example count recorded with them that no step
+        has claimed.
 
         Statistics of a finished backward pass belong to the gradients cleared here (a batch whose
         step never came); those of a forward pass whose backward is still to come (zero_grad
@@ -193,6 +194,7 @@ class KFAC(OriginalAPI, Optimizer):
         """
         super().zero_grad(set_to_none)
         pre = self.preconditioner
+        pre.examples = 0
         backward = [(b, k) for b in pre.blocks.values() for k in b.FACTORS if k not in b.FORWARD_FACTORS]
         if any(b.has_pending(k) for b, k in backward):
             pre.discard_statistics()

@@ -61,6 +61,13 @@ class Reduction(Choice):
     MEAN_POSITIONS = "mean_positions"
 
 
+class Accumulation(Choice):
+    """How the losses of several backward passes before one step (gradient accumulation) are scaled."""
+
+    WHOLE_BATCH = "whole-batch"
+    MICRO_BATCH = "micro-batch"
+
+
 class FisherType(Choice):
     """Which Fisher the factors estimate."""
 
@@ -264,6 +271,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "inverse_update_steps": check_interval,
     "warmup_steps": check_count,
     "reduction": Reduction.parse,
+    "accumulation": Accumulation.parse,
     "enable_pi_correction": check_bool,
     "inverse_method": InverseMethod.parse,
     "damping_type": DampingType.parse,
@@ -337,6 +345,16 @@ class PreconditionerOptions:
             `CrossEntropyLoss()` on (N, C, T) logits; needs `loss_fn`). With 'sum' the curvature
             is that of the summed loss (N times the per-example Fisher), so the preconditioned
             gradient equals that of the mean-reduced loss.
+        accumulation: how the losses of several backward passes before one step (micro-batches
+            of sizes n_1..n_k, N = their sum) are scaled; the factors are then those of one batch
+            of all N examples, each micro-batch weighted by its examples. 'whole-batch' (default):
+            the accumulated gradient is the whole batch's, i.e. with reduction 'mean' or
+            'mean_positions' each micro-batch's loss is multiplied by n_i / N (by 1/k for k equal
+            micro-batches), with 'sum' it is its plain sum. 'micro-batch': each backward pass is
+            the gradient of its own micro-batch's loss, unscaled (the accumulated gradient is
+            their sum: with 'mean', k times the whole batch's for k equal micro-batches). The
+            two agree for reduction='sum' and for a single backward pass per step. Statistics of
+            the preconditioner's own passes (fisher_type 'mc', 'type-2') do not depend on it.
         enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
         inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
             'eigh' (eigendecompositions; damping applied at every step).
@@ -396,6 +414,7 @@ class PreconditionerOptions:
     inverse_update_steps: int | Callable[[int], int] = 10
     warmup_steps: int = 20
     reduction: Reduction | str = Reduction.MEAN
+    accumulation: Accumulation | str = Accumulation.WHOLE_BATCH
     enable_pi_correction: bool = True
     inverse_method: InverseMethod | str = InverseMethod.CHOLESKY
     damping_type: DampingType | str = DampingType.FACTORED

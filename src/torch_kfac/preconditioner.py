@@ -24,6 +24,7 @@ from torch_kfac.linalg import LOW_PRECISION
 from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.options import (
     AUTO_DAMPING,
+    Accumulation,
     FisherType,
     InverseMethod,
     PreconditionerOptions,
@@ -95,11 +96,24 @@ class KFACPreconditioner:
         self.skipped_in_a_row = 0
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
         self._capture.factor_dtype = factor_dtype(opts, dtype)
+        # Gradient accumulation: whether the user's losses carry their micro-batch's share n / N
+        # (`Statistic.share_scaled`). The preconditioner's own passes ('mc', 'type-2') never do,
+        # and with those Fisher types the user's passes are not recorded.
+        share_scaled = (
+            opts.accumulation == Accumulation.WHOLE_BATCH
+            and opts.reduction != Reduction.SUM
+            and opts.fisher_type == FisherType.EMPIRICAL
+        )
+        for block in self._capture.hooked:
+            block.share_scaled = share_scaled
+        #: Examples of the backward passes since the last step (reduction='sum': the gradient is
+        #: the sum of their losses' gradients).
+        self.examples = 0
         if opts.grad_scaler is not None:
             self._capture.loss_scale = partial(loss_scale, opts.grad_scaler)
         self._root_hook = (
             model.register_forward_hook(self._observe_outputs)
-            if opts.reduction == Reduction.MEAN_POSITIONS
+            if opts.reduction in (Reduction.MEAN_POSITIONS, Reduction.SUM)
             else None
         )
 
@@ -113,11 +127,23 @@ class KFACPreconditioner:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _observe_outputs(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
-        """Count the loss terms per example from the model's outputs (reduction='mean_positions')."""
+        """Count the loss terms per example from the model's outputs (reduction='mean_positions'),
+        or the examples whose gradients the step will take (reduction='sum')."""
+        if self.options.reduction == Reduction.SUM:
+            output = _differentiable_output(outputs)
+            if output is not None and not self._capture.own_pass():
+                sizes = [b.batch_size for b in self._capture.hooked if b.batch_size is not None]
+                if sizes:
+                    output.register_hook(partial(self._count_examples, sizes[0]))
+            return
         if isinstance(outputs, Tensor) and self.loss_curvature is not None:
             terms = self.loss_curvature.terms_per_example(outputs)
             for block in self._capture.hooked:
                 block.loss_terms = terms
+
+    def _count_examples(self, examples: int, grad: Tensor) -> None:
+        """Tensor hook on the model's output: a backward pass of `examples` examples ran."""
+        self.examples += examples
 
     # ------------------------------------------------------------------- schedule
     @property
@@ -330,9 +356,16 @@ class KFACPreconditioner:
 
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
-        """Factor turning the gradient of the user's loss into that of the mean-reduced loss."""
+        """Factor turning the gradient of the user's loss into that of the mean-reduced loss.
+
+        With reduction='sum' that is 1/N, N the examples of every backward pass since the last
+        step (gradient accumulation), or the last forward pass's where no output of the model
+        requires grad (a backward pass that starts elsewhere).
+        """
         if self.options.reduction != Reduction.SUM:
             return 1.0
+        if self.examples:
+            return 1.0 / self.examples
         sizes = [b.batch_size for b in self._capture.hooked if b.batch_size is not None]
         if not sizes:
             raise RuntimeError("reduction='sum' needs the batch size: run a forward pass first")
@@ -428,6 +461,7 @@ class KFACPreconditioner:
         stats = self._statistics()
         if not all_finite([*mats.values(), *stats.values(), *extra]):
             self.discard_statistics()
+            self.examples = 0
             if self.options.grad_scaler is not None:
                 return None  # a loss-scale overflow: the scaler skips the step and lowers its scale
             self.skipped_in_a_row += 1
@@ -465,6 +499,7 @@ class KFACPreconditioner:
     def finish_step(self) -> None:
         """End of a step: advance the step counter that schedules factor and inverse updates."""
         self.global_state["step"] = self.steps + 1
+        self.examples = 0
 
     @torch.no_grad()
     def step(self, batch: tuple[Any, Tensor] | None = None) -> bool:
@@ -562,6 +597,15 @@ class KFACPreconditioner:
         if self._root_hook is not None:
             self._root_hook.remove()
             self._root_hook = None
+
+
+def _differentiable_output(outputs: Any) -> Tensor | None:
+    """The first output of a model (a tensor, or one in a tuple, list or mapping such as a Hugging
+    Face `ModelOutput`) that requires grad: its gradient hook fires in the user's backward passes."""
+    if isinstance(outputs, Mapping):
+        outputs = tuple(outputs.values())
+    candidates = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return next((t for t in candidates if isinstance(t, Tensor) and t.requires_grad), None)
 
 
 def _new_tensors(block: CurvatureBlock, previous: dict[str, Tensor]) -> list[Tensor]:

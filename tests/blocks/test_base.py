@@ -11,9 +11,11 @@ from torch_kfac.blocks import EmbeddingBlock, LinearBlock
 from torch_kfac.blocks.base import (
     CurvatureBlock,
     KroneckerBlock,
+    Statistic,
     WeightBiasBlock,
     centered,
     input_second_moment,
+    pooled,
     second_moment_scale,
 )
 
@@ -75,7 +77,7 @@ def test_unknown_approximation_is_refused_by_name() -> None:
 
 def test_configure_replaces_the_factors_and_what_is_pending() -> None:
     block = linear_block("kfac")
-    block._pending["A"].append(torch.eye(5))
+    block.add_forward_statistic("A", torch.eye(5), 5)
     block.configure("diagonal")
     assert block.FACTORS == ("D",) and block._pending == {"D": []}
     assert block.needs_output_grads
@@ -86,3 +88,16 @@ def test_drop_state_forgets_present_entries_only() -> None:
     block.state["A_inv"] = torch.eye(5)
     block.drop_state(("A_inv", "G_inv"))
     assert "A_inv" not in block.state and {"A_ema", "G_ema"} <= set(block.state)
+
+
+def test_pooled_weights_each_pass_by_its_examples() -> None:
+    """Micro-batches of 2 and 6 examples: unscaled statistics (forward ones, 'sum' or 'micro-batch'
+    losses) weigh 2/8 and 6/8; statistics of losses scaled by their share n/N hold (n/N)^2 of their own
+    and weigh 8/2 and 8/6; backward passes through one forward pass (one group) are averaged first."""
+    a, b, c = torch.full((2, 2), 1.0), torch.full((2, 2), 5.0), torch.full((2, 2), 9.0)
+    torch.testing.assert_close(pooled([Statistic(a, 2), Statistic(b, 6)]), a / 4 + b * 3 / 4)
+    scaled = pooled([Statistic(a, 2, True, 1), Statistic(b, 6, True, 2)])
+    torch.testing.assert_close(scaled, a * 4 + b * 4 / 3)
+    grouped = pooled([Statistic(a, 2, False, 1), Statistic(c, 2, False, 1), Statistic(b, 6, False, 2)])
+    torch.testing.assert_close(grouped, (a + c) / 2 / 4 + b * 3 / 4)
+    assert pooled([Statistic(a, 3)]) is a

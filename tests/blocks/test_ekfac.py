@@ -46,7 +46,7 @@ def test_a_new_basis_restarts_s_and_drops_what_was_kept_for_the_old_one() -> Non
     block = linear_block("ekfac")
     block.update_inverses(DAMPING, True, "eigh")
     block._saved_rows.append(torch.ones(1, 2, 1, 5))
-    block.add_backward_statistic("S", torch.ones(1, 3, 5))
+    block.add_backward_statistic("S", torch.ones(1, 3, 5), 2)
     block.A = 2.0 * block.A
     block.update_inverses(DAMPING, True, "eigh")
     assert not block._saved_rows and not block.has_pending("S")

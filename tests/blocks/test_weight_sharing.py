@@ -94,8 +94,9 @@ def test_module_called_twice_gets_expand_factors_over_its_calls() -> None:
     torch.testing.assert_close(pre.blocks["shared"].G, expected_g, rtol=1e-10, atol=1e-12)
 
 
-def test_separate_backward_passes_are_averaged() -> None:
-    """Gradient accumulation over two identical micro-batches gives the one-batch factors."""
+def test_separate_backward_passes_are_pooled() -> None:
+    """Gradient accumulation over two identical micro-batches (each loss halved, so that the
+    gradients add up to the batch's) gives the one-batch factors."""
     gen = torch.Generator().manual_seed(6)
     x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
     results = []
@@ -104,7 +105,7 @@ def test_separate_backward_passes_are_averaged() -> None:
         model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
         pre = KFACPreconditioner(model)
         for _ in range(micro):
-            F.cross_entropy(model(x), y).backward()
+            (F.cross_entropy(model(x), y) / micro).backward()
         pre.step()
         results.append({n: (b.A, b.G) for n, b in pre.blocks.items()})
     for name, (a, g) in results[0].items():

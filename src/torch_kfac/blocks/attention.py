@@ -371,10 +371,10 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         self, x: Tensor, names: tuple[str, ...], steps: int, batch: int, bias: bool
     ) -> None:
         """Pend 1/(N T) sum [a, 1][a, 1]^T of a projection input laid out (T, N, d) for the pairs."""
-        flat, _ = self._statistic_rows(x, steps, batch, torch.mean)
+        flat, n = self._statistic_rows(x, steps, batch, torch.mean)
         moment = input_second_moment(flat, bias)
         for name in names:
-            self._pending[f"A_{name}"].append(moment)
+            self.add_forward_statistic(f"A_{name}", moment, n)
 
     def _record_output_grad(
         self, columns: tuple[ColumnSlice, ...], steps: int, batch: int, grad: Tensor
@@ -386,7 +386,7 @@ class MultiheadAttentionBlock(SwitchedForwardBlock):
         scale = second_moment_scale(self.reduction, n, self.loss_terms)
         for name, start, end in columns:
             part = flat[:, start:end]
-            self.add_backward_statistic(f"G_{name}", part.mT @ part * scale)
+            self.add_backward_statistic(f"G_{name}", part.mT @ part * scale, n)
 
     def _project(
         self,

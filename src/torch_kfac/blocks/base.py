@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -59,6 +60,49 @@ def second_moment_scale(reduction: str, batch_size: int, loss_terms: int = 1) ->
     if reduction == "mean":
         return float(batch_size)
     return float(batch_size * loss_terms)
+
+
+@dataclass
+class Statistic:
+    """A pending statistic (one forward call's or one backward pass's) and the examples it covers."""
+
+    value: Tensor
+    examples: int
+    #: Whether its loss was multiplied by its share n / N of the step's examples (a backward
+    #: statistic under accumulation='whole-batch' with reduction 'mean' or 'mean_positions').
+    share_scaled: bool = False
+    #: Backward statistics of one group are passes through one forward pass (the same examples);
+    #: None: a group of its own.
+    group: int | None = None
+
+
+def pooled(stats: list[Statistic]) -> Tensor:
+    """The statistic of the union of the passes' examples, as if they had been one batch.
+
+    Passes through one forward pass (several backward passes: Monte-Carlo samples, Fisher
+    columns) are averaged first. Each resulting statistic is an average over its own n_i
+    examples (a second moment times the reduction's scale), so the union of N = sum n_i examples
+    weights it by n_i / N. A backward statistic whose loss was scaled by its share n_i / N holds
+    (n_i / N)^2 times its own second moment, and is weighted by (n_i / N) / (n_i / N)^2 = N / n_i.
+    """
+    groups: dict[object, list[Statistic]] = {}
+    for s in stats:
+        groups.setdefault(id(s) if s.group is None else s.group, []).append(s)
+    means = [_mean(group) for group in groups.values()]
+    if len(means) == 1:
+        return means[0].value
+    total = sum(s.examples for s in means)
+    weights = [total / s.examples if s.share_scaled else s.examples / total for s in means]
+    if len(set(weights)) == 1 and not means[0].share_scaled:
+        return _mean(means).value  # equal shares (a module called twice in one forward pass)
+    return torch.tensordot(means[0].value.new_tensor(weights), torch.stack([s.value for s in means]), dims=1)
+
+
+def _mean(stats: list[Statistic]) -> Statistic:
+    """The average of statistics of equally many examples."""
+    if len(stats) == 1:
+        return stats[0]
+    return replace(stats[0], value=torch.stack([s.value for s in stats]).mean(0))
 
 
 def centered(rows: Tensor) -> Tensor:
@@ -114,7 +158,7 @@ class CurvatureBlock(ABC):
         self.groups = int(getattr(module, "groups", 1))
         #: Running factors and cached inverses; the optimizer stores this dict in its `state`.
         self.state: dict[str, Tensor] = {}
-        self._pending: dict[str, list[Tensor]] = {k: [] for k in self.FACTORS}
+        self._pending: dict[str, list[Statistic]] = {k: [] for k in self.FACTORS}
         self._pending_task: dict[str, int | None] = {}
         #: Number of examples in the last batch seen by the layer (dim 0 of its input).
         self.batch_size: int | None = None
@@ -123,6 +167,13 @@ class CurvatureBlock(ABC):
         #: The loss's reduction and centering, set by the preconditioner.
         self.reduction = "mean"
         self.center = False
+        #: Set by the preconditioner: whether the loss of each recorded backward pass was scaled by
+        #: its share n / N of the step's examples (`Statistic.share_scaled`).
+        self.share_scaled = False
+        #: Set by the capture when a recorded forward call ran: the next backward statistic
+        #: starts a new group of examples (`Statistic.group`).
+        self.new_examples = False
+        self._group = 0
         #: Set by the capture: whether backward statistics are recorded right now (blocks that
         #: hook tensors themselves check it in their hooks).
         self.backward_gate: Callable[[], bool] | None = None
@@ -230,19 +281,28 @@ class CurvatureBlock(ABC):
             return None
         return self.pack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
 
-    def add_backward_statistic(self, key: str, value: Tensor) -> None:
-        """Pend a backward statistic: summed within one backward pass, averaged across passes.
+    def add_forward_statistic(self, key: str, value: Tensor, examples: int) -> None:
+        """Pend one forward call's statistic, an average over its `examples` examples."""
+        self._pending[key].append(Statistic(value, examples))
+
+    def add_backward_statistic(self, key: str, value: Tensor, examples: int) -> None:
+        """Pend a backward statistic of `examples` examples: summed within one backward pass,
+        pooled per example across passes (`pooled`).
 
         A module called several times in one forward pass shares its weight like positions of
-        a sequence (the expand convention), so its output-gradient statistics add up; separate
-        backward passes (micro-batches, Monte-Carlo samples) are averaged.
+        a sequence (the expand convention), so its output-gradient statistics add up; backward
+        passes through one forward pass (Monte-Carlo samples) are averaged, and those of separate
+        forward passes (micro-batches) pooled per example.
         """
+        if self.new_examples:  # the first backward statistic after a forward pass: new examples
+            self._group += 1
+            self.new_examples = False
         task = _graph_task_id()
         pending = self._pending[key]
         if pending and task is not None and self._pending_task.get(key) == task:
-            pending[-1] = pending[-1] + value
+            pending[-1].value = pending[-1].value + value
         else:
-            pending.append(value)
+            pending.append(Statistic(value, examples, self.share_scaled, self._group))
             self._pending_task[key] = task
 
     def has_pending(self, key: str) -> bool:
@@ -250,9 +310,8 @@ class CurvatureBlock(ABC):
         return bool(self._pending[key])
 
     def pending(self, key: str) -> Tensor:
-        """The pending statistics of factor `key`, averaged over the calls recorded."""
-        items = self._pending[key]
-        return items[0] if len(items) == 1 else torch.stack(items).mean(0)
+        """The pending statistics of factor `key`, pooled over the calls and passes recorded."""
+        return pooled(self._pending[key])
 
     def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:
         """Drop pending statistics (of the given factors, or all)."""
@@ -452,7 +511,7 @@ class KroneckerBlock(WeightBiasBlock):
                 kept = torch.cat([kept, kept.new_ones(groups, n, t, 1)], dim=-1)
             self._saved_rows.append(kept)
         if "A" in self.FACTORS:
-            self._pending["A"].append(input_second_moment(flat, self.bias is not None))
+            self.add_forward_statistic("A", input_second_moment(flat, self.bias is not None), n)
 
     def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
         """Add one call's per-example-gradient second moment 1/N sum g g^T to the pending G.
@@ -470,7 +529,7 @@ class KroneckerBlock(WeightBiasBlock):
             flat = centered(flat)
         scale = second_moment_scale(reduction, n, self.loss_terms)
         if "G" in self.FACTORS:
-            self.add_backward_statistic("G", flat.mT @ flat * scale)
+            self.add_backward_statistic("G", flat.mT @ flat * scale, n)
         if self._saved_rows:
             # Backward runs in reverse order of the forward calls.
             self.approx.record_joint(self._saved_rows.pop(), flat.reshape(groups, n, t, -1), scale)

@@ -25,7 +25,7 @@ class DiagonalFisher(Approximation):
 
     def record_joint(self, a_rows: Tensor, g_rows: Tensor, scale: float) -> None:
         """Pend the squared per-example gradients for D."""
-        self.block.add_backward_statistic("D", per_example_squares(a_rows, g_rows) * scale)
+        self.block.add_backward_statistic("D", per_example_squares(a_rows, g_rows) * scale, g_rows.shape[1])
 
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
         """Nothing to cache: the damped diagonal is inverted when preconditioning."""

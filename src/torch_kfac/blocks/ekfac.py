@@ -35,7 +35,7 @@ class EigenbasisDiagonal(KroneckerFactors):
         """Pend the squared per-example gradients in the current eigenbasis for S."""
         state = self.block.state
         squares = per_example_squares(a_rows, g_rows, state["A_eigvecs"], state["G_eigvecs"])
-        self.block.add_backward_statistic("S", squares * scale)
+        self.block.add_backward_statistic("S", squares * scale, g_rows.shape[1])
 
     def update_inverses(self, damping: Tensor, pi_correction: bool, method: str) -> None:
         """A new eigenbasis (whatever the method: S lives in it) and S restarted from l_G l_A^T.

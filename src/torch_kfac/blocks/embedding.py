@@ -72,7 +72,7 @@ class EmbeddingBlock(WeightBiasBlock):
     def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
         """Add one call's token frequencies counts / (N T) to the pending diagonal A."""
         ids = inputs[0].detach().reshape(-1)
-        self.batch_size = self.num_examples(inputs)
+        self.batch_size = n = self.num_examples(inputs)
         weight = self.weight
         # One per position, zero for padding tokens (whose one-hot input does not reach W).
         hits = torch.ones_like(ids, dtype=weight.dtype)
@@ -84,7 +84,7 @@ class EmbeddingBlock(WeightBiasBlock):
         if center:
             # Diagonal of the centered covariance E[x x^T] - mu mu^T of one-hot x with mean mu = freq.
             freq = freq - freq * freq
-        self._pending["A"].append(freq)
+        self.add_forward_statistic("A", freq, n)
 
     def record_output_grad(self, grad_output: Tensor, reduction: str, center: bool = False) -> None:
         """Add one call's per-example-gradient second moment 1/N sum g g^T to the pending G."""
@@ -94,7 +94,8 @@ class EmbeddingBlock(WeightBiasBlock):
         if center:
             rows = centered(rows)
         # Summed over the calls of one backward pass (a shared table counts like more positions).
-        self.add_backward_statistic("G", rows.mT @ rows * second_moment_scale(reduction, n, self.loss_terms))
+        scale = second_moment_scale(reduction, n, self.loss_terms)
+        self.add_backward_statistic("G", rows.mT @ rows * scale, n)
 
     # ----------------------------------------------------------------------- factors
     A = Factor("The diagonal input factor as a vector of V token frequencies.")

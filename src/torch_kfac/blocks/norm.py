@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_kfac.blocks.base import Factor, WeightBiasBlock, second_moment_scale
+from torch_kfac.blocks.base import Factor, WeightBiasBlock, pooled, second_moment_scale
 from torch_kfac.linalg import damped_inverse, symmetric_eigh
 
 
@@ -117,12 +118,13 @@ class NormBlock(WeightBiasBlock):
         # are pending: the calls of one backward pass add up to the shared parameters' per-example
         # gradients, and `pending` takes the second moments.
         scale = second_moment_scale(reduction, int(g.shape[0]), self.loss_terms)
-        self.add_backward_statistic("F", v * math.sqrt(scale))
+        self.add_backward_statistic("F", v * math.sqrt(scale), int(g.shape[0]))
 
     def pending(self, key: str) -> Tensor:
-        """The pending F: per-channel second moments of each backward pass's rows, averaged over passes."""
-        moments = [torch.einsum("nci,ncj->cij", v, v) for v in self._pending[key]]
-        return moments[0] if len(moments) == 1 else torch.stack(moments).mean(0)
+        """The pending F: per-channel second moments of each backward pass's rows, pooled over passes."""
+        return pooled(
+            [replace(s, value=torch.einsum("nci,ncj->cij", s.value, s.value)) for s in self._pending[key]]
+        )
 
     def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:
         """Drop pending statistics; clearing the forward factors (a new forward pass) drops the cache."""

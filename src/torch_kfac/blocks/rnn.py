@@ -401,7 +401,7 @@ class RNNBlock(SwitchedForwardBlock):
                 # The mean of a~ = [a, 1] over an example's steps is [mean a, 1].
                 count = steps.shape[0] if active is None else active.sum(0).unsqueeze(-1)
                 rows = rows / count
-            self._pending[f"A_{kind}{sfx}"].append(self._input_moment(rows, with_bias))
+            self.add_forward_statistic(f"A_{kind}{sfx}", self._input_moment(rows, with_bias), steps.shape[1])
 
     def _rows(self, steps: Tensor, active: Tensor | None) -> Tensor:
         """(T, N, k) per-step values as statistic rows: the active (example, step) pairs
@@ -430,13 +430,14 @@ class RNNBlock(SwitchedForwardBlock):
             if self.backward_gate is not None and not self.backward_gate():
                 return
             g = self.statistics_grad(grad.detach())
-            scale = second_moment_scale(self.reduction, int(g.shape[1]), self.loss_terms)
-            self.add_backward_statistic(key, self._output_moment(self._rows(g, active)) * scale)
+            n = int(g.shape[1])
+            scale = second_moment_scale(self.reduction, n, self.loss_terms)
+            self.add_backward_statistic(key, self._output_moment(self._rows(g, active)) * scale, n)
             if gru_hh is not None:
                 hh_key, reset = gru_hh
                 size = reset.shape[-1]
                 hh = torch.cat([g[..., : 2 * size], g[..., 2 * size :] * reset], -1)
-                self.add_backward_statistic(hh_key, self._output_moment(self._rows(hh, active)) * scale)
+                self.add_backward_statistic(hh_key, self._output_moment(self._rows(hh, active)) * scale, n)
 
         return hook
 
