@@ -60,10 +60,11 @@ def test_step_cost_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
 def test_time_to_loss_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     """Tiny workloads on synthetic data: curves, targets, PNG, JSON and markdown are produced and sane."""
     argv = ["--quick", "--budget", "0.6", "--evals", "3", "--workloads", "autoencoder", "transformer"]
-    argv += ["--optimizers", "adam", "kfac", "--out", str(tmp_path)]
+    argv += ["--optimizers", "adam", "kfac", "--clock", "cpu", "--out", str(tmp_path)]
     result = bench["time_to_loss"].main(argv)
     saved = json.loads((tmp_path / "time_to_loss.json").read_text())
     assert saved["command"] == result["command"] and "--quick" in saved["command"]
+    assert saved["clock"] == "cpu"
     assert [w["name"] for w in saved["workloads"]] == ["autoencoder", "transformer"]
     for work in saved["workloads"]:
         assert "synthetic" in work["description"] or "Markov" in work["description"]
