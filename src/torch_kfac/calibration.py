@@ -9,7 +9,7 @@ The mean eigenvalue tr(K)/dim(K) is not a usable scale: it is dominated by the m
 of almost no curvature (autoencoder 3.6e-4, convnet 1.7e-5, against r = 0.70 and 0.051).
 
 No fixed multiple of r is a good damping everywhere: on the models of `tests/test_models.py`
-the best fixed initial damping is 0.004 r to 0.1 r (LSTM, a flat optimum) and 14 r (tied
+the best fixed initial damping is 0.004 r to 0.1 r (LSTM, a flat optimum) and 10 to 14 r (tied
 transformer, where 0.1 r diverged). With the loss and the batch at hand (`step(loss=...,
 batch=...)` or a closure), the first step therefore searches: it tries the step itself at trial
 dampings and keeps the smallest one whose step the quadratic model predicts well enough,
