@@ -9,7 +9,7 @@ The mean eigenvalue tr(K)/dim(K) is not a usable scale: it is dominated by the m
 of almost no curvature (autoencoder 3.6e-4, convnet 1.7e-5, against r = 0.70 and 0.051).
 
 No fixed multiple of r is a good damping everywhere: on the models of `tests/test_models.py`
-the best fixed initial damping is 0.004 r to 0.1 r (LSTM, a flat optimum) and 10 to 14 r (tied
+the best fixed initial damping is 0.003 r to 0.1 r (LSTM, a flat optimum) and 10 to 14 r (tied
 transformer, where 0.1 r diverged). With the loss and the batch at hand (`step(loss=...,
 batch=...)` or a closure), the first step therefore searches: it tries the step itself at trial
 dampings and keeps the smallest one whose step the quadratic model predicts well enough,
@@ -23,7 +23,7 @@ The threshold 0.15 is measured: the tied transformer's first steps at the dampin
 diverged have rho between -0.05 and 0.06, and the ResNet's at the small dampings that train it
 best (1e-5 to 0.1 r) 0.07 to 0.24, so the Levenberg-Marquardt rule's own 1/4 would push the
 ResNet to a damping 3 times larger, with which it no longer beats Adam in 100 steps. The floor
-0.01 r: the LSTM accepts every trial, and its best fixed values are 0.004 r to 0.1 r. The
+0.01 r: the LSTM accepts every trial, and its best fixed values are 0.003 r to 0.1 r. The
 measurements are in benchmarks/README.md ("Initial damping") and
 benchmarks/results/initial_damping.md.
 """
