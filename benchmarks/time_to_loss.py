@@ -233,7 +233,7 @@ def train_run(
     work: Workload, kind: str, hparams: dict[str, Any], device: torch.device, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One run under the time budget; returns its curve of (steps, seconds, loss)."""
-    clock = Clock(device)
+    clock = Clock(device) if args.clock == "wall" else time.process_time
     with seeded(args.seed):
         model = work.build().to(device)
     trainer = make_trainer(kind, model, work.loss_fn, hparams)
@@ -498,6 +498,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fixed targets per workload, e.g. autoencoder=400,300,250 (default: FIXED_TARGETS)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="training time as wall time (after the device finishes) or this process's CPU time "
+        "(a machine shared with other jobs; with one thread)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.threads = args.threads or 1
@@ -559,6 +566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": env,
         "evals": args.evals,
         "eval_examples": args.eval_examples,
+        "clock": args.clock,
         "workloads": [],
     }
     qmodel = qmodel_options()

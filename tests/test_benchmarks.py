@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     """The benchmark modules, imported from benchmarks/ (their own `common` first on the path)."""
     monkeypatch.syspath_prepend(str(BENCH_DIR))
-    names = ("common", "step_cost", "time_to_loss", "inverse_methods", "race")
+    names = ("common", "step_cost", "time_to_loss", "inverse_methods", "race", "initial_damping")
     for name in names:
         module = sys.modules.get(name)
         if module is not None and Path(getattr(module, "__file__", "") or "").parent != BENCH_DIR:
@@ -60,10 +60,11 @@ def test_step_cost_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
 def test_time_to_loss_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     """Tiny workloads on synthetic data: curves, targets, PNG, JSON and markdown are produced and sane."""
     argv = ["--quick", "--budget", "0.6", "--evals", "3", "--workloads", "autoencoder", "transformer"]
-    argv += ["--optimizers", "adam", "kfac", "--out", str(tmp_path)]
+    argv += ["--optimizers", "adam", "kfac", "--clock", "cpu", "--out", str(tmp_path)]
     result = bench["time_to_loss"].main(argv)
     saved = json.loads((tmp_path / "time_to_loss.json").read_text())
     assert saved["command"] == result["command"] and "--quick" in saved["command"]
+    assert saved["clock"] == "cpu"
     assert [w["name"] for w in saved["workloads"]] == ["autoencoder", "transformer"]
     for work in saved["workloads"]:
         assert "synthetic" in work["description"] or "Markov" in work["description"]
@@ -161,3 +162,17 @@ def test_race_exports_the_same_batches_to_every_optimizer(bench: dict[str, Modul
     first, again = race.batch_indices(work, 5, 0), race.batch_indices(work, 5, 0)
     assert first.shape == (5, work.batch_size) and (first == again).all()
     assert not (race.batch_indices(work, 5, 1) == first).all()
+
+
+def test_initial_damping_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Two fixed dampings and 'auto' on the LSTM for two steps; the best fixed and auto's choice written."""
+    argv = ["--cases", "lstm", "--steps", "2", "--seeds", "1", "--grid", "1e-3", "1", "--out", str(tmp_path)]
+    result = bench["initial_damping"].main(argv)
+    saved = json.loads((tmp_path / "initial_damping.json").read_text())
+    (case,) = saved["cases"]
+    assert set(case["runs"]) == {"0.001", "1.0", "auto"}
+    assert case["best_fixed"] == min((1e-3, 1.0), key=lambda d: case["median"][str(d)])
+    (chosen,) = case["auto_dampings"]
+    assert chosen > 0 and case["auto_over_best"] == pytest.approx(chosen / case["best_fixed"])
+    text = (tmp_path / "initial_damping.md").read_text()
+    assert result["command"] in text and "| auto chose |" in text and "| auto / best fixed |" in text

@@ -1,14 +1,25 @@
-"""damping='auto': the curvature along the gradient, against dense float64 references."""
+"""damping='auto': the curvature along the gradient against dense float64 references, and the
+first step's search for the smallest damping whose step the quadratic model predicts."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 from tests.conftest import make_data, make_mlp
-from torch_kfac import KFAC
-from torch_kfac.calibration import AUTO_DAMPING_FRACTION, curvature_along, initial_damping
+from torch_kfac import KFAC, presets
+from torch_kfac.calibration import (
+    ACCEPTED_RHO,
+    AUTO_DAMPING_FRACTION,
+    SEARCH_RANGE,
+    curvature_along,
+    initial_damping,
+    search_damping,
+)
 from torch_kfac.options import FALLBACK_DAMPING
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -67,3 +78,74 @@ def test_auto_damping_is_set_at_the_first_step_and_the_inverses_use_it() -> None
 def test_bad_damping_string_is_rejected() -> None:
     with pytest.raises(ValueError, match="damping"):
         KFAC(make_mlp(), lr=0.1, damping="automatic")
+
+
+def rho_curve(threshold: float, tried: list[float]) -> Callable[[float], float]:
+    """A rho rising with the damping, equal to `ACCEPTED_RHO` at `threshold`; records the trials."""
+
+    def rho_at(damping: float) -> float:
+        tried.append(damping)
+        return ACCEPTED_RHO * 2 * damping / (damping + threshold)
+
+    return rho_at
+
+
+@pytest.mark.parametrize("threshold", [3e-6, 2e-4, 1e-2, 0.05, 0.7, 40.0])
+def test_search_finds_the_smallest_accepted_damping_to_a_factor_of_sqrt10(threshold: float) -> None:
+    tried: list[float] = []
+    start = 0.01  # r = 0.1: trials within [1e-4, 100]
+    found = search_damping(start, rho_curve(threshold, tried))
+    low, high = (start / AUTO_DAMPING_FRACTION * bound for bound in SEARCH_RANGE)
+    assert tried[0] == start and len(tried) <= 7
+    assert all(low * (1 - 1e-9) <= d <= high * (1 + 1e-9) for d in tried)
+    if threshold < low:
+        assert found == pytest.approx(low)  # every trial accepted: the range's floor
+    elif threshold > high:
+        assert found == pytest.approx(high)  # none accepted: the largest trial
+    else:
+        assert threshold <= found < threshold * math.sqrt(10) * (1 + 1e-9)
+
+
+def test_non_finite_rho_is_a_rejected_trial() -> None:
+    tried: list[float] = []
+    found = search_damping(0.01, lambda d: tried.append(d) or (math.nan if d < 1.0 else 0.5))
+    assert found == pytest.approx(1.0)
+    assert tried == pytest.approx([0.01, 0.1, 1.0, 1.0 / math.sqrt(10)])
+
+
+def test_with_the_batch_the_first_step_takes_the_searched_damping() -> None:
+    """The chosen damping's first step has rho >= 1/4; the next trial below it has rho < 1/4."""
+    x, y = make_data(64)
+    overrides = {"fisher_type": "type-2", "adapt_damping": False}  # deterministic; damping kept
+
+    def confident_mlp() -> nn.Module:
+        """Confidently wrong at the start (large logits, as the tied transformer): small dampings
+        take steps the quadratic model overpredicts, so the search stops inside its range."""
+        model = make_mlp()
+        with torch.no_grad():
+            model[2].weight.mul_(10.0)
+        return model
+
+    opt = presets.adaptive(confident_mlp(), nn.CrossEntropyLoss(), **overrides)
+    nn.functional.cross_entropy(opt.model(x), y).backward()
+    loss = nn.functional.cross_entropy(opt.model(x), y)
+    params = [p.detach().clone() for p in opt.model.parameters()]
+    opt.step(loss=loss, batch=(x, y))
+    chosen = opt.preconditioner.calibrated_damping
+    assert chosen is not None and opt.damping.item() == pytest.approx(chosen, rel=1e-12)
+    # The step taken is the first step of a fixed-damping run at the chosen value, and so is its rho.
+    fixed = presets.adaptive(confident_mlp(), nn.CrossEntropyLoss(), damping=chosen, **overrides)
+    nn.functional.cross_entropy(fixed.model(x), y).backward()
+    fixed.step(loss=loss, batch=(x, y))
+    for p, q in zip(opt.model.parameters(), fixed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert any(not torch.equal(p, q) for p, q in zip(params, opt.model.parameters(), strict=True))
+    rho = (nn.functional.cross_entropy(opt.model(x), y) - loss) / opt.last_stats["qmodel_change"]
+    assert rho.item() >= ACCEPTED_RHO
+    below = presets.adaptive(
+        confident_mlp(), nn.CrossEntropyLoss(), damping=chosen / math.sqrt(10), **overrides
+    )
+    nn.functional.cross_entropy(below.model(x), y).backward()
+    below.step(loss=loss, batch=(x, y))
+    rho_below = (nn.functional.cross_entropy(below.model(x), y) - loss) / below.last_stats["qmodel_change"]
+    assert rho_below.item() < ACCEPTED_RHO

@@ -24,10 +24,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torch_kfac.blocks import CurvatureBlock
+from torch_kfac.calibration import search_damping
 from torch_kfac.damping import levenberg_marquardt, model_change, rejected_damping, step_rejected
 from torch_kfac.distributed import unwrap
 from torch_kfac.forward_ad import forward_ad_context
 from torch_kfac.options import (
+    AUTO_DAMPING,
     ORIGINAL_POSITIONAL,
     KFACOptions,
     QModelCurvature,
@@ -272,13 +274,10 @@ class KFAC(OriginalAPI, Optimizer):
         same_batch = batch is not None or closure is not None
         if opts.adapt_damping and not same_batch and loss is not None:
             self._adapt_from_previous_step(loss)
+        if opts.damping == AUTO_DAMPING and k == opts.burn_in_steps and same_batch and loss is not None:
+            self._search_damping(mats, grads, fallback, hyper, loss, batch, closure, scale)
         snapshot = self._snapshot() if opts.reject_steps else None
-        if opts.uses_qmodel:
-            assert batch is not None
-            delta, q = self._qmodel_update(mats, grads, fallback, hyper, batch, scale)
-        else:
-            delta = self._kfac_update(mats, fallback, hyper, grads)
-            q = self._model_change(grads, delta, batch, scale) if damping_due else None
+        delta, q = self._change(mats, grads, fallback, hyper, batch, scale, damping_due)
         for n, d in delta.items():
             self._named_params[n].add_(d)
         new_loss = None
@@ -299,6 +298,53 @@ class KFAC(OriginalAPI, Optimizer):
                 self._restore(snapshot)
                 pre.set_damping(rejected_damping(pre.damping, opts.omega, opts.max_damping))
                 self.last_stats.update(rejected=True, damping=pre.damping.clone())
+
+    def _change(
+        self,
+        mats: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        fallback: dict[str, Tensor],
+        hyper: Hyperparameters,
+        batch: tuple[Any, Tensor] | None,
+        scale: float,
+        with_q: bool,
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The step's parameter changes, and its model change q (always with the quadratic model,
+        else only `with_q`)."""
+        if self.options.uses_qmodel:
+            assert batch is not None
+            return self._qmodel_update(mats, grads, fallback, hyper, batch, scale)
+        delta = self._kfac_update(mats, fallback, hyper, grads)
+        return delta, self._model_change(grads, delta, batch, scale) if with_q else None
+
+    def _search_damping(
+        self,
+        mats: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        fallback: dict[str, Tensor],
+        hyper: Hyperparameters,
+        loss: Tensor,
+        batch: tuple[Any, Tensor] | None,
+        closure: Callable[..., Tensor] | None,
+        scale: float,
+    ) -> None:
+        """damping='auto' with the loss on the batch: the first step's damping by trial steps
+        (`torch_kfac.calibration.search_damping`); each trial is undone."""
+        pre = self.preconditioner
+
+        def rho_at(damping: float) -> float:
+            pre.set_damping(pre.damping.new_tensor(damping))
+            pre.update_inverses(force=True)
+            snapshot = self._snapshot()
+            delta, q = self._change(mats, grads, fallback, hyper, batch, scale, True)
+            assert q is not None
+            for n, d in delta.items():
+                self._named_params[n].add_(d)
+            new_loss = pre.average_over_ranks(self._evaluate(batch, closure)) * scale
+            self._restore(snapshot)
+            return float((new_loss - loss) / q)
+
+        pre.calibrate(search_damping(pre.damping.item(), rho_at))
 
     def _record(
         self,

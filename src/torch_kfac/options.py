@@ -329,8 +329,8 @@ class PreconditionerOptions:
 
     Args:
         damping: Tikhonov damping lambda added to the curvature (per-example-loss scale), or
-            'auto': a fraction of the curvature along the gradient, measured at the first step
-            (`torch_kfac.calibration`).
+            'auto': chosen at the first step from the curvature along the gradient and, when the
+            step has the loss and the batch, a search by trial steps (`torch_kfac.calibration`).
         cov_ema_decay: decay of the zero-debiased running average of the factors.
         factor_update_steps: record statistics and update the factors every this many steps
             (an int, or a callable of the step returning one).

@@ -94,6 +94,8 @@ class KFACPreconditioner:
         }
         #: Steps skipped in a row for non-finite values (reset by a step that is taken).
         self.skipped_in_a_row = 0
+        #: The initial damping damping='auto' chose (`torch_kfac.calibration`); None until then.
+        self.calibrated_damping: float | None = None
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
         self._capture.factor_dtype = factor_dtype(opts, dtype)
         # Gradient accumulation: whether the user's losses carry their micro-batch's share n / N
@@ -164,6 +166,12 @@ class KFACPreconditioner:
         """The one place the damping is written: checked values, or a damping computed on the
         device by a rule that keeps it in range (no host sync)."""
         self.global_state["damping"].copy_(value)
+
+    def calibrate(self, damping: float) -> None:
+        """Set the damping damping='auto' chose, and the inverses that use it."""
+        self.calibrated_damping = damping
+        self.set_damping(self.damping.new_tensor(damping))
+        self.update_inverses(force=True)
 
     def _factors_due(self) -> bool:
         """Whether the user's own passes should be recorded now (empirical Fisher only)."""
@@ -479,8 +487,7 @@ class KFACPreconditioner:
             self._fold(stats)
         self.update_inverses()
         if self.options.damping == AUTO_DAMPING and self.steps == 0:  # torch_kfac.calibration
-            self.set_damping(self.damping.new_tensor(initial_damping(self.blocks, mats)))
-            self.update_inverses(force=True)
+            self.calibrate(initial_damping(self.blocks, mats))
         return mats
 
     def _follow_model(self) -> None:
