@@ -193,10 +193,16 @@ def test_an_indefinite_damped_factor_is_decomposed_with_eigh() -> None:
     )
 
 
+@pytest.mark.parametrize("check", [1, None], ids=["check-every-step", "check-when-read"])
 @pytest.mark.parametrize("failure", ["no convergence", "not finite"])
-def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None:
+def test_failed_inverse_update_keeps_the_previous_inverses(failure: str, check: int | None) -> None:
+    """A failure that raises is known at once; non-finite inverses are decided on the device and
+    warned of at the host check: in the step (check=1, then retried with eigh in the step) or at
+    the next read (the previous values kept by the device, the block refreshed at the next step)."""
     model = make_mlp()
-    pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
+    pre = KFACPreconditioner(
+        model, damping=1e-2, inverse_update_steps=1, warmup_steps=0, host_check_interval=check
+    )
     x, y = make_data()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -217,8 +223,13 @@ def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None
     F.cross_entropy(model(x), y).backward()
     with pytest.warns(RuntimeWarning, match="inverse update of block '0' failed"):
         pre.step()
+        pre.check()
     assert block.state.keys() == kept.keys()
-    assert all(block.state[k] is v for k, v in kept.items())
+    if check == 1 or failure == "no convergence":
+        assert all(block.state[k] is v for k, v in kept.items())
+    else:
+        assert all(torch.equal(block.state[k], v) for k, v in kept.items())
+        assert pre._inverses_due("0") and "0" in pre._refresh_next
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert pre.blocks["2"].state["A_inv"] is not other  # the other block was refreshed as usual
 
