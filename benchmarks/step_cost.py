@@ -22,6 +22,11 @@ the median of the cycle-by-cycle ratios); 'warm-up s' is the untimed warm-up, wh
 compilation.
 
 Run from the repository root: ``python benchmarks/step_cost.py`` (about 10 minutes on 2 CPU cores).
+On a GPU, against SGD, Adam and KAISA (kfac-pytorch, recorded as failed when not installed) at the
+intervals (1, 10) and (10, 100), the autoencoder at batch 1000 (and 250) and ResNet-18 at 256::
+
+    python benchmarks/step_cost.py --device cuda --models autoencoder resnet18 \
+        --optimizers kfac sgd adam kaisa --intervals 1:10 10:100 --name step_cost_cuda
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from common import (
     median,
     pixel_bce,
     qmodel_options,
+    resnet18,
     resolve_device,
     seeded,
     synthetic_images,
@@ -100,6 +106,13 @@ def image_batch(n: int, device: torch.device, labels: bool) -> tuple[Tensor, Ten
     return x.to(device), (y if labels else x).to(device)
 
 
+def cifar_batch(n: int, side: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random RGB images and labels (the step cost does not depend on the pixels)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, side, side, generator=gen)
+    return x.to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
+
+
 def model_specs(quick: bool) -> dict[str, ModelSpec]:
     """The models benchmarked, full size or tiny (--quick)."""
     dims = (784, 64, 32, 8, 32, 64, 784) if quick else (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -138,6 +151,17 @@ def model_specs(quick: bool) -> dict[str, ModelSpec]:
             lambda n, d: image_batch(n, d, labels=True),
             [8] if quick else [128, 512],
             f"3 x (Conv2d 3x3 + ReLU + MaxPool) with {channels} channels, Linear-ReLU-Linear, 28x28 input",
+        ),
+        "resnet18": ModelSpec(
+            "resnet18",
+            lambda: resnet18((4, 8, 8, 8) if quick else (64, 128, 256, 512)),
+            class_ce,
+            lambda n, d: cifar_batch(n, 8 if quick else 32, d),
+            [4] if quick else [256],
+            "ResNet-18 (CIFAR stem) on synthetic "
+            + ("8x8" if quick else "32x32")
+            + " RGB images, 10 classes"
+            + (" (widths 4-8)" if quick else ""),
         ),
         "transformer": ModelSpec(
             "transformer",
@@ -329,6 +353,19 @@ def bench_one(
     if qmodel is not None and "kfac-qmodel" in args.optimizers:
         wanted.append(("kfac-qmodel", "kfac-qmodel", next(iter(variants.values()))))
     wanted += [("adam", "adam", {"lr": 1e-5}), ("sgd", "sgd", {"lr": 1e-6, "momentum": 0.9})]
+    # KAISA (kfac-pytorch, when installed) at the same intervals as each K-FAC variant.
+    wanted += [
+        (
+            label.replace("kfac", "kaisa", 1),
+            "kaisa",
+            {
+                **base,
+                "factor_update_steps": h["factor_update_steps"],
+                "inverse_update_steps": h["inverse_update_steps"],
+            },
+        )
+        for label, h in variants.items()
+    ]
     wanted += [
         ("approxngd", "approxngd", {"lr": 1e-4, "damping": 1.0, "momentum": 0.9}),
         (
@@ -591,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--optimizers",
         nargs="+",
-        default=["kfac", "kfac-qmodel", "adam", "sgd", "approxngd", "asdl"],
+        default=["kfac", "kfac-qmodel", "adam", "sgd", "approxngd", "asdl", "kaisa"],
         help="optimizer kinds to compare",
     )
     parser.add_argument(
