@@ -138,8 +138,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, summary in result["configs"].items():
         cells = [f"{s['min']}" + (f"-{s['max']}" if s["max"] > s["min"] else "") for s in summary.values()]
-        calls = sorted({c for s in summary.values() for c in s["calls"]})
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {', '.join(calls) or '-'} |")
+        calls = ", ".join(f"`{c}`" for c in sorted({c for s in summary.values() for c in s["calls"]}))
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {calls or '-'} |")
     return "\n".join(lines) + "\n"
 
 

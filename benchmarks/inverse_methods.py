@@ -194,14 +194,12 @@ def measure_factor_set(
     for _ in range(reps):
         for name, fn in methods.items():
             times[name].append(timed(fn, clock))
-    same = all(
-        torch.allclose(a, b, rtol=1e-4, atol=0)
-        for a, b in zip(methods["per_factor"](), methods["grouped"](), strict=True)
-    )
+    pairs = zip(methods["per_factor"](), methods["grouped"](), strict=True)
     record: dict[str, Any] = {"sizes": sizes, "dtype": str(dtype).removeprefix("torch."), "reps": reps}
     record.update({f"{name}_ms": median(t) for name, t in times.items()})
     record["speedup"] = record["per_factor_ms"] / record["grouped_ms"]
-    record["same_result"] = same
+    # Batched and single LAPACK calls may block the factorisation differently: rounding apart.
+    record["max_difference"] = max(relative_error(b, a.double()) for a, b in pairs)
     return record
 
 
@@ -255,7 +253,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"Autoencoder factor set ({len(r['sizes'])} factors: {', '.join(map(str, r['sizes']))}), "
             f"{r['dtype']}, median of {r['reps']} interleaved repetitions: one `damped_inverse` per factor "
             f"{r['per_factor_ms']:.3g} ms, `grouped_damped_inverses` (equal sizes batched) "
-            f"{r['grouped_ms']:.3g} ms: {r['speedup']:.2f}x; same inverses: {r['same_result']}.",
+            f"{r['grouped_ms']:.3g} ms: {r['speedup']:.2f}x; largest relative Frobenius difference of "
+            f"the inverses {r['max_difference']:.1e}.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -131,7 +131,8 @@ def test_inverse_methods_quick(bench: dict[str, ModuleType], tmp_path: Path) -> 
     text = (tmp_path / "inverse_methods.md").read_text()
     assert saved["command"] in text and "| 65 | float64 |" in text
     sets = saved["factor_sets"]
-    assert [r["dtype"] for r in sets] == ["float32", "float64"] and all(r["same_result"] for r in sets)
+    assert [r["dtype"] for r in sets] == ["float32", "float64"]
+    assert sets[0]["max_difference"] < 1e-5 and sets[1]["max_difference"] < 1e-12
     assert (
         sets[0]["sizes"] == [9, 17, 9, 16, 8, 16]
         and sets[0]["per_factor_ms"] > 0
