@@ -89,6 +89,41 @@ def convnet(
     return nn.Sequential(*layers)
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with batch norm and a (projected) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(widths: tuple[int, ...] = (64, 128, 256, 512), num_classes: int = 10) -> nn.Sequential:
+    """ResNet-18 for 32x32 images (He et al. 2016, CIFAR stem: a 3x3 convolution, no max-pool)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+    ]
+    c_in = widths[0]
+    for i, width in enumerate(widths):
+        layers += [BasicBlock(c_in, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)]
+        c_in = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    return nn.Sequential(*layers)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention from two nn.Linear layers (K-FAC sees both)."""
 
@@ -311,6 +346,40 @@ def _silence_asdl_nvtx() -> None:
         ng.nvtx = types.SimpleNamespace(range=lambda *a, **k: contextlib.nullcontext())  # type: ignore[attr-defined]
 
 
+class KaisaTrainer(Trainer):
+    """KAISA (kfac-pytorch's `kfac.preconditioner.KFACPreconditioner`, when installed) in front of
+    momentum SGD, with its defaults otherwise (eigendecompositions, kl_clip 1e-3)."""
+
+    name = "kaisa"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        lr: float,
+        damping: float,
+        momentum: float,
+        factor_update_steps: int,
+        inverse_update_steps: int,
+    ) -> None:
+        super().__init__(model, loss_fn)
+        from kfac.preconditioner import KFACPreconditioner  # kfac-pytorch
+
+        self.preconditioner = KFACPreconditioner(
+            model,
+            factor_update_steps=factor_update_steps,
+            inv_update_steps=inverse_update_steps,
+            damping=damping,
+            lr=lr,
+        )
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def update(self, loss: Tensor) -> None:
+        """Precondition the gradients, then the SGD step."""
+        self.preconditioner.step()
+        self.optimizer.step()
+
+
 class ASDLTrainer(Trainer):
     """ASDL's KfacGradientMaker (empirical Fisher) in front of momentum SGD."""
 
@@ -435,7 +504,7 @@ def qmodel_options() -> dict[str, Any] | None:
 
 
 def make_trainer(kind: str, model: nn.Module, loss_fn: LossFn, hparams: dict[str, Any]) -> Trainer:
-    """Build a trainer: 'adam', 'sgd', 'kfac', 'kfac-qmodel', 'kfac-auto', 'approxngd' or 'asdl'."""
+    """Build a trainer: 'adam', 'sgd', 'kfac', 'kfac-qmodel', 'kfac-auto', 'approxngd', 'kaisa' or 'asdl'."""
     h = dict(hparams)
     h.pop("batch_size", None)
     if kind == "adam":
@@ -457,6 +526,8 @@ def make_trainer(kind: str, model: nn.Module, loss_fn: LossFn, hparams: dict[str
         return PresetTrainer(model, loss_fn, h)
     if kind == "approxngd":
         return ApproxNGDTrainer(model, loss_fn, h["lr"], h["damping"], h.get("momentum", 0.9))
+    if kind == "kaisa":
+        return KaisaTrainer(model, loss_fn, **h)
     if kind == "asdl":
         return ASDLTrainer(model, loss_fn, **h)
     raise ValueError(f"unknown optimizer kind {kind!r}")

@@ -8,7 +8,7 @@ preconditioner's and blocks' methods on the instance (the library is not modifie
 * forward+backward: the pass itself, statistics capture excluded;
 * factor update: statistics capture (`block.record_inputs`/`record_output_grad` in the hooks) and
   the EMA fold (`KFACPreconditioner._fold`, which `step` calls after its finiteness check);
-* inverse update: `KFACPreconditioner.update_inverses` on the steps where inverses are due;
+* inverse update: `KFACPreconditioner._refresh_inverses` on the steps where inverses are due;
 * preconditioning: `KFACPreconditioner.precondition` over all blocks;
 * update: the rest of `KFAC.step` (gradient matrices, finiteness check, momentum, apply).
 
@@ -16,7 +16,17 @@ Each phase is compared with its floor: its FLOP count (torch's FlopCounterMode) 
 measured in the same run, the Cholesky-inverse time measured at a reference size scaled by n^3, or,
 for element-wise phases, the minimum bytes moved at the measured memory bandwidth.
 
+With ``--compile BACKEND`` every K-FAC variant is also timed with ``compile_step=BACKEND`` (its
+preconditioning and update as one compiled function), side by side with the eager one ('x eager':
+the median of the cycle-by-cycle ratios); 'warm-up s' is the untimed warm-up, which includes the
+compilation.
+
 Run from the repository root: ``python benchmarks/step_cost.py`` (about 10 minutes on 2 CPU cores).
+On a GPU, against SGD, Adam and KAISA (kfac-pytorch, recorded as failed when not installed) at the
+intervals (1, 10) and (10, 100), the autoencoder at batch 1000 (and 250) and ResNet-18 at 256::
+
+    python benchmarks/step_cost.py --device cuda --models autoencoder resnet18 \
+        --optimizers kfac sgd adam kaisa --intervals 1:10 10:100 --name step_cost_cuda
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from common import (
     median,
     pixel_bce,
     qmodel_options,
+    resnet18,
     resolve_device,
     seeded,
     synthetic_images,
@@ -95,6 +106,13 @@ def image_batch(n: int, device: torch.device, labels: bool) -> tuple[Tensor, Ten
     return x.to(device), (y if labels else x).to(device)
 
 
+def cifar_batch(n: int, side: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random RGB images and labels (the step cost does not depend on the pixels)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, side, side, generator=gen)
+    return x.to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
+
+
 def model_specs(quick: bool) -> dict[str, ModelSpec]:
     """The models benchmarked, full size or tiny (--quick)."""
     dims = (784, 64, 32, 8, 32, 64, 784) if quick else (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -108,7 +126,16 @@ def model_specs(quick: bool) -> dict[str, ModelSpec]:
         seq = torch.randint(0, lm_cfg["vocab"], (n, lm_cfg["context"] + 1), generator=gen)
         return seq[:, :-1].to(device), seq[:, 1:].to(device)
 
+    hidden = 16 if quick else 128
     return {
+        "mlp": ModelSpec(
+            "mlp",
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10)),
+            class_ce,
+            lambda n, d: image_batch(n, d, labels=True),
+            [8] if quick else [128],
+            f"784-{hidden}-10 ReLU MLP, cross-entropy",
+        ),
         "autoencoder": ModelSpec(
             "autoencoder",
             lambda: autoencoder(dims),
@@ -124,6 +151,17 @@ def model_specs(quick: bool) -> dict[str, ModelSpec]:
             lambda n, d: image_batch(n, d, labels=True),
             [8] if quick else [128, 512],
             f"3 x (Conv2d 3x3 + ReLU + MaxPool) with {channels} channels, Linear-ReLU-Linear, 28x28 input",
+        ),
+        "resnet18": ModelSpec(
+            "resnet18",
+            lambda: resnet18((4, 8, 8, 8) if quick else (64, 128, 256, 512)),
+            class_ce,
+            lambda n, d: cifar_batch(n, 8 if quick else 32, d),
+            [4] if quick else [256],
+            "ResNet-18 (CIFAR stem) on synthetic "
+            + ("8x8" if quick else "32x32")
+            + " RGB images, 10 classes"
+            + (" (widths 4-8)" if quick else ""),
         ),
         "transformer": ModelSpec(
             "transformer",
@@ -146,7 +184,7 @@ class PhaseTimer:
         self.acc = dict.fromkeys(("capture", "fold", "inverse", "precondition"), 0.0)
         pre = optimizer.preconditioner
         self._wrap(pre, "_fold", "fold")
-        self._wrap(pre, "update_inverses", "inverse")
+        self._wrap(pre, "_refresh_inverses", "inverse")
         self._wrap(pre, "precondition", "precondition")
         for block in pre.blocks.values():
             for method in ("record_inputs", "record_output_grad"):
@@ -181,6 +219,7 @@ class Contender:
     trainer: Trainer
     timer: PhaseTimer | None = None
     steps: list[dict[str, float]] = field(default_factory=list)
+    warmup_s: float = 0.0
 
     def run_step(self, x: Tensor, y: Tensor, clock: Clock, record: bool) -> None:
         """Take one step, recording forward+backward, update and phase times."""
@@ -283,6 +322,11 @@ def kfac_variants(intervals: list[str], base: dict[str, Any]) -> dict[str, dict[
     return out
 
 
+def compiled_label(label: str, backend: str) -> str:
+    """The label of a K-FAC variant's compiled twin."""
+    return f"{label} compiled ({backend})"
+
+
 def bench_one(
     spec: ModelSpec, batch_size: int, args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
@@ -300,10 +344,28 @@ def bench_one(
     contenders: list[Contender] = []
     errors: dict[str, str] = {}
     wanted: list[tuple[str, str, dict[str, Any]]] = [(label, "kfac", h) for label, h in variants.items()]
+    if args.compile:
+        wanted += [
+            (compiled_label(label, args.compile), "kfac", {**h, "compile_step": args.compile})
+            for label, h in variants.items()
+        ]
     qmodel = qmodel_options()
     if qmodel is not None and "kfac-qmodel" in args.optimizers:
         wanted.append(("kfac-qmodel", "kfac-qmodel", next(iter(variants.values()))))
     wanted += [("adam", "adam", {"lr": 1e-5}), ("sgd", "sgd", {"lr": 1e-6, "momentum": 0.9})]
+    # KAISA (kfac-pytorch, when installed) at the same intervals as each K-FAC variant.
+    wanted += [
+        (
+            label.replace("kfac", "kaisa", 1),
+            "kaisa",
+            {
+                **base,
+                "factor_update_steps": h["factor_update_steps"],
+                "inverse_update_steps": h["inverse_update_steps"],
+            },
+        )
+        for label, h in variants.items()
+    ]
     wanted += [
         ("approxngd", "approxngd", {"lr": 1e-4, "damping": 1.0, "momentum": 0.9}),
         (
@@ -325,11 +387,15 @@ def bench_one(
             continue
         try:
             trainer = make_trainer(kind, copy.deepcopy(model0), spec.loss_fn, hparams)
-            timer = PhaseTimer(trainer.optimizer, clock) if kind.startswith("kfac") else None  # type: ignore[attr-defined]
+            # The phase timer's wrappers would be traced into a compiled step: not for those.
+            timed = kind.startswith("kfac") and "compile_step" not in hparams
+            timer = PhaseTimer(trainer.optimizer, clock) if timed else None  # type: ignore[attr-defined]
             contender = Contender(label, trainer, timer)
             # Warm-up past K-FAC's curvature warm-up (every-step refreshes), ending on a cycle boundary.
+            start = clock()
             for _ in range(cycle * math.ceil(KFAC_DEFAULTS["warmup_steps"] / cycle)):
                 contender.run_step(x, y, clock, record=False)
+            contender.warmup_s = clock() - start
             contenders.append(contender)
         except Exception as exc:  # a third-party library that fails is recorded, not fatal
             errors[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -362,7 +428,16 @@ def bench_one(
             "forward_backward_ms": 1e3 * median([s["fb"] for s in c.steps]),
             "update_ms": 1e3 * median([sum(s["update"] for s in cyc) / cycle for cyc in cycles]),
             "cycle_step_ms": [1e3 * sum(s["total"] for s in cyc) / cycle for cyc in cycles],
+            "warmup_s": c.warmup_s,
         }
+    if args.compile:
+        for label in variants:
+            compiled, eager = summary.get(compiled_label(label, args.compile)), summary.get(label)
+            if compiled is not None and eager is not None:
+                ratios = [
+                    e / c for e, c in zip(eager["cycle_step_ms"], compiled["cycle_step_ms"], strict=False)
+                ]
+                compiled["speedup_vs_eager_paired_median"] = median(ratios)
     if "adam" in summary:
         adam_cycles = summary["adam"]["cycle_step_ms"]
         for rec in summary.values():
@@ -485,16 +560,18 @@ def markdown(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         lines += [f"## {run['model']}, batch {run['batch_size']}", "", run["description"] + ".", ""]
         lines += [
-            "| optimizer | step ms (amortized) | forward+backward ms | x Adam |",
-            "|---|---:|---:|---:|",
+            "| optimizer | step ms (amortized) | forward+backward ms | x Adam | x eager | warm-up s |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for label, rec in run["optimizers"].items():
             ratio = rec.get("vs_adam_paired_median", math.nan)
+            speedup = rec.get("speedup_vs_eager_paired_median")
             lines.append(
-                f"| {label} | {rec['step_ms']:.1f} | {rec['forward_backward_ms']:.1f} | {ratio:.2f} |"
+                f"| {label} | {rec['step_ms']:.1f} | {rec['forward_backward_ms']:.1f} | {ratio:.2f} | "
+                f"{'' if speedup is None else f'{speedup:.2f}'} | {rec.get('warmup_s', math.nan):.1f} |"
             )
         for label, err in run["errors"].items():
-            lines.append(f"| {label} | failed: {err.replace('|', '/')} | | |")
+            lines.append(f"| {label} | failed: {err.replace('|', '/')} | | | | |")
         lines.append("")
         if run.get("kfac_profile"):
             lines += [
@@ -551,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--optimizers",
         nargs="+",
-        default=["kfac", "kfac-qmodel", "adam", "sgd", "approxngd", "asdl"],
+        default=["kfac", "kfac-qmodel", "adam", "sgd", "approxngd", "asdl", "kaisa"],
         help="optimizer kinds to compare",
     )
     parser.add_argument(
@@ -561,9 +638,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="K-FAC 'factor_update_steps:inverse_update_steps' settings (the library's defaults are "
         "labelled 'kfac', which kfac-qmodel and ASDL use too; give them first)",
     )
+    parser.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="also time every K-FAC variant with compile_step=BACKEND (e.g. inductor), side by side",
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed update cycles per optimizer")
     parser.add_argument("--quick", action="store_true", help="tiny models and one batch size (for tests)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for step_cost.json/.md")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the .json/.md results")
+    parser.add_argument("--name", default="step_cost", help="file name of the results (without suffix)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also profile one K-FAC cycle per model/batch")
     parser.add_argument(
@@ -608,9 +691,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for ph in run["kfac_phases"].values():
             add_floors(ph, rates)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_cost.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     text = markdown(result)
-    (args.out / "step_cost.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     print(text)
     if env["flush_denormal"]:
         torch.set_flush_denormal(False)

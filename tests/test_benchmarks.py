@@ -131,6 +131,26 @@ def test_inverse_methods_quick(bench: dict[str, ModuleType], tmp_path: Path) -> 
         assert record["newton_schulz_1_iters"] >= 1 and record["newton_schulz_1_error"] < 1e-2
     text = (tmp_path / "inverse_methods.md").read_text()
     assert saved["command"] in text and "| 65 | float64 |" in text
+    sets = saved["factor_sets"]
+    assert [r["dtype"] for r in sets] == ["float32", "float64"]
+    assert sets[0]["max_difference"] < 1e-5 and sets[1]["max_difference"] < 1e-12
+    assert (
+        sets[0]["sizes"] == [9, 17, 9, 16, 8, 16]
+        and sets[0]["per_factor_ms"] > 0
+        and sets[0]["grouped_ms"] > 0
+    )
+    assert "Autoencoder factor set (6 factors" in text
+
+
+def test_step_cost_compiled_twin(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """--compile times each K-FAC variant's compiled twin next to it (dynamo alone: 'eager', fast)."""
+    argv = ["--quick", "--models", "mlp", "--reps", "1", "--optimizers", "kfac", "--compile", "eager"]
+    result = bench["step_cost"].main([*argv, "--out", str(tmp_path), "--name", "twin"])
+    optimizers = result["runs"][0]["optimizers"]
+    assert set(optimizers) == {"kfac", "kfac compiled (eager)"}
+    compiled = optimizers["kfac compiled (eager)"]
+    assert compiled["speedup_vs_eager_paired_median"] > 0 and compiled["warmup_s"] > 0
+    assert "| kfac compiled (eager) |" in (tmp_path / "twin.md").read_text()
 
 
 def test_race_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:

@@ -166,3 +166,56 @@ def test_fullgraph_is_refused_with_the_reason() -> None:
     forward = torch.compile(model, backend="eager", fullgraph=True)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="K-FAC records layer statistics"):
         forward(torch.randn(N, 5))
+
+
+# ------------------------------------------------------------------------------ compiled step
+def train_step_compiled(compile_step: bool | str, steps: int = 7) -> list[Tensor]:
+    """K-FAC with momentum, weight decay, a learning-rate schedule and a non-finite step (step 4,
+    skipped on the device), inverses refreshed every 3 steps; returns the parameters."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = KFAC(
+        model, lr=0.1, momentum=0.9, weight_decay=1e-3, warmup_steps=1, factor_update_steps=2,
+        inverse_update_steps=3, compile_step=compile_step,
+    )  # fmt: skip
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        inputs, targets = torch.randn(N, 5, generator=gen), torch.randint(0, CLASSES, (N,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        if i == 4:
+            model[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+        schedule.step()
+    with pytest.warns(RuntimeWarning, match="1 since the last host check"):
+        assert not opt.last_stats["skipped"]
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_compiled_step_equals_the_eager_step_and_compiles_twice() -> None:
+    """aot_eager runs the traced step with eager's kernels; its decompositions may regroup element-wise
+    arithmetic by an ulp or so (float64: rtol 1e-13). Two graphs: the first step, which starts the
+    momentum buffers, and every later one: inverse refreshes, the skipped step and the changing
+    learning rate (a symbolic float) compile nothing new. fullgraph: no graph break."""
+    eager = train_step_compiled(False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train_step_compiled("aot_eager")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert all(p.isfinite().all() for p in compiled)
+    torch.testing.assert_close(compiled, eager, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"adapt_damping": True}, "does not support adapt_damping"),
+        ({"reject_steps": True, "loss_fn": nn.CrossEntropyLoss()}, "does not support reject_steps"),
+        ({"adaptive_learning_rate": True, "loss_fn": nn.CrossEntropyLoss()}, "adaptive_learning_rate"),
+        ({"compile_step": "no-such-backend"}, "compile_step must be a bool or a torch.compile backend"),
+    ],
+)
+def test_compiled_step_refuses_what_it_cannot_compile(options: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        KFAC(mlp(), **{"lr": 0.1, "compile_step": "eager", **options})  # type: ignore[arg-type]

@@ -1,86 +1,115 @@
 """Host reads of device tensors in a step (each a full synchronisation on a GPU), counted on the CPU.
 
-A `TorchFunctionMode` records every `item`, `__bool__`, `tolist`, `__float__`, `__int__`, `cpu`,
-`numpy` and `__index__` call on a tensor during `opt.step()`. Today a fixed-hyperparameter step
-reads once (the finiteness check of gradients and statistics) and once more on inverse-update
-steps (the finiteness check of all new inverses together; it was one read per factor). On a GPU,
-`python benchmarks/host_reads.py --device cuda` runs the step under `torch.cuda.set_sync_debug_mode`.
+`torch_kfac.utils.HostReads`, a `TorchFunctionMode`, records every `item`, `__bool__`, `tolist`,
+`__float__`, `__int__`, `cpu`, `numpy` and `__index__` call on a tensor during `opt.step()`. A
+fixed-hyperparameter step reads nothing, with or without an inverse update: the non-finite guard
+and the inverse-failure fallback decide on the device, and the host learns of them at a host check
+(`host_check_interval`, or when `last_stats` is read). The adaptive options read once, in the host
+check (`KFACPreconditioner.check`): in `prepare`, or with reject_steps together with the rejection.
+On a GPU, `python benchmarks/host_reads.py --device cuda` runs the step under
+`torch.cuda.set_sync_debug_mode`.
 """
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from torch_kfac import KFAC
-
-READS = {"item", "__bool__", "tolist", "__float__", "__int__", "cpu", "numpy", "__index__"}
+from torch_kfac import KFAC, KFACPreconditioner
+from torch_kfac.utils import HostReads
 
 
-class HostReads(TorchFunctionMode):
-    """Records (method, library file:line) of every host read of a tensor inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[tuple[str, str]] = []
-
-    def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in READS:
-            frames = [f for f in traceback.extract_stack()[:-1] if "torch_kfac" in f.filename]
-            where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].name}" if frames else "outside"
-            self.reads.append((name, where))
-        return func(*args, **(kwargs or {}))
+def counted(step: Callable[[], object]) -> list[tuple[str, str]]:
+    """The host reads of one call."""
+    with HostReads() as mode:
+        step()
+    return mode.reads
 
 
-def reads_per_step(steps: int = 6, **options: Any) -> list[list[tuple[str, str]]]:
-    """Host reads of each step of KFAC (3 Linear blocks; factors every 2 steps, inverses every 4)."""
+def reads_per_step(
+    steps: int = 6, preconditioner: bool = False, **options: Any
+) -> list[list[tuple[str, str]]]:
+    """Host reads of each step of KFAC, or of a KFACPreconditioner in front of SGD (3 Linear blocks;
+    factors every 2 steps, inverses every 4)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    opt = KFAC(model, lr=0.1, warmup_steps=2, factor_update_steps=2, inverse_update_steps=4, **options)
+    schedule = {"warmup_steps": 2, "factor_update_steps": 2, "inverse_update_steps": 4}
+    if preconditioner:
+        pre = KFACPreconditioner(model, **schedule, **options)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        opt = KFAC(model, lr=0.1, **schedule, **options)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     batch = (x, y) if "loss_fn" in options else None
     out = []
     for _ in range(steps):
-        opt.zero_grad()
+        model.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        with HostReads() as mode:
-            opt.step(loss=loss, batch=batch)
-        out.append(mode.reads)
+        if preconditioner:
+            out.append(counted(pre.step))
+            sgd.step()
+        else:
+            out.append(counted(partial(opt.step, loss=loss, batch=batch)))
     return out
 
 
 INVERSE_STEPS = {0, 1, 4}  # the two warm-up steps and step 4
-CHECK = ("__bool__", "preconditioner.py:all_finite")
+CHECK = ("tolist", "preconditioner.py:check")
+
+
+@pytest.mark.parametrize(
+    ("preconditioner", "options"),
+    [
+        (False, {}),
+        (False, {"momentum": 0.9, "norm_constraint": 1e-2, "weight_decay": 1e-4}),
+        (False, {"inverse_method": "eigh"}),
+        (True, {}),
+        (True, {"inverse_method": "eigh"}),
+    ],
+    ids=["KFAC", "KFAC-momentum-clip-decay", "KFAC-eigh", "KFACPreconditioner", "KFACPreconditioner-eigh"],
+)
+def test_a_fixed_hyperparameter_step_reads_nothing(preconditioner: bool, options: dict[str, Any]) -> None:
+    """Plain and inverse-update steps alike (on the CPU; on a GPU torch's eigh checks its own
+    convergence on the host, Cholesky does not)."""
+    assert reads_per_step(preconditioner=preconditioner, **options) == [[]] * 6
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        {},
-        {"momentum": 0.9, "norm_constraint": 1e-2, "weight_decay": 1e-4},
         {"adapt_damping": True, "damping_adaptation_interval": 1},
         {"adaptive_learning_rate": True, "adaptive_momentum": True, "loss_fn": nn.CrossEntropyLoss()},
+        {"reject_steps": True, "adapt_damping": True, "loss_fn": nn.CrossEntropyLoss()},
+        {"max_skipped_steps": 3},
+        {"host_check_interval": 1},
     ],
-    ids=["plain", "momentum-clip-decay", "adapt-damping", "qmodel"],
+    ids=["adapt-damping", "qmodel", "reject-steps", "max-skipped-steps", "check-every-step"],
 )
-def test_a_step_reads_once_and_twice_when_inverses_are_refreshed(options: dict[str, Any]) -> None:
-    """The damping rule and the quadratic model decide on the device: no read of their own."""
-    for step, reads in enumerate(reads_per_step(**options)):
-        assert reads == [CHECK] * (2 if step in INVERSE_STEPS else 1), (step, reads)
+def test_a_step_that_needs_a_host_decision_reads_once(options: dict[str, Any]) -> None:
+    """The damping rule and the quadratic model decide on the device; the one read is the host
+    check (with reject_steps, the check and the rejection read together), inverse steps included."""
+    assert reads_per_step(**options) == [[CHECK]] * 6
 
 
-def test_step_rejection_reads_its_decision() -> None:
-    """reject_steps compares the losses on the host: one read more per step."""
-    for reads in reads_per_step(reject_steps=True, loss_fn=nn.CrossEntropyLoss()):
-        assert [r for r in reads if r != CHECK] == [("__bool__", "optimizer.py:_update")], reads
+def test_a_check_interval_reads_in_every_kth_step() -> None:
+    reads = reads_per_step(host_check_interval=3)
+    assert reads == [[], [], [CHECK], [], [], [CHECK]]
+
+
+def test_reading_last_stats_makes_the_host_check_once() -> None:
+    """The skip flag of the last step is read when asked for, once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3))
+    opt = KFAC(model, lr=0.1)
+    F.cross_entropy(model(torch.randn(4, 5)), torch.randint(0, 3, (4,))).backward()
+    assert counted(opt.step) == []
+    assert counted(lambda: opt.last_stats["skipped"]) == [CHECK]
+    assert counted(lambda: opt.last_stats["skipped"]) == []
+    assert opt.last_stats["skipped"] is False and opt.last_stats["skipped_in_a_row"] == 0

@@ -14,6 +14,7 @@ from torch_kfac.linalg import (
     newton_schulz_inverse,
     pi_adjustment,
     symmetric_eigh,
+    triangular_inverse,
 )
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -35,6 +36,15 @@ def test_damped_inverse_is_nan_where_cholesky_fails() -> None:
     inv = damped_inverse(torch.stack([good, bad]), torch.tensor(1e-6))
     torch.testing.assert_close(inv[0], torch.diag(1.0 / (torch.tensor([1.0, 2.0, 3.0]) + 1e-6)))
     assert inv[1].isnan().all()
+
+
+def test_triangular_inverse_is_the_inverse_of_the_cholesky_product() -> None:
+    """The GPU path of the damped inverse (no error codes read): L^-T L^-1 = (L L^T)^-1, batched."""
+    x = torch.randn(2, 12, 5)
+    mats = x.mT @ x + 0.1 * torch.eye(5)
+    chol = torch.linalg.cholesky(mats)
+    torch.testing.assert_close(triangular_inverse(chol), torch.linalg.inv(mats), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(triangular_inverse(chol), torch.cholesky_inverse(chol), rtol=1e-10, atol=1e-12)
 
 
 def test_pi_adjustment_and_its_guard() -> None:

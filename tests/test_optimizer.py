@@ -241,9 +241,15 @@ def test_lr_is_required_and_given_once() -> None:
 
 
 # ----------------------------------------------------------------------- robustness
-def test_non_finite_gradient_skips_the_step_with_one_warning() -> None:
+#: The host check in every step (1: the step warns and is not counted) or only when `last_stats`
+#: is read (None: the step is decided on the device; the warning comes with the read).
+CHECKS = pytest.mark.parametrize("check", [1, None], ids=["check-every-step", "check-when-read"])
+
+
+@CHECKS
+def test_non_finite_gradient_skips_the_step_with_one_warning(check: int | None) -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
+    opt = KFAC(model, 0.1, 1e-2, host_check_interval=check)
     train(opt, model, 2)
     params = [p.detach().clone() for p in model.parameters()]
     factors = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
@@ -254,6 +260,7 @@ def test_non_finite_gradient_skips_the_step_with_one_warning() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step()
+        assert opt.last_stats["skipped"]
     assert len([w for w in caught if "non-finite" in str(w.message)]) == 1
     for p, q in zip(params, model.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -264,9 +271,10 @@ def test_non_finite_gradient_skips_the_step_with_one_warning() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_non_finite_input_statistics_never_reach_the_factors() -> None:
+@CHECKS
+def test_non_finite_input_statistics_never_reach_the_factors(check: int | None) -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
+    opt = KFAC(model, 0.1, 1e-2, host_check_interval=check)
     train(opt, model, 1)
     factors = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
     x, y = make_data()
@@ -275,6 +283,7 @@ def test_non_finite_input_statistics_never_reach_the_factors() -> None:
     loss_of(model, x, y).backward()
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
+        assert opt.last_stats["skipped"]
     for n, b in opt.blocks.items():
         assert torch.equal(b.A, factors[n][0]) and torch.equal(b.G, factors[n][1])
 
@@ -422,10 +431,12 @@ def test_closure_is_evaluated_and_returned() -> None:
 
 
 # -------------------------------------------------------------- option effects (mutation-killers)
-def test_nan_loss_with_finite_gradients_skips_the_step() -> None:
-    """A non-finite loss passed to step() skips the step even when every gradient is finite."""
+@CHECKS
+def test_nan_loss_with_finite_gradients_skips_the_step(check: int | None) -> None:
+    """A non-finite loss passed to step() skips the step even when every gradient is finite; the
+    step counter (the schedules' clock) counts it only when the step made no host check."""
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
+    opt = KFAC(model, 0.1, 1e-2, host_check_interval=check)
     train(opt, model, 1)
     params = [p.detach().clone() for p in model.parameters()]
     factors = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
@@ -434,18 +445,19 @@ def test_nan_loss_with_finite_gradients_skips_the_step() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step(loss=torch.tensor(float("nan")))
-    assert opt.last_stats["skipped"]
-    assert opt.preconditioner.steps == 1
+        assert opt.last_stats["skipped"]
+    assert opt.preconditioner.steps == (1 if check == 1 else 2)
     for p, q in zip(params, model.parameters(), strict=True):
         assert torch.equal(p, q)
     for n, b in opt.blocks.items():
         assert torch.equal(b.A, factors[n][0]) and torch.equal(b.G, factors[n][1])
 
 
-def test_non_finite_statistics_with_finite_gradients_skip_the_step() -> None:
+@CHECKS
+def test_non_finite_statistics_with_finite_gradients_skip_the_step(check: int | None) -> None:
     """Inputs of 1e200 overflow A (a a^T = inf) while every gradient (g a^T) stays finite."""
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
+    opt = KFAC(model, 0.1, 1e-2, host_check_interval=check)
     train(opt, model, 1)
     params = [p.detach().clone() for p in model.parameters()]
     factors = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
@@ -456,7 +468,7 @@ def test_non_finite_statistics_with_finite_gradients_skip_the_step() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
-    assert opt.last_stats["skipped"]
+        assert opt.last_stats["skipped"]
     for p, q in zip(params, model.parameters(), strict=True):
         assert torch.equal(p, q)
     for n, b in opt.blocks.items():
@@ -609,17 +621,54 @@ def test_accumulated_sum_loss_steps_like_the_whole_batch_and_zero_grad_forgets_s
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_step_after_a_skipped_step_is_taken() -> None:
+@CHECKS
+def test_step_after_a_skipped_step_is_taken(check: int | None) -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
+    opt = KFAC(model, 0.1, 1e-2, host_check_interval=check)
     opt.zero_grad()
     loss_of(model, *make_data()).backward()
     model[2].weight.grad[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="1 skipped in a row"):
         opt.step()
-    assert opt.last_stats["skipped"] and opt.last_stats["skipped_in_a_row"] == 1
+        assert opt.last_stats["skipped"] and opt.last_stats["skipped_in_a_row"] == 1
     train(opt, model, 1)
     assert not opt.last_stats["skipped"] and opt.last_stats["skipped_in_a_row"] == 0
+
+
+def test_a_step_skipped_on_the_device_leaves_momentum_and_the_schedule_safe() -> None:
+    """Without a host check in the step: the momentum buffers stay as they were, and a first step
+    that is skipped (its factors never estimated) gives finite steps after it."""
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9)
+    _nan_step(opt, model)  # step 0: factors folded with weight 0, inverses of them not used
+    started = [opt.state[p]["momentum_buffer"] for p in model.parameters() if opt.state[p]]
+    assert started and not any(buf.any() for buf in started)  # buffers started at zero
+    train(opt, model, 2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    buffers = {p: opt.state[p]["momentum_buffer"].clone() for p in model.parameters() if opt.state[p]}
+    params = [p.detach().clone() for p in model.parameters()]
+    assert buffers
+    _nan_step(opt, model)
+    for p, buf in buffers.items():
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf)
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters(), strict=True))
+    with pytest.warns(RuntimeWarning, match="1 skipped in a row, 2 since the last host check"):
+        assert opt.last_stats["skipped"]
+
+
+def test_inverses_of_a_first_step_skipped_on_the_device_are_identities_until_refreshed() -> None:
+    """The factors of a skipped first step are not estimated (their inverses are NaN): the device
+    keeps identities instead, so the next step, with no refresh due, is a plain gradient step."""
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.0, warmup_steps=0, inverse_update_steps=10, norm_constraint=None)
+    _nan_step(opt, model)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss_of(model, *make_data()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, before, g in zip(model.parameters(), params, grads, strict=True):
+        torch.testing.assert_close(p, before - 0.1 * g, rtol=0, atol=1e-15)
 
 
 def _nan_step(opt: KFAC, model: nn.Module) -> None:

@@ -196,10 +196,16 @@ def test_an_indefinite_damped_factor_is_decomposed_with_eigh() -> None:
     )
 
 
+@pytest.mark.parametrize("check", [1, None], ids=["check-every-step", "check-when-read"])
 @pytest.mark.parametrize("failure", ["no convergence", "not finite"])
-def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None:
+def test_failed_inverse_update_keeps_the_previous_inverses(failure: str, check: int | None) -> None:
+    """A failure that raises is known at once; non-finite inverses are decided on the device and
+    warned of at the host check: in the step (check=1, then retried with eigh in the step) or at
+    the next read (the previous values kept by the device, the block refreshed at the next step)."""
     model = make_mlp()
-    pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
+    pre = KFACPreconditioner(
+        model, damping=1e-2, inverse_update_steps=1, warmup_steps=0, host_check_interval=check
+    )
     x, y = make_data()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -220,8 +226,13 @@ def test_failed_inverse_update_keeps_the_previous_inverses(failure: str) -> None
     F.cross_entropy(model(x), y).backward()
     with pytest.warns(RuntimeWarning, match="inverse update of block '0' failed"):
         pre.step()
+        pre.check()
     assert block.state.keys() == kept.keys()
-    assert all(block.state[k] is v for k, v in kept.items())
+    if check == 1 or failure == "no convergence":
+        assert all(block.state[k] is v for k, v in kept.items())
+    else:
+        assert all(torch.equal(block.state[k], v) for k, v in kept.items())
+        assert pre._inverses_due("0") and "0" in pre._refresh_next
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert pre.blocks["2"].state["A_inv"] is not other  # the other block was refreshed as usual
 
@@ -363,18 +374,23 @@ def test_mc_fisher_with_accumulated_gradients_is_the_full_batch(reduction: str) 
     _assert_same(_accumulate("images", [5, 7], scale, reduction=reduction, **options), full)
 
 
-def test_a_skipped_step_forgets_the_examples_of_its_gradients() -> None:
-    """reduction='sum' in front of SGD: after a step skipped for a non-finite gradient, the next batch's
-    gradient is divided by its own examples only."""
+@pytest.mark.parametrize("host_check_interval", [1, None])
+def test_a_skipped_step_forgets_the_examples_of_its_gradients(host_check_interval: int | None) -> None:
+    """reduction='sum' in front of SGD: after a step skipped for a non-finite gradient (known in the
+    step, or only on the device until the host check), the next batch's gradient is divided by its own
+    examples only."""
     runs = []
     for skip in (True, False):
         model = make_mlp()
-        pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+        pre = KFACPreconditioner(
+            model, damping=1e-2, reduction="sum", host_check_interval=host_check_interval
+        )
         if skip:
             F.cross_entropy(model(make_data(seed=4)[0]), make_data(seed=4)[1], reduction="sum").backward()
             model[0].weight.grad[0, 0] = float("nan")
             with pytest.warns(RuntimeWarning, match="skipped"):
                 assert not pre.step()
+                assert pre.skipped_in_a_row == 1
             model.zero_grad()
         F.cross_entropy(model(make_data()[0]), make_data()[1], reduction="sum").backward()
         assert pre.step()

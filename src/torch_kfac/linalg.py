@@ -102,7 +102,20 @@ def cholesky_damped_inverse(matrix: Tensor, damping: Tensor | float) -> tuple[Te
     """
     matrix = matrix.to(solver_dtype(matrix.dtype))
     chol, info = torch.linalg.cholesky_ex(add_to_diagonal(matrix, damping))
+    if chol.is_cuda:  # `torch.cholesky_inverse` reads its error codes on the host: a synchronisation
+        return triangular_inverse(chol), info == 0
     return torch.cholesky_inverse(chol), info == 0
+
+
+def triangular_inverse(chol: Tensor) -> Tensor:
+    """(L L^T)^-1 = L^-T L^-1 from lower-triangular Cholesky factors L, by triangular solves.
+
+    Unlike `torch.cholesky_inverse` it checks no error codes, so on a GPU it runs without a host
+    synchronisation (a failed factorisation gives garbage, which the caller masks).
+    """
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    inverse_factor = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    return inverse_factor.mT @ inverse_factor
 
 
 def grouped_damped_inverses(matrices: Sequence[Tensor], dampings: Sequence[Tensor | float]) -> list[Tensor]:

@@ -90,9 +90,20 @@ class KFAC(OriginalAPI, Optimizer):
         #: The Levenberg-Marquardt rule's memory: rho, and for the original API's pairing of a
         #: step's loss with the next one, the previous loss and model change.
         self.adaptation: dict[str, Tensor] = {}
-        #: Statistics of the last step (tensors, no host sync): loss, new_loss, rho, damping,
-        #: learning_rate, momentum, qmodel_change, grad_norm, update_norm, rejected, skipped.
-        self.last_stats: dict[str, Any] = {}
+        self._last_stats: dict[str, Any] = {}
+        #: Whether `last_stats['skipped']` waits for the host check (`KFACPreconditioner.check`).
+        self._skip_unknown = False
+        # The adaptive options read once per step anyway: the host check is made in `prepare`
+        # (with reject_steps in the rejection's read instead).
+        self.preconditioner.check_in_step = (opts.adapt_damping or opts.uses_qmodel) and not opts.reject_steps
+        self._fixed_step = self._fixed_update
+        if opts.compile_step and self.preconditioner.distributed is not None:
+            raise ValueError(
+                "compile_step is not supported in distributed runs (the preconditioning broadcasts)"
+            )
+        if opts.compile_step:
+            backend = "inductor" if opts.compile_step is True else opts.compile_step
+            self._fixed_step = torch.compile(self._fixed_update, backend=backend, fullgraph=True)
         defaults = {k: opts.value_at(k, 0) for k in ("lr", "momentum", "weight_decay")}
         super().__init__(model.parameters(), defaults)
 
@@ -126,6 +137,19 @@ class KFAC(OriginalAPI, Optimizer):
         self.preconditioner.load_state_dict(kfac["preconditioner"])
         self.adaptation = dict(kfac["adaptation"])
 
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        """Statistics of the last step (tensors, no host sync): loss, new_loss, rho, damping,
+        learning_rate, momentum, qmodel_change, grad_norm, update_norm, rejected, skipped,
+        skipped_in_a_row. Reading it after a step that made no host check makes it (one read).
+        """
+        if self._skip_unknown:
+            self._skip_unknown = False
+            pre = self.preconditioner
+            pre.check()
+            self._last_stats.update(skipped=not pre.latest_taken, skipped_in_a_row=pre.skipped_in_a_row)
+        return self._last_stats
+
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in self.defaults.items())
         return f"KFAC({hyper}, damping={self.damping.item():.3g})\n{self.preconditioner.describe()}"
@@ -151,7 +175,8 @@ class KFAC(OriginalAPI, Optimizer):
                 momentum, `qmodel_curvature='exact'`).
 
         Returns the loss (from the closure or as passed). A step whose gradients, statistics or
-        loss are not finite changes nothing and warns; `last_stats` describes every step.
+        loss are not finite changes nothing (decided on the device, no host read) and warns at the
+        next host check (`host_check_interval`); `last_stats` describes every step.
         """
         if closure is not None:
             with torch.enable_grad():
@@ -160,8 +185,9 @@ class KFAC(OriginalAPI, Optimizer):
         self._check_model()
         pre.check_gradients()
         k = pre.steps
+        self._skip_unknown = False
         if self._unscale_gradients():
-            self.last_stats = {"step": k, "loss": None, "skipped": True, "rejected": False}
+            self._last_stats = {"step": k, "loss": None, "skipped": True, "rejected": False}
             return None if loss is None else torch.as_tensor(loss).detach()
         hyper = self._hyperparameters(k)
         self._check_step_inputs(loss, batch, closure)
@@ -173,14 +199,18 @@ class KFAC(OriginalAPI, Optimizer):
         params = {n: p for n, p in self._named_params.items() if p.grad is not None and p.requires_grad}
         fallback = {n: p for n, p in params.items() if id(p) not in block_params}
         extra = [p.grad for p in fallback.values()] + ([loss_t] if loss_t is not None else [])
-        self.last_stats = {"step": k, "loss": loss_t, "skipped": True, "rejected": False}
+        stats = self._last_stats = {"step": k, "loss": loss_t, "skipped": True, "rejected": False}
         mats = pre.prepare(extra, batch)
-        self.last_stats["skipped_in_a_row"] = pre.skipped_in_a_row
         if mats is None:
+            stats["skipped_in_a_row"] = pre._skipped_in_a_row
             return loss_t
-        self.last_stats["skipped"] = False
+        stats["skipped"] = False
+        if pre.taken is None:
+            stats["skipped_in_a_row"] = 0
+        else:  # learnt at the host check
+            self._skip_unknown = True
         if k < self.options.burn_in_steps:  # accumulate curvature only
-            self.last_stats["burn_in"] = True
+            stats["burn_in"] = True
             pre.finish_step()
             return loss_t
         self._update(k, mats, params, fallback, hyper, loss_t, batch, closure)
@@ -277,9 +307,13 @@ class KFAC(OriginalAPI, Optimizer):
         if opts.damping == AUTO_DAMPING and k == opts.burn_in_steps and same_batch and loss is not None:
             self._search_damping(mats, grads, fallback, hyper, loss, batch, closure, scale)
         snapshot = self._snapshot() if opts.reject_steps else None
-        delta, q = self._change(mats, grads, fallback, hyper, batch, scale, damping_due)
-        for n, d in delta.items():
-            self._named_params[n].add_(d)
+        taken = pre.taken  # None: the step is known to be taken; else its changes are masked
+        if opts.uses_qmodel or damping_due:  # the model change is measured before the parameters move
+            delta, q = self._change(mats, grads, fallback, hyper, batch, scale, damping_due)
+            self._move(delta, taken)
+        else:
+            q = None
+            delta = self._fixed_step(mats, fallback, hyper, grads, taken)
         new_loss = None
         if same_batch and (damping_due or opts.reject_steps):
             new_loss = pre.average_over_ranks(self._evaluate(batch, closure)) * scale
@@ -294,10 +328,38 @@ class KFAC(OriginalAPI, Optimizer):
         self._record(grads, delta, hyper, new_loss, q)
         if snapshot is not None and new_loss is not None:
             assert loss is not None
-            if bool(step_rejected(loss, new_loss)):
+            if taken is None:
+                rejected = bool(step_rejected(loss, new_loss))
+            else:  # the step's host check and the rejection: one read
+                is_taken, rejected = pre.check(extra=step_rejected(loss, new_loss))
+                self._skip_unknown = False
+                self._last_stats.update(skipped=not is_taken, skipped_in_a_row=pre._skipped_in_a_row)
+                if not is_taken:
+                    self._restore(snapshot)
+                    return
+            if rejected:
                 self._restore(snapshot)
                 pre.set_damping(rejected_damping(pre.damping, opts.omega, opts.max_damping))
-                self.last_stats.update(rejected=True, damping=pre.damping.clone())
+                self._last_stats.update(rejected=True, damping=pre.damping.clone())
+
+    def _move(self, delta: dict[str, Tensor], taken: Tensor | None) -> None:
+        """Add the changes to the parameters (masked with `taken`, see `KFACPreconditioner.prepare`)."""
+        for n, d in delta.items():
+            self._named_params[n].add_(d if taken is None else torch.where(taken, d, 0.0))
+
+    def _fixed_update(
+        self,
+        mats: dict[str, Tensor],
+        fallback: dict[str, Tensor],
+        hyper: Hyperparameters,
+        grads: dict[str, Tensor],
+        taken: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The fixed-hyperparameter step: preconditioning, momentum, norm constraint, weight decay and
+        the parameters' change, computed and applied (one compiled function with `compile_step`)."""
+        delta = self._kfac_update(mats, fallback, hyper, grads)
+        self._move(delta, taken)
+        return delta
 
     def _change(
         self,
@@ -355,16 +417,16 @@ class KFAC(OriginalAPI, Optimizer):
         q: Tensor | None,
     ) -> None:
         """Fill `last_stats` for a step that changed the parameters."""
-        self.last_stats.update(
+        self._last_stats.update(
             new_loss=new_loss,
             qmodel_change=q,
             damping=self.preconditioner.damping.clone(),
             grad_norm=_norm(grads.values()),
             update_norm=_norm(delta.values()),
         )
-        self.last_stats.setdefault("learning_rate", hyper.lr)
-        self.last_stats.setdefault("momentum", hyper.momentum)
-        self.last_stats["rho"] = self.adaptation.get("rho")
+        self._last_stats.setdefault("learning_rate", hyper.lr)
+        self._last_stats.setdefault("momentum", hyper.momentum)
+        self._last_stats["rho"] = self.adaptation.get("rho")
 
     def _hyperparameters(self, step: int) -> Hyperparameters:
         """Resolve schedules at `step`; the scheduled lr, momentum and weight decay go into the group."""
@@ -420,13 +482,14 @@ class KFAC(OriginalAPI, Optimizer):
             lr,
             mu,
             hyper.norm_constraint,
+            pre.taken,
         )
         delta = {
             self._param_names[id(p)]: parameter_change(p, u, lr, wd)
             for p, u in per_parameter(blocks, updates)
         }
         for n, p in fallback.items():
-            delta[n] = parameter_change(p, velocity(self.state[p], grads[n], mu), lr, wd)
+            delta[n] = parameter_change(p, velocity(self.state[p], grads[n], mu, pre.taken), lr, wd)
         return delta
 
     def _model_change(
@@ -497,7 +560,7 @@ class KFAC(OriginalAPI, Optimizer):
         for n, d in delta.items():
             self.state[self._named_params[n]]["qmodel_delta"] = d.clone()
         momentum = coeffs[1].clone() if previous else coeffs.new_zeros(())
-        self.last_stats.update(learning_rate=coeffs[0].clone(), momentum=momentum)
+        self._last_stats.update(learning_rate=coeffs[0].clone(), momentum=momentum)
         return delta, q
 
     def _adapt_damping(self, loss_change: Tensor, q: Tensor) -> None:

@@ -237,6 +237,18 @@ def check_grad_scaler(name: str, value: object) -> torch.amp.GradScaler | None:
     return value
 
 
+def check_compile_step(name: str, value: object) -> bool | str:
+    """False, True (inductor) or the name of a `torch.compile` backend."""
+    if isinstance(value, bool):
+        return value
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(value, str) or value not in backends:
+        raise ValueError(
+            f"{name} must be a bool or a torch.compile backend ({', '.join(backends)}), got {value!r}"
+        )
+    return value
+
+
 #: Default bound on lr^2 g^T F^-1 g (the KL change of a step): without it 24 of 96 fixed
 #: (lr, damping) settings of the test models diverged, with 1e-2 13, with 1e-3 none (docs/tuning.md).
 DEFAULT_NORM_CONSTRAINT = 1e-3
@@ -290,6 +302,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "factor_dtype": check_factor_dtype,
     "grad_scaler": check_grad_scaler,
     "max_skipped_steps": _optional(check_interval),
+    "host_check_interval": _optional(check_interval),
     "lr": _optional(check_number),
     "momentum": _number(high=1.0, high_inclusive=False),
     "momentum_type": MomentumType.parse,
@@ -309,6 +322,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "qmodel_batch_size": _optional(check_interval),
     "reject_steps": check_bool,
     "burn_in_steps": check_count,
+    "compile_step": check_compile_step,
 }
 
 
@@ -402,7 +416,16 @@ class PreconditionerOptions:
             steps the scaler skips; in front of another optimizer call `scaler.unscale_(opt)`
             before `pre.step()`.
         max_skipped_steps: raise a RuntimeError once this many steps in a row were skipped for
-            non-finite values (None: keep skipping, with a warning that counts them).
+            non-finite values (None: keep skipping, with a warning that counts them). Checked on
+            the host in every step: one host read per step (see `host_check_interval`).
+        host_check_interval: how often a step reads the device's decisions on the host. Whether a
+            step is finite, and whether new inverses are, is decided on the device: a skipped step's
+            changes are masked (`torch.where`), so a step needs no host synchronisation. The host
+            learns of skipped steps and failed inverse refreshes (warnings, `skipped_in_a_row`,
+            `last_stats['skipped']`) at a host check, one read: in every k-th step with k given
+            (1: in every step, which then warns at once and does not count a skipped step), else
+            (None, the default) only when you read `last_stats`, `skipped_in_a_row` or
+            `state_dict()`. See docs/mixed-precision.md.
     """
 
     #: Options that may be a callable of the step.
@@ -433,6 +456,7 @@ class PreconditionerOptions:
     factor_dtype: torch.dtype | None = None
     grad_scaler: torch.amp.GradScaler | None = None
     max_skipped_steps: int | None = None
+    host_check_interval: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -518,6 +542,13 @@ class KFACOptions(PreconditionerOptions):
         reject_steps: undo a step whose loss on the same batch is NaN or larger, and raise the
             damping by 1/omega.
         burn_in_steps: the first steps only accumulate factors; the parameters stay put.
+        compile_step: run the fixed-hyperparameter step's tensor math (preconditioning, momentum,
+            norm constraint, weight decay, the parameters' change) as one `torch.compile`d
+            function: True (inductor) or a backend name ('aot_eager', 'eager', ...). The
+            statistics, factor and inverse updates stay eager. Refused with the adaptive options
+            (adapt_damping, adaptive_learning_rate/momentum, reject_steps), whose steps run passes
+            of the model, and in distributed runs (the preconditioning broadcasts). The first steps
+            compile (seconds to minutes); see docs/mixed-precision.md for the measured speedup.
 
     `lr`, `damping` (when not adapted), `momentum`, `weight_decay`, `norm_constraint`,
     `factor_update_steps` and `inverse_update_steps` also accept a callable of the step.
@@ -551,9 +582,21 @@ class KFACOptions(PreconditionerOptions):
     qmodel_batch_size: int | None = 64
     reject_steps: bool = False
     burn_in_steps: int = 0
+    compile_step: bool | str = False
 
     def _check_combinations(self) -> None:
         super()._check_combinations()
+        if self.compile_step:
+            adaptive = [
+                n
+                for n in ("adapt_damping", "adaptive_learning_rate", "adaptive_momentum", "reject_steps")
+                if getattr(self, n)
+            ]
+            if adaptive:
+                raise ValueError(
+                    f"compile_step compiles the fixed-hyperparameter step; it does not support "
+                    f"{', '.join(adaptive)} (their steps evaluate the model): turn one of them off"
+                )
         if self.lr is None:
             if not self.adaptive_learning_rate:
                 raise ValueError("lr (learning rate) is required unless adaptive_learning_rate=True")

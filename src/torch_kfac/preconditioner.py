@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -92,8 +93,19 @@ class KFACPreconditioner:
             "step": 0,
             "damping": torch.tensor(opts.initial_damping, dtype=factor_dtype(opts, dtype), device=device),
         }
-        #: Steps skipped in a row for non-finite values (reset by a step that is taken).
-        self.skipped_in_a_row = 0
+        #: Steps skipped in a row for non-finite values, as of the last host check (`check`).
+        self._skipped_in_a_row = 0
+        #: Whether the latest step was taken, as of the last host check.
+        self.latest_taken = True
+        #: The current step's finiteness as a 0-d bool tensor while the host has not checked it
+        #: (then every state change of the step is masked with it); None once known to be taken.
+        self.taken: Tensor | None = None
+        #: Whether `prepare` makes the host check (set by `KFAC` for its adaptive options).
+        self.check_in_step = False
+        self._unchecked: _Unchecked | None = None
+        #: Blocks whose failed inverse refresh the host learnt of after the step: refreshed at the
+        #: next step (with eigh where Cholesky failed).
+        self._refresh_next: dict[str, str] = {}
         #: The initial damping damping='auto' chose (`torch_kfac.calibration`); None until then.
         self.calibrated_damping: float | None = None
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
@@ -150,8 +162,20 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------- schedule
     @property
     def steps(self) -> int:
-        """Number of steps taken so far (skipped non-finite steps excluded)."""
+        """Number of steps so far, the counter of the factor and inverse schedules.
+
+        A step skipped for non-finite values is not counted when the host check is made in the step
+        (`host_check_interval`, `max_skipped_steps`, adaptive options): then it changes nothing.
+        Without a check in the step the device masks the step's changes but the counter (a host
+        number) advances.
+        """
         return int(self.global_state["step"])
+
+    @property
+    def skipped_in_a_row(self) -> int:
+        """Steps skipped in a row for non-finite values up to the latest step (a host check)."""
+        self.check()
+        return self._skipped_in_a_row
 
     @property
     def damping(self) -> Tensor:
@@ -190,7 +214,7 @@ class KFACPreconditioner:
             ready = name in self.global_state.get(LAYOUT_KEY, {})
         else:
             ready = block.has_inverses()
-        if self.steps < self.options.warmup_steps or not ready:
+        if self.steps < self.options.warmup_steps or not ready or name in self._refresh_next:
             return True
         return self.steps % self.options.value_at("inverse_update_steps", self.steps) == 0
 
@@ -287,16 +311,17 @@ class KFACPreconditioner:
         self._fold(stats)
         return True
 
-    def _fold(self, stats: dict[tuple[str, str], Tensor]) -> None:
-        """Fold the (already checked) statistics into the running factors."""
+    def _fold(self, stats: dict[tuple[str, str], Tensor], taken: Tensor | None = None) -> None:
+        """Fold the statistics into the running factors (masked with `taken`: a factor is left as it
+        was where `taken` is False)."""
         decay = self.options.cov_ema_decay
         if self.distributed is None:
             for block in self.blocks.values():
-                block.fold_pending(decay)
+                block.fold_pending(decay, taken)
             return
         # DISTRIBUTED: fold the statistics averaged over ranks, not the local ones.
         for (name, key), value in stats.items():
-            self.blocks[name].fold_statistic(key, value, decay)
+            self.blocks[name].fold_statistic(key, value, decay, taken)
         for block in self.blocks.values():
             block.clear_pending()
 
@@ -313,37 +338,57 @@ class KFACPreconditioner:
         self.global_state.pop(LAYOUT_KEY, None)
 
     def update_inverses(self, force: bool = False) -> None:
-        """Refresh the inverses of blocks that are due (every block with factors if `force`).
+        """Refresh the inverses of blocks that are due (every block with factors if `force`), then
+        make the host check (`check`).
 
-        One host synchronisation checks all new inverses for finiteness. A block whose Cholesky
-        inverses failed (rounding made a damped factor indefinite) is decomposed with eigh
-        instead; a block whose new inverses cannot be computed (an eigendecomposition that does
-        not converge) or are not finite keeps its previous ones (none: the raw gradient), with a
-        warning.
+        A block whose Cholesky inverses failed (rounding made a damped factor indefinite) is
+        decomposed with eigh instead; a block whose new inverses cannot be computed (an
+        eigendecomposition that does not converge) or are not finite keeps its previous ones (none:
+        the raw gradient), with a warning.
+        """
+        self.check(self._refresh_inverses(force))
+
+    def _refresh_inverses(
+        self, force: bool = False, taken: Tensor | None = None
+    ) -> dict[str, dict[str, Tensor]]:
+        """Refresh the due inverses without a host read; returns each refreshed block's state before.
+
+        Whether a block's new inverses are finite is decided on the device: where they are not, the
+        block keeps its previous inverses (where it has none, identities: the raw gradient), and
+        the host learns of it at the next `check`: not in a skipped step (`taken` False), whose
+        factors may not be estimated yet.
         """
         due = [n for n, b in self.blocks.items() if b.has_factors() and (force or self._inverses_due(n))]
         here = due
         if self.distributed is not None:  # DISTRIBUTED: each block refreshed by its owner
             here = self.distributed.computes(self.blocks, due, self.global_state.setdefault(LAYOUT_KEY, {}))
-        refreshed = []
+        refreshed = {}
         before = {}
         pi = self.options.enable_pi_correction
-        method = self.options.inverse_method.value
         for name in here:
             block = self.blocks[name]
             previous = before[name] = dict(block.state)
+            method = self._refresh_next.pop(name, self.options.inverse_method.value)
             try:
                 block.update_inverses(self.damping, pi, method)
             except torch.linalg.LinAlgError as exc:
                 _keep_inverses(name, block, previous, str(exc).splitlines()[0])
                 continue
-            refreshed.append((name, block, previous))
-        if refreshed and not all_finite([t for _, b, p in refreshed for t in _new_tensors(b, p)]):
-            for name, block, previous in refreshed:
-                if not all_finite(_new_tensors(block, previous)):
-                    self._retry_with_eigh(name, block, previous, method)
+            new = {k: t for k, t in block.state.items() if previous.get(k) is not t}
+            ok = finite_flag(new.values(), self.damping.device)
+            for key, value in new.items():
+                kept = previous.get(key)
+                if kept is None:
+                    kept = _identity_like(value) if key.endswith("_inv") else value
+                block.state[key] = torch.where(ok, value, kept)
+            if taken is not None:
+                ok = ok | ~taken
+            flags = self._unchecked_flags().inverses_ok
+            flags[name] = ok if name not in flags else flags[name] & ok
+            refreshed[name] = previous
         if self.distributed is not None:  # DISTRIBUTED: owners broadcast to the blocks' grad workers
             self.distributed.share_inverses(self.blocks, due, before, self.global_state[LAYOUT_KEY])
+        return refreshed
 
     def _retry_with_eigh(
         self, name: str, block: CurvatureBlock, previous: dict[str, Tensor], method: str
@@ -361,6 +406,83 @@ class KFACPreconditioner:
             except torch.linalg.LinAlgError as exc:
                 why = str(exc).splitlines()[0]
         _keep_inverses(name, block, previous, why)
+
+    # ------------------------------------------------------------------- host check
+    def _unchecked_flags(self) -> _Unchecked:
+        """The device flags gathered since the last host check (started on the damping's device)."""
+        if self._unchecked is None:
+            zero = torch.zeros((), dtype=torch.int64, device=self.damping.device)
+            self._unchecked = _Unchecked(zero, zero + self._skipped_in_a_row, zero, zero - 1)
+        return self._unchecked
+
+    def _note_step(self, taken: Tensor) -> None:
+        """Count the step on the device: skipped (not `taken`) steps, the run of them, the latest."""
+        flags = self._unchecked_flags()
+        skipped = (~taken).long()
+        flags.skipped = flags.skipped + skipped
+        flags.run = (flags.run + 1) * skipped
+        flags.longest = torch.maximum(flags.longest, flags.run)
+        flags.last = torch.where(taken, flags.last, self.steps)
+
+    def _check_due(self) -> bool:
+        """Whether `prepare` makes the host check in this step."""
+        opts = self.options
+        if self.check_in_step or opts.max_skipped_steps is not None:
+            return True
+        if opts.damping == AUTO_DAMPING and self.steps == 0:  # the calibration reads anyway
+            return True
+        interval = opts.host_check_interval
+        return interval is not None and (self.steps + 1) % interval == 0
+
+    def check(
+        self, current: dict[str, dict[str, Tensor]] | None = None, extra: Tensor | None = None
+    ) -> tuple[bool, bool]:
+        """The host check: one read of what the device decided since the last check.
+
+        Warns of skipped steps (and raises once `max_skipped_steps` were skipped in a row) and of
+        failed inverse refreshes: those of the current step (`current`: the refreshed blocks'
+        state before) are retried with eigh or undone now, a skipped current step's refreshes
+        undone; earlier ones are refreshed again at the next step. `extra`, a 0-d bool tensor, is
+        read in the same read. Returns (whether the latest step was taken, `extra`'s value).
+        """
+        flags, self._unchecked = self._unchecked, None
+        if flags is None:
+            return self.latest_taken, bool(extra) if extra is not None else False
+        names = list(flags.inverses_ok)
+        counts = [flags.skipped, flags.run, flags.longest, flags.last]
+        more = [t.long() for t in flags.inverses_ok.values()] + ([extra.long()] if extra is not None else [])
+        values = torch.stack(counts + more).tolist()
+        skipped, run, longest, last = values[:4]
+        self._skipped_in_a_row = run
+        self.latest_taken = taken = run == 0
+        current = current or {}
+        if not taken:  # the current step changes nothing: its refreshed inverses are put back
+            for name, previous in current.items():
+                self.blocks[name].state.clear()
+                self.blocks[name].state.update(previous)
+        method = self.options.inverse_method.value
+        for name, ok in zip(names, values[4 : 4 + len(names)], strict=True):
+            if ok or (not taken and name in current):
+                continue
+            block = self.blocks[name]
+            if name in current:
+                block.state.clear()
+                block.state.update(current[name])
+                self._retry_with_eigh(name, block, current[name], method)
+            else:
+                self._refresh_next[name] = InverseMethod.EIGH.value if method == "cholesky" else method
+                _warn_kept(name, "the result is not finite; refreshed again at the next step")
+        if skipped and self.options.grad_scaler is None:  # else loss-scale overflows: the scaler skips too
+            message = (
+                f"K-FAC: non-finite gradient, statistic or loss at step {last}; the step was skipped "
+                f"and parameters and factors left unchanged ({run} skipped in a row, {skipped} since "
+                "the last host check)"
+            )
+            limit = self.options.max_skipped_steps
+            if limit is not None and longest >= limit:
+                raise RuntimeError(f"{message}: max_skipped_steps={limit} reached")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return taken, bool(values[-1]) if extra is not None else False
 
     # ---------------------------------------------------------------- preconditioning
     def grad_scale(self) -> float:
@@ -454,8 +576,12 @@ class KFACPreconditioner:
         """Start of a step: check finiteness, fold due statistics, refresh due inverses.
 
         With fisher_type 'mc' or 'type-2', a factor-update step first runs `fisher_pass(batch)`.
-        Returns the blocks' gradient matrices, or None (with one warning) when a gradient,
-        a recorded statistic or an `extra` tensor is not finite; then nothing has changed.
+        Whether every gradient, recorded statistic and `extra` tensor is finite is decided on the
+        device: `taken`, a 0-d bool tensor, masks the step's changes (factors folded, inverses
+        refreshed) and the caller's. Without a host check in the step (`host_check_interval`) the
+        host learns of a skipped step at the next `check`. With a check: returns None (with one
+        warning) for a skipped step, after which nothing has changed, and sets `taken` to None.
+        Returns the blocks' gradient matrices.
         """
         self._follow_model()
         if self.options.fisher_type != FisherType.EMPIRICAL and self._factor_step():
@@ -467,25 +593,19 @@ class KFACPreconditioner:
             self.fisher_pass(batch)
         mats = self.gradient_matrices()
         stats = self._statistics()
-        if not all_finite([*mats.values(), *stats.values(), *extra]):
-            self.discard_statistics()
-            self.examples = 0
-            if self.options.grad_scaler is not None:
-                return None  # a loss-scale overflow: the scaler skips the step and lowers its scale
-            self.skipped_in_a_row += 1
-            limit = self.options.max_skipped_steps
-            message = (
-                f"K-FAC: non-finite gradient, statistic or loss at step {self.steps}; the step was skipped "
-                f"and parameters and factors left unchanged ({self.skipped_in_a_row} skipped in a row)"
-            )
-            if limit is not None and self.skipped_in_a_row >= limit:
-                raise RuntimeError(f"{message}: max_skipped_steps={limit} reached")
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-            return None
-        self.skipped_in_a_row = 0
+        taken = finite_flag([*mats.values(), *stats.values(), *extra], self.damping.device)
+        self._note_step(taken)
         if not self.options.update_factors_manually:
-            self._fold(stats)
-        self.update_inverses()
+            self._fold(stats, taken)
+        current = self._refresh_inverses(taken=taken)
+        self.taken = taken
+        if self._check_due():
+            is_taken, _ = self.check(current)
+            if not is_taken:
+                self.discard_statistics()
+                self.examples = 0
+                return None
+            self.taken = None
         if self.options.damping == AUTO_DAMPING and self.steps == 0:  # torch_kfac.calibration
             self.calibrate(initial_damping(self.blocks, mats))
         return mats
@@ -509,21 +629,24 @@ class KFACPreconditioner:
         self.examples = 0
 
     @torch.no_grad()
-    def step(self, batch: tuple[Any, Tensor] | None = None) -> bool:
+    def step(self, batch: tuple[Any, Tensor] | None = None) -> bool | Tensor:
         """Replace the `.grad` of each block's parameters by the preconditioned gradient.
 
-        `batch=(inputs, targets)` is needed by fisher_type 'mc' and 'type-2'. Returns False
-        (after a warning) if the step was skipped for non-finite values.
+        `batch=(inputs, targets)` is needed by fisher_type 'mc' and 'type-2'. A step with a
+        non-finite gradient or statistic is skipped: the gradients stay as they were and the
+        factors and inverses unchanged. Returns whether the step was taken: a bool after a host
+        check in the step, else a 0-d bool tensor (reading it is the host read the step saved).
         """
         mats = self.prepare(batch=batch)
         if mats is None:
             return False
+        taken = self.taken
         for param, new_grad in per_parameter(self.blocks, self.precondition_all(mats)):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            param.grad.copy_(new_grad)
+            param.grad.copy_(new_grad if taken is None else torch.where(taken, new_grad, param.grad))
         self.finish_step()
-        return True
+        return True if taken is None else taken
 
     # --------------------------------------------------------------------- reporting
     def describe(self) -> str:
@@ -541,6 +664,8 @@ class KFACPreconditioner:
         other ranks hold, so the result loads with any number of ranks. `complete=False` keeps
         this rank's own (a snapshot it restores itself).
         """
+        if complete:
+            self.check()
         blocks = {name: {k: v.clone() for k, v in b.state.items()} for name, b in self.blocks.items()}
         if complete and self.distributed is not None:  # DISTRIBUTED: collective
             layouts = self.global_state.get(LAYOUT_KEY, {})
@@ -624,11 +749,39 @@ def _keep_inverses(name: str, block: CurvatureBlock, previous: dict[str, Tensor]
     """Put back a block's state from before a failed inverse update, and say so."""
     block.state.clear()
     block.state.update(previous)
+    _warn_kept(name, why)
+
+
+def _warn_kept(name: str, why: str) -> None:
     warnings.warn(
         f"K-FAC: the inverse update of block {name!r} failed ({why}); its previous inverses are kept",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
+
+
+def _identity_like(inverse: Tensor) -> Tensor:
+    """An identity in the layout of a cached inverse (ones for a diagonal): the raw gradient."""
+    if inverse.dim() >= 2 and inverse.shape[-1] == inverse.shape[-2]:
+        eye = torch.eye(inverse.shape[-1], dtype=inverse.dtype, device=inverse.device)
+        return eye.expand_as(inverse)
+    return torch.ones_like(inverse)
+
+
+@dataclass
+class _Unchecked:
+    """What the device decided and the host has not read yet (0-d tensors, updated without a read)."""
+
+    #: Steps skipped since the last host check.
+    skipped: Tensor
+    #: Steps skipped in a row up to the latest step.
+    run: Tensor
+    #: The longest such run since the last host check.
+    longest: Tensor
+    #: The latest skipped step (-1: none).
+    last: Tensor
+    #: Per refreshed block: whether its new inverses were finite (at every refresh).
+    inverses_ok: dict[str, Tensor] = field(default_factory=dict)
 
 
 def factor_dtype(options: PreconditionerOptions, param_dtype: torch.dtype) -> torch.dtype:
@@ -644,7 +797,12 @@ def loss_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every tensor is finite, with a single host synchronisation.
+    """Whether every tensor is finite, with a single host synchronisation (`finite_flag`, read)."""
+    return bool(finite_flag(tensors))
+
+
+def finite_flag(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:
+    """Whether every tensor is finite, as a 0-d bool tensor (on `device` when there are none).
 
     A NaN or inf entry makes its tensor's sum non-finite, and a sum is one read of the tensor
     with no boolean temporary (about 15x cheaper than `isfinite(t).all()` on a CPU). 16-bit
@@ -652,4 +810,6 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     for entries near 1e30, where reporting the tensor as non-finite (skipping the step) is safe.
     """
     sums = [t.sum(dtype=torch.float64) if t.dtype in LOW_PRECISION else t.sum() for t in tensors]
-    return bool(torch.stack(sums).isfinite().all()) if sums else True
+    if not sums:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack(sums).isfinite().all()

@@ -23,15 +23,21 @@ from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.options import MomentumType
 
 
-def velocity(state: MutableMapping[str, Any], vec: Tensor, mu: float) -> Tensor:
-    """v <- mu v + vec, kept in `state['momentum_buffer']` (no buffer when mu == 0)."""
+def velocity(state: MutableMapping[str, Any], vec: Tensor, mu: float, taken: Tensor | None = None) -> Tensor:
+    """v <- mu v + vec, kept in `state['momentum_buffer']` (no buffer when mu == 0).
+
+    With `taken`, a 0-d bool tensor, the buffer is left as it was where it is False (a step
+    skipped on the device; a buffer started in such a step starts at zero).
+    """
     if mu == 0:
         return vec
     buf = state.get("momentum_buffer")
     if buf is None:
-        buf = state["momentum_buffer"] = vec.clone()
-    else:
+        buf = state["momentum_buffer"] = vec.clone() if taken is None else torch.where(taken, vec, 0.0)
+    elif taken is None:
         buf.mul_(mu).add_(vec)
+    else:
+        buf.copy_(torch.where(taken, buf.mul(mu).add(vec), buf))
     return buf
 
 
@@ -55,16 +61,18 @@ def block_updates(
     lr: float,
     mu: float,
     bound: float | None,
+    taken: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The update direction of every block (before lr and weight decay), by block name.
 
     `precondition(mats)` applies every block's P (at once: in distributed runs the results are
-    broadcast in buckets); `states[name]` holds a block's momentum buffer.
+    broadcast in buckets); `states[name]` holds a block's momentum buffer (masked with `taken`,
+    see `velocity`).
     """
     if momentum_type == MomentumType.REGULAR:
         natural = clip(mats, precondition(mats), lr, bound)
-        return {n: velocity(states[n], v, mu) for n, v in natural.items()}
-    velocities = {n: velocity(states[n], m, mu) for n, m in mats.items()}
+        return {n: velocity(states[n], v, mu, taken) for n, v in natural.items()}
+    velocities = {n: velocity(states[n], m, mu, taken) for n, m in mats.items()}
     return clip(velocities, precondition(velocities), lr, bound)
 
 

@@ -318,22 +318,31 @@ class CurvatureBlock(ABC):
         for k in self.FACTORS if keys is None else keys:
             self._pending[k] = []
 
-    def fold_pending(self, decay: float) -> None:
-        """Fold the pending statistics into the zero-debiased running averages."""
+    def fold_pending(self, decay: float, taken: Tensor | None = None) -> None:
+        """Fold the pending statistics into the zero-debiased running averages (see `fold_statistic`)."""
         for key in self.FACTORS:
             if not self._pending[key]:
                 continue
-            self.fold_statistic(key, self.pending(key), decay)
+            self.fold_statistic(key, self.pending(key), decay, taken)
             self._pending[key] = []
 
-    def fold_statistic(self, key: str, batch: Tensor, decay: float) -> None:
-        """Fold one batch statistic (e.g. averaged over ranks) into factor `key`'s running average."""
+    def fold_statistic(self, key: str, batch: Tensor, decay: float, taken: Tensor | None = None) -> None:
+        """Fold one batch statistic (e.g. averaged over ranks) into factor `key`'s running average.
+
+        With `taken`, a 0-d bool tensor, the factor is left as it was where it is False (decided on
+        the device: a skipped step); a factor folded first in a skipped step has weight 0.
+        """
         ema, weight = self.state.get(f"{key}_ema"), self.state.get(f"{key}_weight")
         if ema is None or weight is None:  # 16-bit statistics (autocast) average in float32
             ema = torch.zeros_like(batch, dtype=solver_dtype(batch.dtype))
             weight = ema.new_zeros(())
-        self.state[f"{key}_ema"] = ema.lerp_(batch.to(ema.dtype), 1.0 - decay)
-        self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
+        if taken is None:
+            self.state[f"{key}_ema"] = ema.lerp_(batch.to(ema.dtype), 1.0 - decay)
+            self.state[f"{key}_weight"] = weight.mul_(decay).add_(1.0 - decay)
+            return
+        new_ema = ema.lerp(batch.to(ema.dtype), 1.0 - decay)
+        self.state[f"{key}_ema"] = torch.where(taken, new_ema, ema)
+        self.state[f"{key}_weight"] = torch.where(taken, weight.mul(decay).add(1.0 - decay), weight)
 
     def follow_weight(self, dtype: torch.dtype) -> None:
         """Move the state to the parameters' device and to `dtype`, the factor dtype (after `model.to`)."""

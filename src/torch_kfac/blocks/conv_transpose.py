@@ -139,9 +139,9 @@ class ConvTransposeBlock(KroneckerBlock):
         g = g.reshape(n, self.groups, c // self.groups, -1)  # (N, groups, C_out/g, locations)
         return g.permute(1, 0, 3, 2)
 
-    def fold_pending(self, decay: float) -> None:
+    def fold_pending(self, decay: float, taken: Tensor | None = None) -> None:
         """Fold the pending statistics and forget the output shapes they assumed."""
-        super().fold_pending(decay)
+        super().fold_pending(decay, taken)
         self._expected_shapes.clear()
 
     def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:

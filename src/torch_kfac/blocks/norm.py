@@ -134,9 +134,9 @@ class NormBlock(WeightBiasBlock):
         if keys is None or all(k in self.FORWARD_FACTORS for k in keys):
             self._drop_cache()
 
-    def fold_pending(self, decay: float) -> None:
+    def fold_pending(self, decay: float, taken: Tensor | None = None) -> None:
         """Fold the pending statistics into the running average and drop the cached inputs."""
-        super().fold_pending(decay)
+        super().fold_pending(decay, taken)
         self._drop_cache()
 
     def _drop_cache(self) -> None:

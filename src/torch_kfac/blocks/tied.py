@@ -145,10 +145,10 @@ class TiedBlock(CurvatureBlock):
             mine = None if keys is None else tuple(k.split(":", 1)[1] for k in keys if k.startswith(f"{i}:"))
             member.clear_pending(mine)
 
-    def fold_pending(self, decay: float) -> None:
+    def fold_pending(self, decay: float, taken: Tensor | None = None) -> None:
         """Both members fold their statistics."""
         for member in self.members:
-            member.fold_pending(decay)
+            member.fold_pending(decay, taken)
 
     def has_factors(self) -> bool:
         """Both uses have been estimated."""
