@@ -774,3 +774,38 @@ def test_repr_shows_the_hyperparameters_damping_and_registration() -> None:
     assert text.startswith("KFAC(lr=0.1, momentum=0.5, weight_decay=0.0, ")
     assert "damping=0.01)\nK-FAC registration:\n  0.weight: LinearBlock" in text
     assert repr(opt.preconditioner).startswith("KFACPreconditioner(\nK-FAC registration:\n")
+
+
+def test_last_stats_hold_the_learning_rate_and_momentum_of_a_fixed_step() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9)
+    train(opt, model, 1)
+    assert opt.last_stats["learning_rate"] == 0.1 and opt.last_stats["momentum"] == 0.9
+
+
+def test_a_damping_set_by_the_user_is_kept_without_adaptation() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    opt.damping = 0.5
+    train(opt, model, 2)
+    assert opt.damping.item() == 0.5 and opt.last_stats["damping"].item() == 0.5
+
+
+def test_scheduled_norm_constraint_equals_the_constant_one() -> None:
+    runs = []
+    for bound in (1e-5, lambda step: 1e-5):
+        model = make_mlp()
+        opt = KFAC(model, 0.5, 1e-2, momentum=0.0, norm_constraint=bound)
+        train(opt, model, 2)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs, strict=True))
+
+
+def test_zero_grad_sets_gradients_to_none_or_to_zero() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    loss_of(model, *make_data()).backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())

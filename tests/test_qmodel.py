@@ -99,6 +99,24 @@ def test_dot_over_the_shared_keys() -> None:
     assert dot({"b": u["b"]}, v).item() == 0.0  # nothing shared
 
 
+def test_a_single_scalar_target_is_used_whole_with_max_examples() -> None:
+    """A 0-d target (one summed output) has no examples to take the leading ones of."""
+
+    class Total(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = make_mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).sum()
+
+    model, x = Total(), make_data()[0]
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    y = torch.tensor(0.5)
+    whole = ExactCurvature(model, nn.MSELoss()).gram(x, y, [direction])
+    assert torch.equal(ExactCurvature(model, nn.MSELoss(), max_examples=4).gram(x, y, [direction]), whole)
+
+
 def test_leading_examples_slices_every_input_tensor() -> None:
     x, y = make_data(n=6)
     lengths, scalar = torch.arange(6), torch.tensor(3.0)  # a per-example vector; a 0-d tensor is shared
