@@ -204,3 +204,52 @@ def test_mc_needs_the_batch_and_refuses_explicit_tracking_and_weights() -> None:
     )
     with pytest.raises(ValueError, match="type-2"):
         weighted.step(batch=(x, y))
+
+
+def _recording_labels(pre: KFACPreconditioner) -> list[Tensor]:
+    """Record the labels the preconditioner's MC pass draws."""
+    assert pre.loss_curvature is not None
+    draw, drawn = pre.loss_curvature.sample_targets, []
+
+    def recorded(outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
+        drawn.append(draw(outputs, targets, generator))
+        return drawn[-1]
+
+    pre.loss_curvature.sample_targets = recorded  # type: ignore[method-assign]
+    return drawn
+
+
+def test_mc_fisher_is_the_mean_of_the_empirical_fishers_of_the_sampled_labels() -> None:
+    """mc_samples=3: G is the average of the empirical G of each label set drawn, A the usual."""
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = make_data(n=6)
+    model = make_mlp()
+    pre = KFACPreconditioner(model, fisher_type="mc", mc_samples=3, loss_fn=loss_fn, mc_seed=1)
+    drawn = _recording_labels(pre)
+    sampled = factors(pre, model, loss_fn, x, y)
+    assert len(drawn) == 3 and not all(torch.equal(drawn[0], d) for d in drawn[1:])
+    empirical = []
+    for labels in drawn:
+        reference = make_mlp()
+        empirical.append(factors(KFACPreconditioner(reference), reference, loss_fn, x, labels))
+    for name, (a, g) in sampled.items():
+        torch.testing.assert_close(a, empirical[0][name][0], rtol=1e-12, atol=1e-14)
+        mean_g = torch.stack([e[name][1] for e in empirical]).mean(0)
+        torch.testing.assert_close(g, mean_g, rtol=1e-10, atol=1e-14)
+
+
+def test_mc_seed_draws_reproducible_labels_and_new_ones_every_step() -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = make_data(n=12)
+    runs = []
+    for global_seed in (0, 1):  # the global generator does not matter with mc_seed
+        model = make_mlp()
+        pre = KFACPreconditioner(model, fisher_type="mc", loss_fn=loss_fn, mc_seed=7)
+        drawn = _recording_labels(pre)
+        torch.manual_seed(global_seed)
+        for _ in range(3):
+            factors(pre, model, loss_fn, x, y)
+        runs.append(drawn)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    first = runs[0]
+    assert not any(torch.equal(first[i], first[j]) for i in range(3) for j in range(i + 1, 3))

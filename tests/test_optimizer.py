@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +184,31 @@ def test_state_dict_round_trip_continues_bit_identically() -> None:
     for name, block in opt.blocks.items():
         assert torch.equal(block.A, fresh_opt.blocks[name].A)
         assert torch.equal(block.G, fresh_opt.blocks[name].G)
+
+
+def test_state_dict_of_version_0_2_0_is_split_into_curvature_and_optimizer_state() -> None:
+    """tests/golden/state_dict_0_2_0.pt was written by version 0.2.0 after 3 adaptive-damping steps: one
+    shared `state`, the global entry (step, damping, the damping rule's memory) under 'kfac' and each
+    block's factors and inverses in the entry of its first parameter, beside the momentum buffer."""
+    saved = torch.load(Path(__file__).parent / "golden" / "state_dict_0_2_0.pt", weights_only=True)
+    old = saved["optimizer"]
+    shared, entries = old["state"]["kfac"], {0: old["state"][0], 2: old["state"][2]}
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    model.load_state_dict(saved["model"])
+    opt = KFAC(model, 0.5, 1.0, momentum=0.9, adapt_damping=True, damping_adaptation_interval=1)
+    opt.load_state_dict(old)
+    assert opt.preconditioner.steps == 3 and opt.learning_rate == 0.1
+    assert opt.damping.item() == shared["damping"].item()
+    assert opt.adaptation.keys() == {"prev_loss", "rho", "qmodel_change"}
+    assert all(torch.equal(opt.adaptation[k], shared[k]) for k in opt.adaptation)
+    for index, (name, layer) in zip((0, 2), (("0", model[0]), ("2", model[2])), strict=True):
+        curvature = {k: v for k, v in entries[index].items() if k != "momentum_buffer"}
+        state = opt.blocks[name].state
+        assert state.keys() == curvature.keys() and all(torch.equal(state[k], curvature[k]) for k in state)
+        assert set(opt.state[layer.weight]) == {"momentum_buffer"}
+        assert torch.equal(opt.state[layer.weight]["momentum_buffer"], entries[index]["momentum_buffer"])
+    train(opt, model, 1)
+    assert opt.preconditioner.steps == 4 and "rho" in opt.last_stats
 
 
 def test_lr_scheduler_drives_the_learning_rate() -> None:
@@ -774,3 +800,82 @@ def test_default_guard_keeps_a_tiny_conv_norm_net_finite_and_falling(lr: float, 
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert max(losses) <= losses[0] * 1.1 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_weight_decay_applies_to_parameters_outside_any_block() -> None:
+    model = _Scaled()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.0, weight_decay=0.5)
+    s = grads_and_step(opt, model, *make_data())
+    torch.testing.assert_close(s["d/scale"], 0.1 * (s["g/scale"] + 0.5 * 1.5), rtol=1e-12, atol=1e-15)
+
+
+def test_a_model_without_curvature_blocks_takes_plain_sgd_steps() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :3] * self.weight
+
+    model = Scale()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.0)
+    assert opt.blocks == {}
+    s = grads_and_step(opt, model, *make_data())
+    torch.testing.assert_close(s["d/weight"], 0.1 * s["g/weight"], rtol=1e-12, atol=1e-15)
+
+
+def test_layers_without_bias_keep_their_velocity_in_the_weight_state() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9, inverse_update_steps=1, norm_constraint=None)
+    s1 = grads_and_step(opt, model, *make_data(seed=1))
+    torch.testing.assert_close(opt.state[model[2].weight]["momentum_buffer"][0], s1["d/2.weight"] / 0.1)
+    s2 = grads_and_step(opt, model, *make_data(seed=2))
+    p2 = natural(opt, "2", s2["g/2.weight"])
+    torch.testing.assert_close(
+        s2["d/2.weight"], 0.1 * (0.9 * s1["d/2.weight"] / 0.1 + p2), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_repr_shows_the_hyperparameters_damping_and_registration() -> None:
+    opt = KFAC(make_mlp(), 0.1, 1e-2, momentum=0.5)
+    text = repr(opt)
+    assert text.startswith("KFAC(lr=0.1, momentum=0.5, weight_decay=0.0, ")
+    assert "damping=0.01)\nK-FAC registration:\n  0.weight: LinearBlock" in text
+    assert repr(opt.preconditioner).startswith("KFACPreconditioner(\nK-FAC registration:\n")
+
+
+def test_last_stats_hold_the_learning_rate_and_momentum_of_a_fixed_step() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9)
+    train(opt, model, 1)
+    assert opt.last_stats["learning_rate"] == 0.1 and opt.last_stats["momentum"] == 0.9
+
+
+def test_a_damping_set_by_the_user_is_kept_without_adaptation() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    opt.damping = 0.5
+    train(opt, model, 2)
+    assert opt.damping.item() == 0.5 and opt.last_stats["damping"].item() == 0.5
+
+
+def test_scheduled_norm_constraint_equals_the_constant_one() -> None:
+    runs = []
+    for bound in (1e-5, lambda step: 1e-5):
+        model = make_mlp()
+        opt = KFAC(model, 0.5, 1e-2, momentum=0.0, norm_constraint=bound)
+        train(opt, model, 2)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs, strict=True))
+
+
+def test_zero_grad_sets_gradients_to_none_or_to_zero() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    loss_of(model, *make_data()).backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tests.conftest import make_data, make_mlp
+from tests.test_optimizer import _Scaled
 from tests.test_qmodel import dense_ggn, flat
 from torch_kfac import KFAC
 
@@ -30,19 +31,30 @@ def one_step(opt: KFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     return record
 
 
-@pytest.mark.parametrize("qmodel_batch_size", [None, 4])
-def test_learning_rate_and_momentum_minimise_the_exact_quadratic(qmodel_batch_size: int | None) -> None:
+FIXED = {"lr": 0.1, "momentum": 0.5}  # the values of the coefficient that is not adapted
+
+
+@pytest.mark.parametrize(
+    ("adapted", "qmodel_batch_size"),
+    [("both", None), ("both", 4), ("lr", None), ("momentum", None)],
+)
+def test_learning_rate_and_momentum_minimise_the_exact_quadratic(
+    adapted: str, qmodel_batch_size: int | None
+) -> None:
     """With qmodel_batch_size m the curvature is the GGN of the batch's first m examples; the
-    gradient stays the whole batch's."""
+    gradient stays the whole batch's. A coefficient that is not adapted keeps its option's value and
+    the other minimises the model along its direction."""
     model = make_mlp()
+    free = {"lr": adapted in ("both", "lr"), "momentum": adapted in ("both", "momentum")}
     opt = KFAC(
         model,
         damping=1e-2,
         loss_fn=LOSS,
-        adaptive_learning_rate=True,
-        adaptive_momentum=True,
+        adaptive_learning_rate=free["lr"],
+        adaptive_momentum=free["momentum"],
         inverse_update_steps=1,
         qmodel_batch_size=qmodel_batch_size,
+        **{k: v for k, v in FIXED.items() if not free[k]},
     )
     x, y = make_data()
     names = [n for n, _ in model.named_parameters()]
@@ -67,7 +79,15 @@ def test_learning_rate_and_momentum_minimise_the_exact_quadratic(qmodel_batch_si
     at_theta1.load_state_dict(theta1)
     count = qmodel_batch_size or len(y)
     damped = dense_ggn(at_theta1, LOSS, x[:count], y[:count]) + opt.damping * torch.eye(len(g))
-    expected = -torch.linalg.solve(basis.T @ damped @ basis, basis.T @ g)
+    m, b = basis.T @ damped @ basis, basis.T @ g
+    if adapted == "both":
+        expected = -torch.linalg.solve(m, b)
+    elif adapted == "lr":
+        expected = torch.stack(
+            [-(b[0] + m[0, 1] * FIXED["momentum"]) / m[0, 0], torch.tensor(FIXED["momentum"])]
+        )
+    else:
+        expected = torch.stack([torch.tensor(FIXED["lr"]), -(b[1] + m[1, 0] * FIXED["lr"]) / m[1, 1]])
     torch.testing.assert_close(torch.stack([alpha, mu]), expected, rtol=1e-8, atol=1e-12)
 
     def q(c: torch.Tensor) -> torch.Tensor:
@@ -76,8 +96,8 @@ def test_learning_rate_and_momentum_minimise_the_exact_quadratic(qmodel_batch_si
 
     best = torch.stack([alpha, mu])
     grid = torch.linspace(-0.05, 0.05, 41)
-    values = torch.stack([q(best + torch.stack([a, b])) for a in grid for b in grid])
-    assert q(best) <= values.min() + 1e-12
+    steps = [torch.stack([a * free["lr"], c * free["momentum"]]) for a in grid for c in grid]
+    assert q(best) <= torch.stack([q(best + step) for step in steps]).min() + 1e-12
     assert alpha.item() > 0
 
 
@@ -153,6 +173,7 @@ def test_rejected_step_restores_parameters_and_state_exactly() -> None:
     opt.learning_rate = 1e4  # a step that must overshoot
     one_step(opt, model, x, y)
     assert opt.last_stats["rejected"]
+    assert opt.last_stats["damping"].item() == opt.damping.item()  # the raised damping
     for n, p in model.named_parameters():
         assert torch.equal(p, params[n])
     after = opt.state_dict()
@@ -407,3 +428,59 @@ def test_max_damping_bounds_the_damping_of_a_rejected_step() -> None:
     bounded = _damping_after_one_step(0.2, 10.0, max_damping=0.3, reject_steps=True)
     assert bounded.last_stats["rejected"]
     assert bounded.damping.item() == pytest.approx(0.3, rel=1e-12)
+
+
+def test_damping_is_adapted_every_interval_steps() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.3, 1e-2, loss_fn=LOSS, adapt_damping=True, damping_adaptation_interval=2)
+    x, y = make_data()
+    adapted = []
+    for _ in range(5):
+        one_step(opt, model, x, y)
+        adapted.append(opt.last_stats["qmodel_change"] is not None)
+    assert adapted == [True, False, True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("options", "with_batch"),
+    [
+        ({"adapt_damping": True, "damping_adaptation_interval": 1}, False),
+        ({"adapt_damping": True, "damping_adaptation_interval": 1, "qmodel_curvature": "exact"}, True),
+        ({"adaptive_learning_rate": True, "adaptive_momentum": True}, True),
+    ],
+    ids=["loss_pairing", "exact_q", "adaptive_lr"],
+)
+def test_mean_and_sum_reductions_take_the_same_adaptive_steps(options: dict, with_batch: bool) -> None:
+    """The damping rule and the quadratic model see the mean loss's scale whatever the reduction."""
+    runs = {}
+    for reduction in ("mean", "sum"):
+        model = make_mlp()
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        opt = KFAC(model, 0.3, 1e-2, loss_fn=loss_fn, reduction=reduction, **options)
+        for seed in range(3):
+            x, y = make_data(seed=seed)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step(loss=loss, batch=(x, y) if with_batch else None)
+        runs[reduction] = (model, opt)
+    (mean, mean_opt), (summed, sum_opt) = runs["mean"], runs["sum"]
+    for p, q in zip(mean.parameters(), summed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sum_opt.damping, mean_opt.damping, rtol=1e-12, atol=0)
+    if "adapt_damping" in options:
+        assert mean_opt.last_stats["rho"] is not None
+        torch.testing.assert_close(sum_opt.last_stats["rho"], mean_opt.last_stats["rho"], rtol=1e-9, atol=0)
+
+
+def test_parameters_outside_any_block_move_along_minus_the_gradient_in_the_quadratic_model() -> None:
+    """The first adaptive step is alpha v1, v1 = -F^-1 g in the blocks and -g elsewhere."""
+    model = _Scaled()
+    opt = KFAC(model, damping=1e-2, loss_fn=LOSS, adaptive_learning_rate=True)
+    x, y = make_data()
+    record = one_step(opt, model, x, y)
+    alpha = opt.last_stats["learning_rate"]
+    assert alpha.item() > 0
+    torch.testing.assert_close(
+        model.scale - record["p/scale"], -alpha * record["g/scale"], rtol=1e-12, atol=1e-15
+    )

@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
-from torch_kfac.qmodel import ExactCurvature, leading_examples, quadratic_value, solve_coefficients
+from torch_kfac.qmodel import ExactCurvature, dot, leading_examples, quadratic_value, solve_coefficients
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -78,10 +78,51 @@ def test_sub_batch_gram_is_the_gram_of_the_leading_examples(reduction: str) -> N
     assert torch.equal(ExactCurvature(model, loss_fn, max_examples=16).gram(x, y, dirs), whole)
 
 
+def test_gram_of_directions_over_different_parameters() -> None:
+    """Each direction is zero on the parameters it leaves out."""
+    model = make_mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = make_data()
+    names = [n for n, _ in model.named_parameters()]
+    first = {"0.weight": torch.randn(8, 5)}
+    last = {"2.weight": torch.randn(3, 8), "2.bias": torch.randn(3)}
+    gram = ExactCurvature(model, loss_fn).gram(x, y, [first, last])
+    zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    vs = torch.stack([flat(zeros | first, names), flat(zeros | last, names)])
+    torch.testing.assert_close(gram, vs @ dense_ggn(model, loss_fn, x, y) @ vs.T, rtol=1e-10, atol=1e-12)
+
+
+def test_dot_over_the_shared_keys() -> None:
+    u = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)}
+    v = {"a": torch.tensor([4.0, -1.0]), "c": torch.tensor(5.0)}
+    assert dot(u, v).item() == 2.0
+    assert dot({"b": u["b"]}, v).item() == 0.0  # nothing shared
+
+
+def test_a_single_scalar_target_is_used_whole_with_max_examples() -> None:
+    """A 0-d target (one summed output) has no examples to take the leading ones of."""
+
+    class Total(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = make_mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).sum()
+
+    model, x = Total(), make_data()[0]
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    y = torch.tensor(0.5)
+    whole = ExactCurvature(model, nn.MSELoss()).gram(x, y, [direction])
+    assert torch.equal(ExactCurvature(model, nn.MSELoss(), max_examples=4).gram(x, y, [direction]), whole)
+
+
 def test_leading_examples_slices_every_input_tensor() -> None:
     x, y = make_data(n=6)
-    inputs, targets = leading_examples((x, x + 1, 3.0), y, 2)
+    lengths, scalar = torch.arange(6), torch.tensor(3.0)  # a per-example vector; a 0-d tensor is shared
+    inputs, targets = leading_examples((x, x + 1, 3.0, lengths, scalar), y, 2)
     assert torch.equal(inputs[0], x[:2]) and torch.equal(inputs[1], x[:2] + 1) and inputs[2] == 3.0
+    assert torch.equal(inputs[3], lengths[:2]) and inputs[4] is scalar
     assert torch.equal(targets, y[:2])
     single, _ = leading_examples(x, y, 4)
     assert torch.equal(single, x[:4])
