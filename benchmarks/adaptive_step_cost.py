@@ -49,6 +49,7 @@ INTERVALS = {
     k: presets.ADAPTIVE[k]
     for k in ("fisher_type", "factor_update_steps", "inverse_update_steps", "warmup_steps")
 }
+CONFIGS = ("adam", "kfac", "kfac+lm", "preset-whole", "preset", "preset-64")
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
@@ -118,9 +119,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="with kfac")
     parser.add_argument("--out", type=Path, help="default: results/adaptive_step_cost_b<batch size>")
     args = parser.parse_args(argv)
     args.out = args.out or RESULTS / f"adaptive_step_cost_b{args.batch_size}"
+    if "kfac" not in args.configs:
+        raise ValueError("--configs must include kfac (the ratios' reference)")
     device = torch.device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
         raise ValueError("--clock cpu times CPU runs only")
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     gen = torch.Generator().manual_seed(0)
     batch = (torch.rand(args.batch_size, 784, generator=gen) > 0.5).float().to(device)
-    names = ["adam", "kfac", "kfac+lm", "preset-whole", "preset", "preset-64"]
+    names = args.configs
     timed = {n: t[WARMUP:] for n, t in time_steps(names, batch, WARMUP + args.steps, clock).items()}
     means = {name: statistics.fmean(t) for name, t in timed.items()}
     medians = {name: statistics.median(t) for name, t in timed.items()}

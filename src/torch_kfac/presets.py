@@ -29,8 +29,8 @@ ADAPTIVE: dict[str, Any] = {
     "inverse_update_steps": 5,
     "warmup_steps": 20,
     # The quadratic model's curvature on the batch's first 128 examples: at batch 250 a step costs
-    # 0.8x the whole batch's for the same held-out loss after 60 s (race.py); 64 examples ended above
-    # Adam on the ResNet of tests/test_presets.py (benchmarks/README.md, "The adaptive preset").
+    # 0.94x the whole batch's for the same held-out loss after 60 s (race.py); 64 examples ended
+    # above Adam on the ResNet of tests/test_presets.py (benchmarks/README.md, "The adaptive preset").
     "qmodel_batch_size": 128,
 }
 
