@@ -6,19 +6,21 @@ sigmoid cross-entropy summed over pixels and averaged over the batch):
 * adam: torch.optim.Adam.
 * kfac: fixed learning rate, momentum and damping.
 * kfac+lm: Levenberg-Marquardt damping from a same-batch loss evaluation every 5 steps.
-* kfac+qmodel: learning rate and momentum from the exact quadratic model every step (one
-  forward-mode pass that carries both directions) plus the Levenberg-Marquardt damping of kfac+lm,
-  with the quadratic model's curvature on the whole batch (`qmodel_batch_size=None`).
-* kfac+qmodel-default: the same with the library's default `qmodel_batch_size` (the curvature on
-  the batch's leading examples only).
+* preset-whole: `torch_kfac.presets.adaptive`, learning rate and momentum from the exact quadratic
+  model every step (one forward-mode pass that carries both directions) plus the
+  Levenberg-Marquardt damping of kfac+lm, with the quadratic model's curvature on the whole batch
+  (`qmodel_batch_size=None`).
+* preset: the preset as shipped (its `qmodel_batch_size`).
+* preset-64: the preset with the option's default `qmodel_batch_size` (64 leading examples).
 
-Every configuration uses the library's default update intervals and runs the same number of
-steps on the same synthetic binary images (the cost does not depend on the data) after an untimed
-warm-up longer than K-FAC's curvature warm-up. The configurations take turns step by step, so a
-machine whose load changes during the run slows them alike. The mean step time (amortized over
-whole update cycles), the median, and their ratios to `kfac` are written to
-`benchmarks/results/adaptive_step_cost.json` and `.md`. `--clock cpu` times the process's CPU
-time instead of the wall clock (steadier on a shared machine; CPU only).
+Every configuration uses the preset's curvature (MC Fisher) and update intervals (factors every
+step, inverses every 5 steps), so the ratios to `kfac` are those of the adaptive machinery alone,
+and runs the same number of steps on the same synthetic binary images (the cost does not depend
+on the data) after an untimed warm-up longer than K-FAC's curvature warm-up. The configurations
+take turns step by step, so a machine whose load changes during the run slows them alike. The
+mean step time (amortized over whole update cycles), the median, and their ratios to `kfac` are
+written to `benchmarks/results/adaptive_step_cost_b<batch size>.json` and `.md`. `--clock cpu`
+times the process's CPU time instead of the wall clock (steadier on a shared machine; CPU only).
 
     python benchmarks/adaptive_step_cost.py [--batch-size 1000] [--steps 30] [--device cpu] [--clock wall]
 """
@@ -35,14 +37,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import KFAC_DEFAULTS
 from torch import nn
 
-from torch_kfac import KFAC
+from torch_kfac import KFAC, presets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Untimed steps: past K-FAC's curvature warm-up (every-step refreshes), plus a few.
-WARMUP = KFAC_DEFAULTS["warmup_steps"] + 3
+WARMUP = presets.ADAPTIVE["warmup_steps"] + 3
+#: The preset's curvature and update intervals, shared by every K-FAC configuration.
+INTERVALS = {
+    k: presets.ADAPTIVE[k]
+    for k in ("fisher_type", "factor_update_steps", "inverse_update_steps", "warmup_steps")
+}
+CONFIGS = ("adam", "kfac", "kfac+lm", "preset-whole", "preset", "preset-64")
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
@@ -70,21 +77,13 @@ def make_optimizer(name: str, model: nn.Module, loss_fn: nn.Module) -> torch.opt
     """The optimizer of configuration `name`."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
-    common = {"damping": 1.0, "loss_fn": loss_fn}
+    common = {"damping": 1.0, "loss_fn": loss_fn, **INTERVALS}
     if name == "kfac":
         return KFAC(model, 0.05, momentum=0.9, **common)
     if name == "kfac+lm":
         return KFAC(model, 0.05, momentum=0.9, adapt_damping=True, damping_adaptation_interval=5, **common)
-    whole_batch = {"qmodel_batch_size": None} if name == "kfac+qmodel" else {}
-    return KFAC(
-        model,
-        adaptive_learning_rate=True,
-        adaptive_momentum=True,
-        adapt_damping=True,
-        damping_adaptation_interval=5,
-        **whole_batch,
-        **common,
-    )
+    sizes = {"preset-whole": {"qmodel_batch_size": None}, "preset-64": {"qmodel_batch_size": 64}}
+    return presets.adaptive(model, loss_fn, **sizes.get(name, {}))
 
 
 def time_steps(
@@ -120,8 +119,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-    parser.add_argument("--out", type=Path, default=RESULTS / "adaptive_step_cost")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="with kfac")
+    parser.add_argument("--out", type=Path, help="default: results/adaptive_step_cost_b<batch size>")
     args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / f"adaptive_step_cost_b{args.batch_size}"
+    if "kfac" not in args.configs:
+        raise ValueError("--configs must include kfac (the ratios' reference)")
     device = torch.device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
         raise ValueError("--clock cpu times CPU runs only")
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     gen = torch.Generator().manual_seed(0)
     batch = (torch.rand(args.batch_size, 784, generator=gen) > 0.5).float().to(device)
-    names = ["adam", "kfac", "kfac+lm", "kfac+qmodel", "kfac+qmodel-default"]
+    names = args.configs
     timed = {n: t[WARMUP:] for n, t in time_steps(names, batch, WARMUP + args.steps, clock).items()}
     means = {name: statistics.fmean(t) for name, t in timed.items()}
     medians = {name: statistics.median(t) for name, t in timed.items()}
@@ -158,14 +161,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "device": device_name,
         "batch_size": args.batch_size,
         "clock": args.clock,
-        "qmodel_batch_size_default": KFAC_DEFAULTS["qmodel_batch_size"],
+        "preset_qmodel_batch_size": presets.ADAPTIVE["qmodel_batch_size"],
         "results": rows,
     }
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     lines = [
         f"Command: `{command.strip()}` on {device_name}, batch {args.batch_size}, "
-        f"{args.steps} steps after {WARMUP} untimed ones, default update intervals, {args.clock} clock, "
-        f"default qmodel_batch_size {KFAC_DEFAULTS['qmodel_batch_size']}.",
+        f"{args.steps} steps after {WARMUP} untimed ones, {args.clock} clock; every K-FAC configuration "
+        f"with the preset's curvature and intervals ({INTERVALS}); the preset's qmodel_batch_size "
+        f"{presets.ADAPTIVE['qmodel_batch_size']}.",
         "",
         "| configuration | mean step (ms) | median step (ms) | mean / kfac's | median / kfac's |",
         "|---|---:|---:|---:|---:|",

@@ -117,6 +117,21 @@ def test_a_single_scalar_target_is_used_whole_with_max_examples() -> None:
     assert torch.equal(ExactCurvature(model, nn.MSELoss(), max_examples=4).gram(x, y, [direction]), whole)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sub_batch_grams_average_to_the_whole_batch_gram(reduction: str) -> None:
+    """The sub-batch Gram estimates the whole batch's without bias: over the equal parts of a
+    batch (each part the leading examples of a reordering) the estimates average to it exactly."""
+    model = make_mlp()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    x, y = make_data(n=16)
+    dirs = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    sub = ExactCurvature(model, loss_fn, max_examples=4)
+    parts = [torch.roll(torch.arange(16), -4 * i) for i in range(4)]
+    average = torch.stack([sub.gram(x[order], y[order], dirs) for order in parts]).mean(0)
+    whole = ExactCurvature(model, loss_fn).gram(x, y, dirs)
+    torch.testing.assert_close(average, whole, rtol=1e-12, atol=1e-14)
+
+
 def test_leading_examples_slices_every_input_tensor() -> None:
     x, y = make_data(n=6)
     lengths, scalar = torch.arange(6), torch.tensor(3.0)  # a per-example vector; a 0-d tensor is shared

@@ -28,9 +28,12 @@ ADAPTIVE: dict[str, Any] = {
     "factor_update_steps": 1,
     "inverse_update_steps": 5,
     "warmup_steps": 20,
-    # The whole batch's curvature in the quadratic model, as the race was measured; a sub-batch
-    # (`qmodel_batch_size`, default 64) is cheaper per step but ended above Adam on the ResNet test.
-    "qmodel_batch_size": None,
+    # The quadratic model's curvature on at most the batch's first 256 examples. At batch 250 the
+    # whole batch costs 1.28x a plain K-FAC step (128 examples: 1.20x, the same held-out loss after
+    # 60 s in race.py), but 128 left the LSTM of tests/test_presets.py above Adam with the searched
+    # damping (64 ended above Adam on its ResNet); batches of up to 256 keep the exact model, and at
+    # batch 1000 a quarter of the batch cuts the step's cost (benchmarks/README.md).
+    "qmodel_batch_size": 256,
 }
 
 

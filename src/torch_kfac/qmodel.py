@@ -127,9 +127,10 @@ def quadratic_value(gram: Tensor, linear: Tensor, coeffs: Tensor) -> Tensor:
 
 
 def overlaps(directions: Sequence[dict[Any, Tensor]]) -> Tensor:
-    """V^T V: the inner products of the directions, a (k, k) tensor."""
+    """V^T V: the inner products of the directions, a (k, k) tensor (each pair's product computed once)."""
     k = len(directions)
-    return torch.stack([torch.stack([dot(directions[i], directions[j]) for j in range(k)]) for i in range(k)])
+    pairs = {(i, j): dot(directions[i], directions[j]) for i in range(k) for j in range(i, k)}
+    return torch.stack([torch.stack([pairs[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)])
 
 
 def choose_coefficients(
