@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import platform
@@ -622,6 +623,13 @@ def measure_rates(
 
 
 # ---------------------------------------------------------------------------------- run metadata
+def write_results(out: Path, name: str, result: dict[str, Any], report: str) -> None:
+    """Write a benchmark's result to `out/<name>.json` and its markdown report to `out/<name>.md`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(report)
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that produced the results, as typed from the repository root."""
     path = Path(script).resolve()

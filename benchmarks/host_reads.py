@@ -32,6 +32,7 @@ from common import (
     machine_line,
     pixel_bce,
     resolve_device,
+    write_results,
 )
 
 from torch_kfac import KFAC, KFACPreconditioner
@@ -168,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "configs": configs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
+    write_results(args.out, args.name, result, markdown(result))
     return result
 
 

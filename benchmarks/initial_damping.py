@@ -15,7 +15,6 @@ Results go to benchmarks/results/initial_damping.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS_DIR, command_line, environment, machine_line
+from common import RESULTS_DIR, command_line, environment, machine_line, write_results
 
 from tests import test_models
 from tests.test_presets import train_preset
@@ -142,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for job in jobs:  # the files are rewritten as each model finishes
             result["cases"].append(job.result())
             result["seconds"] = time.perf_counter() - start
-            (args.out / "initial_damping.json").write_text(json.dumps(result, indent=1))
-            (args.out / "initial_damping.md").write_text(markdown(result))
+            write_results(args.out, "initial_damping", result, markdown(result))
     print(markdown(result))
     return result
 

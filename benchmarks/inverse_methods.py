@@ -44,6 +44,7 @@ from common import (
     machine_line,
     median,
     resolve_device,
+    write_results,
 )
 from torch import Tensor
 
@@ -298,9 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "records": records,
         "factor_sets": factor_sets,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
+    write_results(args.out, args.name, result, markdown(result))
     return result
 
 

@@ -53,6 +53,7 @@ from common import (
     seeded,
     synthetic_images,
     token_ce,
+    write_results,
 )
 from time_to_loss import evaluate, summarize
 from torch import Tensor, nn
@@ -509,9 +510,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     png = args.out / "race.png"
     result["plot"] = str(png.relative_to(RESULTS_DIR.parent.parent)) if args.out == RESULTS_DIR else str(png)
     plot(result, png)
-    (args.out / "race.json").write_text(json.dumps(result, indent=1))
-    (args.out / "race.md").write_text(markdown(result))
-    print(markdown(result))
+    text = markdown(result)
+    write_results(args.out, "race", result, text)
+    print(text)
     return result
 
 

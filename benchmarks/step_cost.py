@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import traceback
@@ -67,6 +66,7 @@ from common import (
     seeded,
     synthetic_images,
     token_ce,
+    write_results,
 )
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -690,10 +690,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for run in result["runs"]:
         for ph in run["kfac_phases"].values():
             add_floors(ph, rates)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     text = markdown(result)
-    (args.out / f"{args.name}.md").write_text(text)
+    write_results(args.out, args.name, result, text)
     print(text)
     if env["flush_denormal"]:
         torch.set_flush_denormal(False)

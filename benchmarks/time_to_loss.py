@@ -46,6 +46,7 @@ from common import (
     resolve_device,
     seeded,
     token_ce,
+    write_results,
 )
 from torch import Tensor, nn
 
@@ -529,8 +530,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     png = out / "time_to_loss.png"
     result["plot"] = str(png.relative_to(RESULTS_DIR.parent.parent)) if out == RESULTS_DIR else str(png)
     plot(result, png)
-    (out / "time_to_loss.json").write_text(json.dumps(result, indent=1))
-    (out / "time_to_loss.md").write_text(markdown(result))
+    write_results(out, "time_to_loss", result, markdown(result))
 
 
 def resummarize(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
