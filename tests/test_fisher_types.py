@@ -238,6 +238,43 @@ def test_mc_fisher_is_the_mean_of_the_empirical_fishers_of_the_sampled_labels() 
         torch.testing.assert_close(g, mean_g, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_fisher_batch_size_runs_the_own_pass_on_the_first_examples(fisher_type: str, reduction: str) -> None:
+    """fisher_batch_size=4 of 12: the factors are those of the own pass on the first 4 examples,
+    while the preconditioned gradient is still the whole batch's (and its 'sum' scale 1/12)."""
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    x, y = make_data(n=12)
+    options = {"fisher_type": fisher_type, "loss_fn": loss_fn, "reduction": reduction, "mc_seed": 5}
+    runs = {}
+    for label, size, batch in (("sub", 4, (x, y)), ("first", None, (x[:4], y[:4])), ("whole", None, (x, y))):
+        model = make_mlp()
+        pre = KFACPreconditioner(model, fisher_batch_size=size, **options)
+        loss_fn(model(x), y).backward()
+        pre.step(batch=batch)
+        runs[label] = (pre, [p.grad.clone() for p in model.parameters()])
+    (sub, sub_grads), (first, first_grads), (whole, _) = runs["sub"], runs["first"], runs["whole"]
+    for name, block in sub.blocks.items():
+        for key in ("A", "G"):
+            torch.testing.assert_close(
+                getattr(block, key), getattr(first.blocks[name], key), rtol=1e-13, atol=0
+            )
+        assert not torch.allclose(block.A, whole.blocks[name].A)
+    for got, expected in zip(sub_grads, first_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=0)
+    assert all(b.batch_size == 12 for b in sub._capture.hooked)
+
+
+def test_fisher_batch_size_needs_an_own_pass() -> None:
+    with pytest.raises(ValueError, match="fisher_batch_size"):
+        KFACPreconditioner(make_mlp(), fisher_batch_size=8)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="fisher_batch_size"):
+            KFACPreconditioner(
+                make_mlp(), fisher_type="mc", loss_fn=nn.CrossEntropyLoss(), fisher_batch_size=bad
+            )
+
+
 def test_mc_seed_draws_reproducible_labels_and_new_ones_every_step() -> None:
     loss_fn = nn.CrossEntropyLoss()
     x, y = make_data(n=12)

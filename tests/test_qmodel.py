@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
-from torch_kfac.qmodel import ExactCurvature, dot, leading_examples, quadratic_value, solve_coefficients
+from torch_kfac.qmodel import ExactCurvature, dot, quadratic_value, solve_coefficients
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -130,17 +130,6 @@ def test_sub_batch_grams_average_to_the_whole_batch_gram(reduction: str) -> None
     average = torch.stack([sub.gram(x[order], y[order], dirs) for order in parts]).mean(0)
     whole = ExactCurvature(model, loss_fn).gram(x, y, dirs)
     torch.testing.assert_close(average, whole, rtol=1e-12, atol=1e-14)
-
-
-def test_leading_examples_slices_every_input_tensor() -> None:
-    x, y = make_data(n=6)
-    lengths, scalar = torch.arange(6), torch.tensor(3.0)  # a per-example vector; a 0-d tensor is shared
-    inputs, targets = leading_examples((x, x + 1, 3.0, lengths, scalar), y, 2)
-    assert torch.equal(inputs[0], x[:2]) and torch.equal(inputs[1], x[:2] + 1) and inputs[2] == 3.0
-    assert torch.equal(inputs[3], lengths[:2]) and inputs[4] is scalar
-    assert torch.equal(targets, y[:2])
-    single, _ = leading_examples(x, y, 4)
-    assert torch.equal(single, x[:4])
 
 
 def test_extra_passes_leave_buffers_and_statistics_alone() -> None:

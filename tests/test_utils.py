@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import make_data, make_mlp
-from torch_kfac.utils import as_args, evaluate_loss, preserved_buffers
+from torch_kfac.utils import as_args, evaluate_loss, leading_examples, preserved_buffers
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -67,3 +67,14 @@ def test_evaluate_loss_calls_a_closure_with_backward_false() -> None:
 
     assert evaluate_loss(make_mlp(), None, None, closure).item() == 1.5
     assert calls == [False]
+
+
+def test_leading_examples_slices_every_input_tensor() -> None:
+    x, y = make_data(n=6)
+    lengths, scalar = torch.arange(6), torch.tensor(3.0)  # a per-example vector; a 0-d tensor is shared
+    inputs, targets = leading_examples((x, x + 1, 3.0, lengths, scalar), y, 2)
+    assert torch.equal(inputs[0], x[:2]) and torch.equal(inputs[1], x[:2] + 1) and inputs[2] == 3.0
+    assert torch.equal(inputs[3], lengths[:2]) and inputs[4] is scalar
+    assert torch.equal(targets, y[:2])
+    single, _ = leading_examples(x, y, 4)
+    assert torch.equal(single, x[:4])

@@ -292,6 +292,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "skip_modules": check_module_names,
     "fisher_type": FisherType.parse,
     "mc_samples": check_interval,
+    "fisher_batch_size": _optional(check_interval),
     "loss_fn": check_loss_fn,
     "approximation": Approximation.parse,
     "inverse_power": check_inverse_power,
@@ -384,6 +385,12 @@ class PreconditionerOptions:
             class). 'mc' and 'type-2' need `loss_fn` and `step(batch=(inputs, targets))`: on
             factor-update steps the preconditioner runs its own forward and backward passes.
         mc_samples: number of sampled labels per example for fisher_type='mc'.
+        fisher_batch_size: run the own pass of fisher_type 'mc' or 'type-2' on at most this many
+            examples, the batch's first ones along dimension 0 of the targets and of every input
+            tensor (None: the whole batch). The factors are per-example averages, so a sub-batch
+            is an unbiased estimate of the whole batch's statistics that the moving average
+            smooths over steps; the pass's forward and backward cost shrink with it (on
+            convolutions, their patch statistics above all). Needs batch-first inputs.
         loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
             'mean_positions'; see `torch_kfac.losses` for the supported ones. With
             `KFAC.step(batch=(x, y))` the optimizer also evaluates the loss after the update on
@@ -446,6 +453,7 @@ class PreconditionerOptions:
     skip_modules: Iterable[str] = ()
     fisher_type: FisherType | str = FisherType.EMPIRICAL
     mc_samples: int = 1
+    fisher_batch_size: int | None = None
     loss_fn: nn.Module | None = None
     approximation: Approximation | str = Approximation.KFAC
     inverse_power: float = -1.0
@@ -475,6 +483,11 @@ class PreconditionerOptions:
             and self.approximation in (Approximation.KFAC, Approximation.FORWARD_ONLY)
         ):
             raise ValueError("inverse_power=-0.5 needs inverse_method='eigh'")
+        if self.fisher_batch_size is not None and self.fisher_type == FisherType.EMPIRICAL:
+            raise ValueError(
+                "fisher_batch_size sets the size of the own pass of fisher_type 'mc' or 'type-2'; "
+                "fisher_type='empirical' records your own pass"
+            )
         if self.loss_fn is not None:
             reduction = loss_curvature(self.loss_fn).reduction
             wanted = LOSS_REDUCTION[self.reduction]  # type: ignore[index]

@@ -35,7 +35,7 @@ from torch_kfac.options import (
 )
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
-from torch_kfac.utils import as_args, preserved_buffers
+from torch_kfac.utils import as_args, leading_examples, preserved_buffers
 
 
 class KFACPreconditioner:
@@ -246,6 +246,18 @@ class KFACPreconditioner:
         """
         assert self.loss_fn is not None and self.loss_curvature is not None
         inputs, targets = batch
+        if self.options.fisher_batch_size is not None:
+            inputs, targets = leading_examples(inputs, targets, self.options.fisher_batch_size)
+        sizes = [(block, block.batch_size) for block in self._capture.hooked]
+        try:
+            self._own_pass(inputs, targets)
+        finally:  # the batch size of the user's pass (reduction='sum' reads it), not the sub-batch's
+            for block, size in sizes:
+                block.batch_size = size
+
+    def _own_pass(self, inputs: Any, targets: Tensor) -> None:
+        """The forward and backward passes of `fisher_pass` on (a sub-batch of) the batch."""
+        assert self.loss_fn is not None and self.loss_curvature is not None
         with self._capture.forced() as layer_outputs, preserved_buffers(self.model), torch.enable_grad():
             outputs = self.model(*as_args(inputs))
             if not layer_outputs or (isinstance(outputs, Tensor) and not all_finite([outputs])):

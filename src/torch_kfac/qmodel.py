@@ -22,15 +22,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_kfac.losses import loss_curvature
-from torch_kfac.utils import as_args
-
-
-def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Tensor]:
-    """The first `count` examples of a batch: dimension 0 of the targets and of every input tensor."""
-    if isinstance(inputs, (tuple, list)):
-        inputs = tuple(x[:count] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
-        return inputs, targets[:count]
-    return inputs[:count], targets[:count]
+from torch_kfac.utils import as_args, leading_examples
 
 
 class ExactCurvature:

@@ -85,3 +85,11 @@ def evaluate_loss(
         finally:
             for p, grad in saved:
                 p.grad = grad
+
+
+def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Tensor]:
+    """The first `count` examples of a batch: dimension 0 of the targets and of every input tensor."""
+    if isinstance(inputs, (tuple, list)):
+        inputs = tuple(x[:count] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
+        return inputs, targets[:count]
+    return inputs[:count], targets[:count]
