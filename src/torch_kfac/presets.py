@@ -34,6 +34,10 @@ ADAPTIVE: dict[str, Any] = {
     # damping (64 ended above Adam on its ResNet); batches of up to 256 keep the exact model, and at
     # batch 1000 a quarter of the batch cuts the step's cost (benchmarks/README.md).
     "qmodel_batch_size": 256,
+    # The MC Fisher's own pass on the batch's first 64 examples: the factors' moving average
+    # smooths the extra noise, and the pass costs a quarter at batch 256 (race.py: autoencoder and
+    # convnet reach lower held-out losses in the same time; benchmarks/README.md).
+    "fisher_batch_size": 64,
 }
 
 
