@@ -13,14 +13,15 @@ sigmoid cross-entropy summed over pixels and averaged over the batch):
 * preset: the preset as shipped (its `qmodel_batch_size`).
 * preset-64: the preset with the option's default `qmodel_batch_size` (64 leading examples).
 
-Every configuration uses the preset's curvature (MC Fisher) and update intervals (factors every
-step, inverses every 5 steps), so the ratios to `kfac` are those of the adaptive machinery alone,
-and runs the same number of steps on the same synthetic binary images (the cost does not depend
-on the data) after an untimed warm-up longer than K-FAC's curvature warm-up. The configurations
-take turns step by step, so a machine whose load changes during the run slows them alike. The
-mean step time (amortized over whole update cycles), the median, and their ratios to `kfac` are
-written to `benchmarks/results/adaptive_step_cost_b<batch size>.json` and `.md`. `--clock cpu`
-times the process's CPU time instead of the wall clock (steadier on a shared machine; CPU only).
+Every configuration uses the preset's curvature (MC Fisher on its sub-batch) and update intervals
+(factors every step, inverses every 5 steps), so the ratios to `kfac` are those of the adaptive
+machinery alone, and runs the same number of steps on the same synthetic binary images (the cost
+does not depend on the data) after an untimed warm-up longer than K-FAC's curvature warm-up. The
+configurations take turns step by step, so a machine whose load changes during the run slows them
+alike. The mean step time (amortized over whole update cycles), the median, and their ratios to
+`kfac` are written to `benchmarks/results/adaptive_step_cost_b<batch size>.json` and `.md`.
+`--clock cpu` times the process's CPU time instead of the wall clock (steadier on a shared machine;
+CPU only).
 
     python benchmarks/adaptive_step_cost.py [--batch-size 1000] [--steps 30] [--device cpu] [--clock wall]
 """
@@ -44,10 +45,17 @@ from torch_kfac import KFAC, presets
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Untimed steps: past K-FAC's curvature warm-up (every-step refreshes), plus a few.
 WARMUP = presets.ADAPTIVE["warmup_steps"] + 3
-#: The preset's curvature and update intervals, shared by every K-FAC configuration.
+#: The preset's curvature (Fisher type and its pass's sub-batch) and update intervals, shared by
+#: every K-FAC configuration.
 INTERVALS = {
     k: presets.ADAPTIVE[k]
-    for k in ("fisher_type", "factor_update_steps", "inverse_update_steps", "warmup_steps")
+    for k in (
+        "fisher_type",
+        "fisher_batch_size",
+        "factor_update_steps",
+        "inverse_update_steps",
+        "warmup_steps",
+    )
 }
 CONFIGS = ("adam", "kfac", "kfac+lm", "preset-whole", "preset", "preset-64")
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
