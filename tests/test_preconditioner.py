@@ -741,14 +741,18 @@ def test_state_dict_makes_the_pending_host_check() -> None:
     assert pre._skipped_in_a_row == 1
 
 
-def _break_inverses(block: Any) -> Any:
-    """Make the block's inverse refreshes non-finite (the factors stay finite); returns the original."""
+def _break_inverses(
+    block: Any, keys: tuple[str, ...] = ("_inv", "_eigvecs"), method: str | None = None
+) -> Any:
+    """Make the block's inverse refreshes (those with `method`, or all) non-finite: NaN in its state
+    entries ending with `keys` (the factors stay finite). Returns the original refresh."""
     original = block.update_inverses
 
-    def broken(*args: object) -> None:
+    def broken(*args: Any) -> None:
         original(*args)
-        for key in [k for k in block.state if k.endswith(("_inv", "_eigvecs"))]:
-            block.state[key] = torch.full_like(block.state[key], float("nan"))
+        if method is None or args[-1] == method:
+            for key in [k for k in block.state if k.endswith(keys)]:
+                block.state[key] = torch.full_like(block.state[key], float("nan"))
 
     block.update_inverses = broken
     return original
@@ -794,3 +798,35 @@ def test_a_failed_refresh_read_at_the_check_of_a_skipped_step_is_warned_and_redo
     assert pre.step() is True
     assert "A_eigvecs" in block.state and "A_inv" not in block.state
     assert "A_inv" in pre.blocks["2"].state  # not due: kept as it was
+
+
+class _TiedLinear(nn.Module):
+    """Two Linear layers sharing one weight (a tied block), then an output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_a_tied_block_retried_with_eigh_gets_the_inverses_of_its_damping_and_pi() -> None:
+    """Cholesky inverses that are not finite are redone in the step with 'eigh', with the same damping
+    and pi correction: a tied block (whose refresh uses both whatever the method) then holds exactly the
+    inverses of an undisturbed run."""
+    runs = []
+    for broken in (False, True):
+        model = _TiedLinear()
+        pre = KFACPreconditioner(model, damping=1e-2, host_check_interval=1)
+        block = pre.blocks["a+b"]
+        if broken:
+            _break_inverses(block, ("tied_lr", "tied_lc", "tied_denom"), method="cholesky")
+        x, y = make_data()
+        F.cross_entropy(model(x[:, :4]), y).backward()
+        assert pre.step() is True
+        runs.append({k: block.state[k] for k in ("tied_lr", "tied_lc", "tied_denom")})
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
