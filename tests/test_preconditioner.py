@@ -13,6 +13,7 @@ from torch import nn
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
+from torch_kfac.distributed import LAYOUT_KEY
 from torch_kfac.preconditioner import all_finite
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -831,3 +832,19 @@ def test_a_tied_block_retried_with_eigh_gets_the_inverses_of_its_damping_and_pi(
         runs.append({k: block.state[k] for k in ("tied_lr", "tied_lc", "tied_denom")})
     for key, value in runs[0].items():
         torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
+
+
+def test_reset_factors_forgets_the_inverse_layout_loaded_from_a_distributed_checkpoint() -> None:
+    """A checkpoint of a distributed run records which ranks hold each block's inverses; after
+    reset_factors there are none, so the layout goes too (a later distributed load would take the
+    blocks' inverses as ready)."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    _backward(model, *make_data())
+    pre.step()
+    state = pre.state_dict()
+    state["global"][LAYOUT_KEY] = {name: [0] for name in pre.blocks}  # as a distributed run saves it
+    pre.load_state_dict(state)
+    pre.reset_factors()
+    assert LAYOUT_KEY not in pre.state_dict()["global"]
+    assert not any(block.has_factors() or block.has_inverses() for block in pre.blocks.values())
