@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
+from torch_kfac.distributed import LAYOUT_KEY
 from torch_kfac.preconditioner import all_finite
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -457,8 +460,10 @@ def test_update_factors_says_whether_the_factors_changed_and_drops_non_finite_st
     a = pre.blocks["0"].A.clone()
     x[0, 0] = float("nan")
     _backward(model, x, y)
-    with pytest.warns(RuntimeWarning, match="non-finite layer statistics; the factors were not updated"):
+    warned = "non-finite layer statistics; the factors were not updated"
+    with pytest.warns(RuntimeWarning, match=warned) as rec:
         assert pre.update_factors() is False
+    assert rec[0].filename != inspect.getsourcefile(KFACPreconditioner)  # the caller's line
     assert torch.equal(pre.blocks["0"].A, a) and pre.pending_statistics() == []
 
 
@@ -544,3 +549,302 @@ def test_close_removes_the_hooks_and_may_be_called_twice() -> None:
     pre.close()
     _backward(model, *make_data())
     assert pre.pending_statistics() == []
+
+
+def test_options_read_as_attributes_and_an_unknown_name_raises_naming_the_class() -> None:
+    pre = KFACPreconditioner(make_mlp(), damping=1e-2, mc_samples=3, warmup_steps=5)
+    assert pre.mc_samples == 3 and pre.warmup_steps == 5 and pre.fisher_type is pre.options.fisher_type
+    with pytest.raises(
+        AttributeError, match=r"^'KFACPreconditioner' object has no attribute 'no_such_option'$"
+    ):
+        _ = pre.no_such_option
+
+
+def test_sum_reduction_of_a_one_layer_model_takes_the_mean_loss_gradient() -> None:
+    """reduction='sum' counts the examples of a model with a single block (the batch size of its only
+    layer) and divides the summed loss's gradient by it: the step of the mean loss."""
+    runs = []
+    for reduction in ("mean", "sum"):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)
+        pre = KFACPreconditioner(model, damping=1e-2, reduction=reduction)
+        x, y = make_data()
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
+        assert pre.step()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _TupleOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = make_mlp()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.body(x),)
+
+
+def test_mean_positions_with_a_model_returning_a_tuple_counts_one_term_per_example() -> None:
+    """Loss terms are counted from a tensor output only; a tuple output leaves one term per example, the
+    plain mean-reduced step."""
+    runs = []
+    for reduction in ("mean", "mean_positions"):
+        model = _TupleOutput()
+        pre = KFACPreconditioner(model, damping=1e-2, reduction=reduction, loss_fn=nn.CrossEntropyLoss())
+        x, y = make_data()
+        F.cross_entropy(model(x)[0], y).backward()
+        assert pre.step()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _stepped(**options: Any) -> tuple[nn.Sequential, KFACPreconditioner]:
+    """make_mlp with a preconditioner (no warmup, inverses every 10 steps) after one step: step 1 next."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, warmup_steps=0, inverse_update_steps=10, **options)
+    _backward(model, *make_data())
+    assert pre.step()
+    return model, pre
+
+
+def test_update_inverses_refreshes_the_due_blocks_or_all_when_forced() -> None:
+    _, pre = _stepped()
+    kept = pre.blocks["0"].state["A_inv"]
+    pre.update_inverses()  # step 1 of 10: not due
+    assert pre.blocks["0"].state["A_inv"] is kept
+    pre.update_inverses(force=True)
+    assert pre.blocks["0"].state["A_inv"] is not kept
+
+
+def test_calibrate_sets_the_damping_and_refreshes_every_inverse_with_it() -> None:
+    _, pre = _stepped()
+    pre.calibrate(0.5)  # at step 1, where no block is due
+    assert pre.calibrated_damping == 0.5 and pre.damping.item() == 0.5
+    calibrated = {n: dict(b.state) for n, b in pre.blocks.items()}
+    pre.update_inverses(force=True)  # the same damping: the same inverses
+    for name, block in pre.blocks.items():
+        for key in ("A_inv", "G_inv"):
+            torch.testing.assert_close(calibrated[name][key], block.state[key], rtol=1e-12, atol=0)
+
+
+def test_a_factor_update_schedule_is_read_at_each_step() -> None:
+    """factor_update_steps as a callable of the step: every step up to step 2, then every 3rd."""
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, warmup_steps=0, factor_update_steps=lambda step: 1 if step < 2 else 3
+    )
+    folded, previous = [], None
+    for step in range(7):
+        _backward(model, *make_data(seed=step))
+        pre.step()
+        folded.append(previous is None or not torch.equal(previous, pre.blocks["0"].A))
+        previous = pre.blocks["0"].A.clone()
+    assert folded == [True, True, False, True, False, False, True]
+
+
+def test_mc_labels_sampled_from_non_finite_outputs_are_not_drawn_and_the_step_is_skipped() -> None:
+    """A batch whose outputs are not finite: the Monte Carlo pass draws no labels from them (a
+    categorical with NaN probabilities cannot be sampled) and the step is skipped with a warning."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, fisher_type="mc", loss_fn=nn.CrossEntropyLoss(), host_check_interval=1)
+    x, y = make_data()
+    x[0, 0] = float("nan")
+    _backward(model, x, y)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert pre.step(batch=(x, y)) is False
+    assert not any(b.has_factors() for b in pre.blocks.values())
+
+
+class _UnusedHead(nn.Module):
+    """A layer whose output the model computes but does not use (an auxiliary head left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(5, 3)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.head(x)
+        return self.body(x)
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_own_fisher_pass_goes_past_a_layer_whose_output_is_unused(fisher_type: str) -> None:
+    model = _UnusedHead()
+    pre = KFACPreconditioner(model, fisher_type=fisher_type, loss_fn=nn.CrossEntropyLoss(), warmup_steps=0)
+    x, y = make_data()
+    _backward(model, x, y)
+    assert pre.step(batch=(x, y))
+    assert pre.blocks["body"].has_factors() and not pre.blocks["head"].has_factors()
+
+
+def test_mc_labels_of_a_step_are_drawn_from_mc_seed_and_the_step() -> None:
+    """With mc_seed the labels of step s are drawn from the seed (mc_seed + s * 0x9E3779B97F4A7C15)
+    mod 2^63: a fixed stream, so a run (or a resumed one) draws the same labels in every version."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, fisher_type="mc", loss_fn=nn.CrossEntropyLoss(), mc_seed=3)
+    assert pre.loss_curvature is not None
+    sample, seeds = pre.loss_curvature.sample_targets, []
+
+    def spy(outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        assert generator is not None
+        seeds.append(generator.initial_seed())
+        return sample(outputs, targets, generator)
+
+    pre.loss_curvature.sample_targets = spy  # type: ignore[method-assign]
+    x, y = make_data()
+    for _ in range(3):
+        _backward(model, x, y)
+        pre.step(batch=(x, y))
+    assert seeds == [(3 + s * 0x9E3779B97F4A7C15) % 2**63 for s in range(3)]
+
+
+def test_quadratic_form_of_layers_without_bias_in_a_wider_factor_dtype() -> None:
+    """float32 parameters, float64 factors: delta is cast to the factors' dtype; a block of one
+    parameter (no bias) is covered."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3, bias=False)).float()
+    pre = KFACPreconditioner(model, damping=1e-2, factor_dtype=torch.float64)
+    x, y = make_data()
+    _backward(model, x.float(), y)
+    pre.step()
+    delta = {p: torch.randn_like(p) for p in model.parameters()}
+    expected = sum(
+        (vec := delta[model[i].weight].double().T.reshape(-1)) @ pre.blocks[str(i)].dense_curvature() @ vec
+        for i in (0, 2)
+    )
+    form = pre.quadratic_form(delta.get)
+    assert form.dtype == torch.float64
+    torch.testing.assert_close(form, expected, rtol=1e-12, atol=0)
+
+
+def test_a_clean_step_warns_of_nothing() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, host_check_interval=1)
+    _backward(model, *make_data())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pre.step() is True
+
+
+def test_state_dict_makes_the_pending_host_check() -> None:
+    """A step skipped on the device only (no host check in the step) is warned of when the state is
+    saved: state_dict reads what the device decided first."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    _backward(model, *make_data())
+    model[0].weight.grad[0, 0] = float("nan")
+    pre.step()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        pre.state_dict()
+    assert pre._skipped_in_a_row == 1
+
+
+def _break_inverses(
+    block: Any, keys: tuple[str, ...] = ("_inv", "_eigvecs"), method: str | None = None
+) -> Any:
+    """Make the block's inverse refreshes (those with `method`, or all) non-finite: NaN in its state
+    entries ending with `keys` (the factors stay finite). Returns the original refresh."""
+    original = block.update_inverses
+
+    def broken(*args: Any) -> None:
+        original(*args)
+        if method is None or args[-1] == method:
+            for key in [k for k in block.state if k.endswith(keys)]:
+                block.state[key] = torch.full_like(block.state[key], float("nan"))
+
+    block.update_inverses = broken
+    return original
+
+
+def test_an_embedding_whose_first_inverses_are_not_finite_gets_the_raw_gradient() -> None:
+    """No previous inverses to keep: the device puts identities in their layout (ones for the diagonal
+    A of an embedding, eye for its G), so the block's step is its raw gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3))
+    pre = KFACPreconditioner(model, damping=1e-2)
+    _break_inverses(pre.blocks["0"])
+    tokens, y = torch.randint(0, 7, (16,)), make_data()[1]
+    F.cross_entropy(model(tokens), y).backward()
+    raw = model[0].weight.grad.clone()
+    pre.step()
+    assert set(pre.blocks["0"].state) >= {"A_inv", "G_inv"}
+    torch.testing.assert_close(model[0].weight.grad, raw, rtol=0, atol=0)
+
+
+def test_a_failed_refresh_read_at_the_check_of_a_skipped_step_is_warned_and_redone_with_eigh() -> None:
+    """Block '0' refreshes to non-finite inverses at step 0 (no host check then); the host check of the
+    skipped step 1, where block '0' is not due, warns of it and schedules it again, with eigh in place
+    of the failed Cholesky."""
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, warmup_steps=0, inverse_update_steps=2, host_check_interval=2
+    )
+    block = pre.blocks["0"]
+    original = _break_inverses(block)
+    x, y = make_data()
+    _backward(model, x, y)
+    pre.step()
+    block.update_inverses = original  # type: ignore[method-assign]
+    _backward(model, x, y)
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning) as rec:
+        assert pre.step() is False
+    messages = [str(r.message) for r in rec]
+    assert any("skipped" in m for m in messages)
+    assert any("inverse update of block '0' failed (the result is not finite" in m for m in messages)
+    _backward(model, x, y)
+    assert pre.step() is True
+    assert "A_eigvecs" in block.state and "A_inv" not in block.state
+    assert "A_inv" in pre.blocks["2"].state  # not due: kept as it was
+
+
+class _TiedLinear(nn.Module):
+    """Two Linear layers sharing one weight (a tied block), then an output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_a_tied_block_retried_with_eigh_gets_the_inverses_of_its_damping_and_pi() -> None:
+    """Cholesky inverses that are not finite are redone in the step with 'eigh', with the same damping
+    and pi correction: a tied block (whose refresh uses both whatever the method) then holds exactly the
+    inverses of an undisturbed run."""
+    runs = []
+    for broken in (False, True):
+        model = _TiedLinear()
+        pre = KFACPreconditioner(model, damping=1e-2, host_check_interval=1)
+        block = pre.blocks["a+b"]
+        if broken:
+            _break_inverses(block, ("tied_lr", "tied_lc", "tied_denom"), method="cholesky")
+        x, y = make_data()
+        F.cross_entropy(model(x[:, :4]), y).backward()
+        assert pre.step() is True
+        runs.append({k: block.state[k] for k in ("tied_lr", "tied_lc", "tied_denom")})
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
+
+
+def test_reset_factors_forgets_the_inverse_layout_loaded_from_a_distributed_checkpoint() -> None:
+    """A checkpoint of a distributed run records which ranks hold each block's inverses; after
+    reset_factors there are none, so the layout goes too (a later distributed load would take the
+    blocks' inverses as ready)."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    _backward(model, *make_data())
+    pre.step()
+    state = pre.state_dict()
+    state["global"][LAYOUT_KEY] = {name: [0] for name in pre.blocks}  # as a distributed run saves it
+    pre.load_state_dict(state)
+    pre.reset_factors()
+    assert LAYOUT_KEY not in pre.state_dict()["global"]
+    assert not any(block.has_factors() or block.has_inverses() for block in pre.blocks.values())
