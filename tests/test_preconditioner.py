@@ -584,14 +584,16 @@ def test_an_inverse_refresh_leaves_the_factors_in_place() -> None:
     assert all(block.state[k] is v for k, v in factors.items())
 
 
-def test_without_factors_the_step_passes_the_raw_gradient() -> None:
-    """update_factors_manually with no factors yet: no block is due for an inverse refresh."""
+def test_without_factors_a_forced_refresh_skips_the_block_and_the_step_passes_the_raw_gradient() -> None:
+    """update_factors_manually with no factors yet: `update_inverses(force=True)` (also what damping='auto'
+    calls) has nothing to invert."""
     model = make_mlp()
     pre = KFACPreconditioner(model, update_factors_manually=True)
     x, y = make_data()
     F.cross_entropy(model(x), y).backward()
     pre.discard_statistics()
     grads = [p.grad.clone() for p in model.parameters()]
+    pre.update_inverses(force=True)
     assert pre.step()
     assert not any(b.has_factors() or b.has_inverses() for b in pre.blocks.values())
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
