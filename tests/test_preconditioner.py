@@ -760,6 +760,87 @@ def _break_inverses(
     return original
 
 
+def _grad_step(pre: KFACPreconditioner, model: nn.Module, seed: int = 1, poison: bool = False) -> object:
+    """One forward/backward of the 5-8-3 MLP on a batch, the first weight's gradient NaN if `poison`."""
+    x, y = make_data(seed=seed)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if poison:
+        model[0].weight.grad[0, 0] = float("nan")
+    return pre.step()
+
+
+def test_inverses_are_refreshed_only_on_their_schedule_while_the_factors_change() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, factor_update_steps=1, inverse_update_steps=3, warmup_steps=0
+    )
+    block = pre.blocks["0"]
+    _grad_step(pre, model, seed=1)
+    factor, inverse = block.A.clone(), block.state["A_inv"]
+    _grad_step(pre, model, seed=2)
+    assert not torch.equal(block.A, factor)  # the factor was folded ...
+    assert block.state["A_inv"] is inverse  # ... the inverse not refreshed (due at step 3)
+    _grad_step(pre, model, seed=3)
+    _grad_step(pre, model, seed=4)
+    assert block.state["A_inv"] is not inverse
+
+
+def test_an_inverse_refresh_leaves_the_factors_in_place() -> None:
+    """Only the new inverses are checked and masked; the factors are not copied."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    _grad_step(pre, model)
+    block = pre.blocks["0"]
+    factors = {k: v for k, v in block.state.items() if not k.endswith("_inv")}
+    pre.update_inverses(force=True)
+    assert all(block.state[k] is v for k, v in factors.items())
+
+
+def test_without_factors_a_forced_refresh_skips_the_block_and_the_step_passes_the_raw_gradient() -> None:
+    """update_factors_manually with no factors yet: `update_inverses(force=True)` (also what damping='auto'
+    calls) has nothing to invert."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, update_factors_manually=True)
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    pre.discard_statistics()
+    grads = [p.grad.clone() for p in model.parameters()]
+    pre.update_inverses(force=True)
+    assert pre.step()
+    assert not any(b.has_factors() or b.has_inverses() for b in pre.blocks.values())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+
+
+def test_a_skipped_first_step_is_no_inverse_failure() -> None:
+    """Its factors (weight 0) give non-finite inverses, which the skip masks: the host check warns of
+    the skipped step only, and the next step refreshes with the configured method."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    _grad_step(pre, model, poison=True)
+    _grad_step(pre, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pre.check() == (True, False)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "step was skipped" in messages[0]
+    assert not pre._refresh_next
+
+
+def _break_inverses_recording(block: Any, methods: list[str]) -> Any:
+    """Make `block`'s inverse refreshes non-finite (recording the method asked for); returns the original."""
+    original = block.update_inverses
+
+    def broken(*args: Any) -> None:
+        methods.append(args[-1])
+        original(*args)
+        for key in [k for k in block.state if k.endswith(("_inv", "_eigvecs"))]:
+            block.state[key] = torch.full_like(block.state[key], float("nan"))
+
+    block.update_inverses = broken
+    return original
+
+
 def test_an_embedding_whose_first_inverses_are_not_finite_gets_the_raw_gradient() -> None:
     """No previous inverses to keep: the device puts identities in their layout (ones for the diagonal
     A of an embedding, eye for its G), so the block's step is its raw gradient."""
@@ -848,3 +929,95 @@ def test_reset_factors_forgets_the_inverse_layout_loaded_from_a_distributed_chec
     pre.reset_factors()
     assert LAYOUT_KEY not in pre.state_dict()["global"]
     assert not any(block.has_factors() or block.has_inverses() for block in pre.blocks.values())
+
+
+def test_a_failed_refresh_is_reported_even_when_a_later_one_before_the_check_succeeds() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
+    _grad_step(pre, model, seed=1)
+    block = pre.blocks["0"]
+    original = _break_inverses_recording(block, [])
+    _grad_step(pre, model, seed=2)
+    block.update_inverses = original
+    _grad_step(pre, model, seed=3)
+    with pytest.warns(RuntimeWarning, match=r"inverse update of block '0' failed \(the result is not finite"):
+        pre.check()
+
+
+def test_a_block_whose_refresh_failed_is_refreshed_once_with_eigh() -> None:
+    """Found at a later host check: refreshed at the next step with eigh, then with the configured method."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
+    _grad_step(pre, model, seed=1)
+    block = pre.blocks["0"]
+    original = _break_inverses_recording(block, [])
+    _grad_step(pre, model, seed=2)
+    with pytest.warns(RuntimeWarning, match="refreshed again at the next step"):
+        pre.check()
+    methods: list[str] = []
+    _break_inverses_recording(block, methods)
+    block.update_inverses = lambda *args: (methods.append(args[-1]), original(*args))[-1]
+    _grad_step(pre, model, seed=3)
+    _grad_step(pre, model, seed=4)
+    assert methods == ["eigh", "cholesky"]
+    assert not pre._refresh_next
+
+
+def test_auto_damping_is_not_calibrated_from_a_skipped_first_step() -> None:
+    """The first step with damping='auto' makes the host check: a skipped one returns False before the
+    calibration, and the next (clean) step calibrates from its own gradients."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping="auto")
+    assert _grad_step(pre, model, poison=True) is False
+    assert pre.calibrated_damping is None and pre.steps == 0
+    assert _grad_step(pre, model) is True
+    assert pre.calibrated_damping is not None and pre.steps == 1
+
+
+def test_recorded_statistics_stay_in_the_factor_dtype_after_a_step() -> None:
+    model = make_mlp().float()
+    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    x, y = make_data()
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x.float()), y).backward()
+        assert all(b.pending(k).dtype == torch.float64 for b in pre.blocks.values() for k in b.FACTORS)
+        pre.step()
+
+
+def test_factors_and_damping_follow_the_model_to_another_device() -> None:
+    """`model.to(device)` after construction (the meta device stands in for a GPU on the CPU): a step
+    that records no statistics moves the factors, inverses and damping with the model."""
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, factor_update_steps=2, inverse_update_steps=2, warmup_steps=0
+    )
+    _grad_step(pre, model, seed=1)
+    x, y = make_data(seed=2)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model.to("meta")  # the gradients move too
+    pre.step()
+    assert pre.damping.device.type == "meta"
+    assert all(t.device.type == "meta" for b in pre.blocks.values() for t in b.state.values())
+
+
+def test_flags_live_on_the_models_device_not_on_the_default_device() -> None:
+    """Skip and inverse flags are made on the damping's device, also where no tensor decides them (a
+    diagonal block's refresh computes nothing; a step whose blocks are all frozen): the meta default
+    device stands in for a GPU default with a CPU model."""
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, approximation="diagonal", factor_update_steps=2, warmup_steps=0
+    )
+    x, y = make_data()
+    for frozen in (False, True):  # the second step records no statistics and has no active block
+        if frozen:
+            model[0].weight.requires_grad_(False)
+            model[2].weight.requires_grad_(False)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with torch.device("meta"):
+            pre.step()
+            pre.update_inverses(force=True)
+            assert pre.check() == (True, False)
