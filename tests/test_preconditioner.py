@@ -148,6 +148,61 @@ def test_warmup_refreshes_factors_and_inverses_every_step_then_at_the_intervals(
     assert factors == due and inverses == due
 
 
+def test_inverses_are_refreshed_only_at_their_scheduled_steps() -> None:
+    """Factors folded every step, inverses refreshed in the warm-up and then every
+    inverse_update_steps(step) steps (a schedule: 3 before step 6, then 2), not in between."""
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model,
+        damping=1e-2,
+        factor_update_steps=1,
+        inverse_update_steps=lambda step: 3 if step < 6 else 2,
+        warmup_steps=2,
+    )
+    refreshed, previous = [], None
+    for step in range(9):
+        x, y = make_data(seed=step)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        current = pre.blocks["0"].state["A_inv"].clone()
+        refreshed.append(previous is None or not torch.equal(previous, current))
+        previous = current
+    assert refreshed == [step in (0, 1, 3, 6, 8) for step in range(9)]
+
+
+def test_a_block_whose_first_statistics_come_after_the_warmup_gets_inverses_at_once() -> None:
+    """A layer first used at step 1 (inverses due only every 5 steps): its block is refreshed as soon
+    as it has factors, so its gradient is preconditioned from that step on, not left raw until step 5."""
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.late = make_mlp(), nn.Linear(3, 3)
+            self.use_late = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.body(x)
+            return self.late(out) if self.use_late else out
+
+    model = Late()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, factor_update_steps=1, inverse_update_steps=5, warmup_steps=0
+    )
+    raw = torch.zeros(())
+    for step in range(2):
+        model.use_late = step == 1
+        x, y = make_data(seed=step)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            raw = model.late.weight.grad.clone()
+        pre.step()
+    block = pre.blocks["late"]
+    assert block.has_factors() and block.has_inverses()
+    assert not torch.allclose(model.late.weight.grad, raw)
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, True])
 def test_warmup_steps_must_be_a_non_negative_integer(value: object) -> None:
     with pytest.raises(ValueError, match="warmup_steps"):
