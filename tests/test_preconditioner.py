@@ -497,6 +497,70 @@ def test_sum_accumulation_counts_the_examples_of_a_model_with_several_outputs(co
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_sum_reduction_with_an_output_the_hooks_cannot_see_scales_by_the_forward_batch_size() -> None:
+    """A model returning an object that is no tensor, tuple or mapping: no output hook counts the
+    examples, so reduction='sum' takes the batch size of the last forward pass (of its one block),
+    and steps like reduction='mean' with the mean loss."""
+
+    class Output:
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> Output:
+            return Output(self.layer(x))
+
+    x, y = make_data()
+    grads = {}
+    for reduction in ("sum", "mean"):
+        model = Wrapped()
+        pre = KFACPreconditioner(model, damping=1e-2, reduction=reduction)
+        F.cross_entropy(model(x).logits, y, reduction=reduction).backward()
+        assert pre.step()
+        grads[reduction] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["sum"], grads["mean"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sum_reduction_without_a_recorded_forward_pass_is_a_clear_error() -> None:
+    """Gradients from a forward pass the hooks did not see (the preconditioner made afterwards):
+    reduction='sum' has no batch size to divide by, and says so."""
+    model = make_mlp()
+    x, y = make_data()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+    with pytest.raises(
+        RuntimeError, match=r"^reduction='sum' needs the batch size: run a forward pass first$"
+    ):
+        pre.step()
+
+
+def test_sum_reduction_without_blocks_leaves_the_gradients_alone() -> None:
+    """A model with no layer K-FAC handles: reduction='sum' needs no batch size, the step keeps the
+    raw gradients."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    model = Scale()
+    pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+    assert pre.blocks == {}
+    (model(make_data()[0]) ** 2).sum().backward()
+    raw = model.weight.grad.clone()
+    assert pre.step()
+    assert torch.equal(model.weight.grad, raw)
+
+
 def _backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
