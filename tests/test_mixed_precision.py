@@ -143,6 +143,9 @@ def test_a_16_bit_model_trains_with_float32_factors(dtype: torch.dtype) -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert all(p.dtype == dtype for p in model.parameters())
+    # The natural gradients come back in the gradients' dtype: so do the momentum buffers.
+    buffers = [s["momentum_buffer"] for s in opt.state.values() if "momentum_buffer" in s]
+    assert len(buffers) == 2 and {b.dtype for b in buffers} == {dtype}
     state = opt.preconditioner.blocks["0"].state
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
     assert opt.damping.dtype == torch.float32

@@ -151,6 +151,61 @@ def test_warmup_refreshes_factors_and_inverses_every_step_then_at_the_intervals(
     assert factors == due and inverses == due
 
 
+def test_inverses_are_refreshed_only_at_their_scheduled_steps() -> None:
+    """Factors folded every step, inverses refreshed in the warm-up and then every
+    inverse_update_steps(step) steps (a schedule: 3 before step 6, then 2), not in between."""
+    model = make_mlp()
+    pre = KFACPreconditioner(
+        model,
+        damping=1e-2,
+        factor_update_steps=1,
+        inverse_update_steps=lambda step: 3 if step < 6 else 2,
+        warmup_steps=2,
+    )
+    refreshed, previous = [], None
+    for step in range(9):
+        x, y = make_data(seed=step)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        current = pre.blocks["0"].state["A_inv"].clone()
+        refreshed.append(previous is None or not torch.equal(previous, current))
+        previous = current
+    assert refreshed == [step in (0, 1, 3, 6, 8) for step in range(9)]
+
+
+def test_a_block_whose_first_statistics_come_after_the_warmup_gets_inverses_at_once() -> None:
+    """A layer first used at step 1 (inverses due only every 5 steps): its block is refreshed as soon
+    as it has factors, so its gradient is preconditioned from that step on, not left raw until step 5."""
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.late = make_mlp(), nn.Linear(3, 3)
+            self.use_late = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.body(x)
+            return self.late(out) if self.use_late else out
+
+    model = Late()
+    pre = KFACPreconditioner(
+        model, damping=1e-2, factor_update_steps=1, inverse_update_steps=5, warmup_steps=0
+    )
+    raw = torch.zeros(())
+    for step in range(2):
+        model.use_late = step == 1
+        x, y = make_data(seed=step)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            raw = model.late.weight.grad.clone()
+        pre.step()
+    block = pre.blocks["late"]
+    assert block.has_factors() and block.has_inverses()
+    assert not torch.allclose(model.late.weight.grad, raw)
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, True])
 def test_warmup_steps_must_be_a_non_negative_integer(value: object) -> None:
     with pytest.raises(ValueError, match="warmup_steps"):
@@ -443,6 +498,70 @@ def test_sum_accumulation_counts_the_examples_of_a_model_with_several_outputs(co
         runs.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sum_reduction_with_an_output_the_hooks_cannot_see_scales_by_the_forward_batch_size() -> None:
+    """A model returning an object that is no tensor, tuple or mapping: no output hook counts the
+    examples, so reduction='sum' takes the batch size of the last forward pass (of its one block),
+    and steps like reduction='mean' with the mean loss."""
+
+    class Output:
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> Output:
+            return Output(self.layer(x))
+
+    x, y = make_data()
+    grads = {}
+    for reduction in ("sum", "mean"):
+        model = Wrapped()
+        pre = KFACPreconditioner(model, damping=1e-2, reduction=reduction)
+        F.cross_entropy(model(x).logits, y, reduction=reduction).backward()
+        assert pre.step()
+        grads[reduction] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["sum"], grads["mean"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sum_reduction_without_a_recorded_forward_pass_is_a_clear_error() -> None:
+    """Gradients from a forward pass the hooks did not see (the preconditioner made afterwards):
+    reduction='sum' has no batch size to divide by, and says so."""
+    model = make_mlp()
+    x, y = make_data()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+    with pytest.raises(
+        RuntimeError, match=r"^reduction='sum' needs the batch size: run a forward pass first$"
+    ):
+        pre.step()
+
+
+def test_sum_reduction_without_blocks_leaves_the_gradients_alone() -> None:
+    """A model with no layer K-FAC handles: reduction='sum' needs no batch size, the step keeps the
+    raw gradients."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    model = Scale()
+    pre = KFACPreconditioner(model, damping=1e-2, reduction="sum")
+    assert pre.blocks == {}
+    (model(make_data()[0]) ** 2).sum().backward()
+    raw = model.weight.grad.clone()
+    assert pre.step()
+    assert torch.equal(model.weight.grad, raw)
 
 
 def _backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from tests.conftest import make_data, make_mlp
-from torch_kfac import KFACPreconditioner
+from torch_kfac import KFACPreconditioner, losses
 from torch_kfac.qmodel import ExactCurvature, dot, quadratic_value, solve_coefficients
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -115,6 +115,42 @@ def test_a_single_scalar_target_is_used_whole_with_max_examples() -> None:
     y = torch.tensor(0.5)
     whole = ExactCurvature(model, nn.MSELoss()).gram(x, y, [direction])
     assert torch.equal(ExactCurvature(model, nn.MSELoss(), max_examples=4).gram(x, y, [direction]), whole)
+
+
+def test_a_batch_of_max_examples_is_used_as_given() -> None:
+    """n == max_examples takes the whole-batch path: the inputs are not sliced, so an input whose
+    dim 0 is not the examples' (a sequence-first one, T > n) keeps all its positions."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = make_mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x.mean(0))  # x: (T, n, 5)
+
+    model = SequenceFirst()
+    x, y = torch.randn(6, 4, 5), torch.randint(0, 3, (4,))
+    dirs = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    whole = ExactCurvature(model, nn.CrossEntropyLoss()).gram(x, y, dirs)
+    assert torch.equal(ExactCurvature(model, nn.CrossEntropyLoss(), max_examples=4).gram(x, y, dirs), whole)
+
+
+def test_sub_batch_gram_of_a_registered_loss_without_reduction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss of one's own with no `reduction` attribute counts as a mean: its sub-batch Gram is the
+    leading examples' own, unscaled."""
+
+    class MeanSquare(nn.Module):
+        def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return ((outputs - targets) ** 2).mean()
+
+    monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))
+    losses.register_loss(MeanSquare, losses.MSECurvature)
+    model, x = make_mlp(), make_data()[0]
+    y = torch.randn(16, 3)
+    dirs = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    sub = ExactCurvature(model, MeanSquare(), max_examples=5).gram(x, y, dirs)
+    assert torch.equal(sub, ExactCurvature(model, nn.MSELoss()).gram(x[:5], y[:5], dirs))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

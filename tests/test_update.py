@@ -48,6 +48,14 @@ def test_clip_leaves_small_updates_and_no_bound_alone() -> None:
     assert torch.equal(clip(zero, zero, 0.1, 1.0)["a"], torch.tensor([0.0]))  # no 0/0
 
 
+@pytest.mark.parametrize("lr", [1.0, 0.0])
+def test_clip_leaves_an_update_with_a_negative_quadratic_form_unscaled(lr: float) -> None:
+    """vec^T F^-1 vec < 0 (an inverse made indefinite by rounding): no sqrt of a negative ratio, no NaN,
+    also at lr 0 (a warm-up's first step), where lr^2 times the negative form is -0.0."""
+    vecs, natural = {"a": torch.tensor([1.0])}, {"a": torch.tensor([-2.0])}
+    assert torch.equal(clip(vecs, natural, lr, 1.0)["a"], torch.tensor([-2.0]))
+
+
 def _precondition(mats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: mat / 2.0 for name, mat in mats.items()}  # P = I / 2
 
@@ -69,6 +77,23 @@ def test_adam_momentum_preconditions_the_clipped_velocity() -> None:
     torch.testing.assert_close(states["b"]["momentum_buffer"], torch.tensor([[5.0, 2.0]]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("momentum_type", [MomentumType.REGULAR, MomentumType.ADAM])
+def test_block_updates_of_a_skipped_step_leave_the_momentum_alone(momentum_type: MomentumType) -> None:
+    """taken=False (a step skipped on the device): the old buffer stays, a new one starts at zero."""
+    old = torch.tensor([[2.0, 0.0]])
+    states: dict[str, dict[str, Any]] = {"b": {"momentum_buffer": old.clone()}, "c": {}}
+    mats = {"b": torch.tensor([[4.0, 2.0]]), "c": torch.tensor([[1.0, 3.0]])}
+    skipped = torch.tensor(False)
+    out = block_updates(mats, _precondition, states, momentum_type, 1.0, 0.5, None, skipped)
+    assert torch.equal(states["b"]["momentum_buffer"], old)
+    assert torch.equal(states["c"]["momentum_buffer"], torch.zeros(1, 2))
+    expected_b = old if momentum_type == MomentumType.REGULAR else old / 2.0  # ADAM: P v
+    assert torch.equal(out["b"], expected_b) and torch.equal(out["c"], torch.zeros(1, 2))
+    block_updates(mats, _precondition, states, momentum_type, 1.0, 0.5, None, torch.tensor(True))
+    taken_b = mats["b"] / 2.0 if momentum_type == MomentumType.REGULAR else mats["b"]  # v <- mu v + (P) g
+    assert torch.equal(states["b"]["momentum_buffer"], 0.5 * old + taken_b)
+
+
 def test_parameter_change_with_decoupled_weight_decay() -> None:
     param, update = torch.tensor([2.0]), torch.tensor([1.0])
     assert parameter_change(param, update, 0.1, 0.0).item() == pytest.approx(-0.1, rel=1e-15)
@@ -82,4 +107,17 @@ def test_per_parameter_splits_each_block_matrix() -> None:
     parts = list(per_parameter({"layer": block}, {"layer": mat}))
     assert [p for p, _ in parts] == [layer.weight, layer.bias]
     assert torch.equal(parts[0][1], mat[:, :3]) and torch.equal(parts[1][1], mat[:, 3])
+    block.remove()
+
+
+def test_per_parameter_refuses_a_block_whose_unpack_disagrees_with_its_parameters() -> None:
+    """A (custom) block whose `unpack` drops a part is an error, not a parameter silently left out."""
+
+    class DropsBias(LinearBlock):
+        def unpack(self, mat: torch.Tensor) -> list[torch.Tensor]:
+            return super().unpack(mat)[:1]
+
+    block = DropsBias(nn.Linear(3, 2), "layer")
+    with pytest.raises(ValueError, match="zip"):
+        list(per_parameter({"layer": block}, {"layer": torch.zeros(2, 4)}))
     block.remove()
