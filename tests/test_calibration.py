@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import torch_kfac.optimizer as optimizer_module
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFAC, presets
 from torch_kfac.calibration import (
@@ -149,3 +150,82 @@ def test_with_the_batch_the_first_step_takes_the_searched_damping() -> None:
     below.step(loss=loss, batch=(x, y))
     rho_below = (nn.functional.cross_entropy(below.model(x), y) - loss) / below.last_stats["qmodel_change"]
     assert rho_below.item() < ACCEPTED_RHO
+
+
+@pytest.mark.parametrize("evaluation", ["batch", "closure"])
+def test_each_search_trial_is_the_first_step_at_its_damping_and_is_undone(
+    monkeypatch: pytest.MonkeyPatch, evaluation: str
+) -> None:
+    """The search's rho_at(d) is the rho of the step a run with the fixed damping d takes (its
+    inverses refreshed at d, the losses on the mean loss's scale with reduction='sum', the loss
+    after the step from the batch or the closure), each trial is undone, the step taken is the one at
+    the damping the search returns, and only the first step after burn-in searches. The search
+    itself is replaced by a spy (two trials, returns the larger)."""
+    x, y = make_data(32)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    options: dict[str, object] = {
+        "lr": 0.3,
+        "momentum": 0.9,
+        "reduction": "sum",
+        "loss_fn": loss_fn,
+        "norm_constraint": None,
+        "burn_in_steps": 1,
+        "warmup_steps": 0,
+    }
+    if evaluation == "batch":
+        options["qmodel_curvature"] = "exact"
+
+    def step(model: nn.Module, opt: KFAC) -> None:
+        def closure(backward: bool = True) -> torch.Tensor:
+            if backward:
+                opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            if backward:
+                loss.backward()
+            return loss
+
+        if evaluation == "closure":
+            opt.step(closure)
+        else:
+            opt.step(loss=closure(), batch=(x, y))
+
+    def fixed_run(damping: float, **extra: object) -> tuple[nn.Module, KFAC]:
+        """Burn-in and the first step at a fixed damping, inverses refreshed in that step."""
+        model = make_mlp()
+        opt = KFAC(model, damping=damping, inverse_update_steps=1, **options, **extra)  # type: ignore[arg-type]
+        for _ in range(2):
+            step(model, opt)
+        return model, opt
+
+    def first_step_rho(damping: float) -> float:
+        """(L(theta + delta) - L(theta)) / q(delta), mean losses, of a fixed run's first step (burn-in
+        leaves theta at the initial parameters)."""
+        model, opt = fixed_run(damping, adapt_damping=True, damping_adaptation_interval=1)
+        with torch.no_grad():
+            change = nn.functional.cross_entropy(model(x), y) - nn.functional.cross_entropy(make_mlp()(x), y)
+        return float(change / opt.last_stats["qmodel_change"])
+
+    calls: list[tuple[float, dict[float, float]]] = []
+
+    def spy(start: float, rho_at: Callable[[float], float]) -> float:
+        calls.append((start, {d: rho_at(d) for d in (start, 10 * start)}))
+        return 10 * start
+
+    monkeypatch.setattr(optimizer_module, "search_damping", spy)
+    model = make_mlp()
+    # Inverses not due at the search's step: each trial must refresh them at its damping.
+    opt = KFAC(model, damping="auto", inverse_update_steps=2, **options)  # type: ignore[arg-type]
+    step(model, opt)
+    assert calls == []  # burn-in: no step taken, nothing searched
+    step(model, opt)
+    assert len(calls) == 1
+    start, trials = calls[0]
+    assert start > 0
+    for damping, rho in trials.items():
+        assert rho == pytest.approx(first_step_rho(damping), rel=1e-9, abs=1e-12)
+    assert opt.damping.item() == pytest.approx(10 * start, rel=1e-12)
+    reference, _ = fixed_run(10 * start)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    step(model, opt)
+    assert len(calls) == 1

@@ -219,3 +219,28 @@ def test_compiled_step_equals_the_eager_step_and_compiles_twice() -> None:
 def test_compiled_step_refuses_what_it_cannot_compile(options: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         KFAC(mlp(), **{"lr": 0.1, "compile_step": "eager", **options})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("compile_step", "backend"), [(True, "inductor"), ("aot_eager", "aot_eager")])
+def test_compile_step_compiles_the_fixed_step_whole_with_the_backend_asked_for(
+    monkeypatch: pytest.MonkeyPatch, compile_step: bool | str, backend: str
+) -> None:
+    """`compile_step=True` is inductor, a string names the backend; one graph (fullgraph) of the
+    fixed-hyperparameter step, which then takes every step (torch.compile replaced by a recorder)."""
+    calls: list[tuple[object, dict[str, object]]] = []
+
+    def recorder(fn: Callable[..., object] | None = None, **kwargs: object) -> Callable[..., object] | None:
+        calls.append((fn, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recorder)
+    model = mlp()
+    opt = KFAC(model, lr=0.1, compile_step=compile_step)
+    assert len(calls) == 1
+    fn, kwargs = calls[0]
+    assert fn == opt._fixed_update and kwargs == {"backend": backend, "fullgraph": True}
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 5), torch.randint(0, CLASSES, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))

@@ -204,6 +204,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
             save=out / "ckpt2.pt",
         )
         results["fsdp"] = _fsdp_error()
+        results["compile_step"] = _compile_step_error()
         results["raise"] = _raise_in_step(rank)
     torch.save(results, out / f"rank{rank}.pt")
     if world == 4:
@@ -217,6 +218,14 @@ def _fsdp_error() -> str:
     fully_shard(model)
     try:
         KFAC(model, lr=0.1)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def _compile_step_error() -> str:
+    try:
+        KFAC(make_model(), lr=0.1, compile_step="eager")
     except ValueError as err:
         return str(err)
     return ""
@@ -345,6 +354,13 @@ def test_checkpoint_saved_with_4_ranks_continues_with_2_and_1(
 def test_fsdp_is_refused_with_what_is_supported(runs: dict[Any, Any]) -> None:
     for result in runs[2]:
         assert "sharded parameters" in result["fsdp"] and "DistributedDataParallel" in result["fsdp"]
+
+
+def test_compile_step_is_refused_in_distributed_runs_with_the_reason(runs: dict[Any, Any]) -> None:
+    for result in runs[2]:
+        assert result["compile_step"] == (
+            "compile_step is not supported in distributed runs (the preconditioning broadcasts)"
+        )
 
 
 def test_a_rank_raising_in_step_does_not_hang_the_others(runs: dict[Any, Any]) -> None:

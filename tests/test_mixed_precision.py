@@ -104,8 +104,32 @@ def test_a_grad_scaler_needs_the_option() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     x, y = batches(1)[0]
     scaler.scale(F.cross_entropy(model(x), y)).backward()
-    with pytest.raises(ValueError, match="grad_scaler=scaler"):
+    with pytest.raises(ValueError) as info:
         scaler.step(opt)
+    assert str(info.value) == (
+        "KFAC is stepped by a GradScaler: pass grad_scaler=scaler to KFAC, so that the recorded layer "
+        "statistics are unscaled too"
+    )
+
+
+def test_grad_scaler_unscales_the_gradients_of_the_step() -> None:
+    """Without the norm constraint (which would clip a loss-scaled step to the same size) the
+    scaled step's change is the unscaled step's."""
+    x, y = batches(1)[0]
+    changes = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=SCALE)):
+        model = mlp()
+        opt = kfac(model, grad_scaler=scaler, norm_constraint=None)
+        before = params(model)
+        loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        changes.append({n: p - before[n] for n, p in params(model).items()})
+    torch.testing.assert_close(changes[1], changes[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -750,8 +750,12 @@ def test_state_dict_of_another_model_is_refused_naming_the_block() -> None:
 
 def test_add_param_group_is_refused() -> None:
     opt = KFAC(make_mlp(), 0.1, 1e-2)
-    with pytest.raises(ValueError, match="add_param_group"):
+    with pytest.raises(ValueError) as info:
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    assert str(info.value) == (
+        "KFAC does not support add_param_group: it trains the parameters of the model given to its "
+        "constructor; build it on a model that holds every parameter to train"
+    )
     assert len(opt.param_groups) == 1
 
 
@@ -879,3 +883,311 @@ def test_zero_grad_sets_gradients_to_none_or_to_zero() -> None:
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------ optimizer paths (mutation survivors, issue 12)
+def test_last_stats_are_empty_before_the_first_step() -> None:
+    assert KFAC(make_mlp(), 0.1, 1e-2).last_stats == {}
+
+
+def test_a_learning_rate_schedule_starts_the_param_group_at_its_step_0_value() -> None:
+    opt = KFAC(make_mlp(), lambda step: 0.1 / (step + 1), 1e-2)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.defaults["lr"] == 0.1
+
+
+def test_an_unknown_attribute_is_an_attribute_error_naming_it() -> None:
+    opt = KFAC(make_mlp(), 0.1, 1e-2, momentum_type="adam")
+    assert opt.momentum_type == opt.options.momentum_type
+    with pytest.raises(AttributeError) as info:
+        _ = opt.no_such_option
+    assert str(info.value) == "'KFAC' object has no attribute 'no_such_option'"
+    bare = KFAC.__new__(KFAC)  # no options yet (as while unpickling)
+    with pytest.raises(AttributeError) as info:
+        _ = bare.lr
+    assert str(info.value) == "'KFAC' object has no attribute 'lr'"
+
+
+def test_module_added_after_construction_is_a_clear_error_naming_its_parameters() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2)
+    train(opt, model, 1)
+    model.append(nn.Linear(3, 3))
+    with pytest.raises(RuntimeError) as info:
+        train(opt, model, 1)
+    assert str(info.value) == (
+        "K-FAC: the model's parameters changed since the optimizer was built (3.bias, 3.weight); "
+        "build a new KFAC for the changed model"
+    )
+    assert opt.preconditioner.steps == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "given", "message"),
+    [
+        (
+            {"adapt_damping": True},
+            {},
+            "adapt_damping, reject_steps and the adaptive learning rate/momentum need the loss: "
+            "call step(loss=loss, ...) or pass a closure",
+        ),
+        (
+            {"adaptive_learning_rate": True, "loss_fn": nn.CrossEntropyLoss()},
+            {"loss"},
+            "the exact quadratic model (adaptive_learning_rate, adaptive_momentum or "
+            "qmodel_curvature='exact') needs step(batch=(inputs, targets))",
+        ),
+        (
+            {"reject_steps": True, "loss_fn": nn.CrossEntropyLoss()},
+            {"loss"},
+            "reject_steps=True needs step(batch=(inputs, targets)) or a closure",
+        ),
+        ({}, {"batch"}, "step(batch=...) needs loss_fn=... in the KFAC constructor"),
+    ],
+    ids=["loss", "batch-for-the-exact-model", "batch-or-closure-for-rejection", "loss_fn"],
+)
+def test_a_step_missing_what_its_options_need_says_what_to_pass(
+    options: dict[str, object], given: set[str], message: str
+) -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, **options)  # type: ignore[arg-type]
+    x, y = make_data()
+    loss = loss_of(model, x, y)
+    loss.backward()
+    with pytest.raises(ValueError) as info:
+        opt.step(loss=loss if "loss" in given else None, batch=(x, y) if "batch" in given else None)
+    assert str(info.value) == message
+    assert opt.preconditioner.steps == 0
+
+
+def _overshooting_step(opt: KFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step at a learning rate that must make the loss larger."""
+    opt.learning_rate = 1e4
+    opt.zero_grad()
+    loss = loss_of(model, x, y)
+    loss.backward()
+    opt.step(loss=loss, batch=(x, y))
+
+
+def test_reject_steps_with_a_closure_needs_no_batch() -> None:
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, loss_fn=nn.CrossEntropyLoss(), reject_steps=True)
+    x, y = make_data()
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        if backward:
+            opt.zero_grad()
+        loss = loss_of(model, x, y)
+        if backward:
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.last_stats["rejected"] is False
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.learning_rate = 1e4
+    opt.step(closure)
+    assert opt.last_stats["rejected"] is True
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters(), strict=True))
+
+
+def test_a_step_rejected_after_a_host_check_in_the_step_is_undone() -> None:
+    """host_check_interval=1: the step is known to be taken before the rejection's own read."""
+    model = make_mlp()
+    opt = KFAC(model, 0.1, 1e-2, loss_fn=nn.CrossEntropyLoss(), reject_steps=True, host_check_interval=1)
+    x, y = make_data()
+    opt.zero_grad()
+    loss = loss_of(model, x, y)
+    loss.backward()
+    opt.step(loss=loss, batch=(x, y))
+    assert opt.last_stats["rejected"] is False and opt.last_stats["skipped"] is False
+    params = [p.detach().clone() for p in model.parameters()]
+    damping = opt.damping.clone()
+    _overshooting_step(opt, model, x, y)
+    assert opt.last_stats["rejected"] is True
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters(), strict=True))
+    torch.testing.assert_close(opt.damping, damping / opt.options.omega, rtol=1e-15, atol=0)
+
+
+def test_with_reject_steps_a_step_skipped_on_the_device_is_skipped_not_rejected() -> None:
+    """The skip is learnt in the rejection's read: parameters, damping and schedule are left as
+    they were (the loss after the step is that of the unchanged parameters), and `last_stats`
+    says skipped (counted), not rejected."""
+    model = make_mlp()
+    opt = KFAC(
+        model,
+        0.1,
+        1e-2,
+        loss_fn=nn.CrossEntropyLoss(),
+        reject_steps=True,
+        adapt_damping=True,
+        damping_adaptation_interval=1,
+    )
+    x, y = make_data()
+    opt.zero_grad()
+    loss = loss_of(model, x, y)
+    loss.backward()
+    opt.step(loss=loss, batch=(x, y))
+    stats = opt.last_stats
+    assert stats["skipped"] is False and stats["skipped_in_a_row"] == 0 and stats["rejected"] is False
+    params = [p.detach().clone() for p in model.parameters()]
+    damping = opt.damping.clone()
+    opt.zero_grad()
+    loss = loss_of(model, x, y)
+    loss.backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(loss=loss, batch=(x, y))
+    stats = opt.last_stats
+    assert stats["skipped"] is True and stats["skipped_in_a_row"] == 1 and stats["rejected"] is False
+    torch.testing.assert_close(stats["new_loss"], loss.detach(), rtol=1e-14, atol=0)
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters(), strict=True))
+    assert torch.equal(opt.damping, damping) and opt.preconditioner.steps == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_model_without_curvature_blocks_steps_with_either_reduction(reduction: str) -> None:
+    """Without blocks nothing counts the examples: the gradient is taken as it is."""
+    model = nn.Sequential(nn.Flatten(), _ScaleOnly())
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.0, reduction=reduction)
+    assert opt.blocks == {}
+    s = grads_and_step(opt, model, *make_data())
+    torch.testing.assert_close(s["d/1.weight"], 0.1 * s["g/1.weight"], rtol=1e-12, atol=1e-15)
+
+
+class _ScaleOnly(nn.Module):
+    """Three logits: the first three inputs times a learned vector (no curvature block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :3] * self.weight
+
+
+def test_damping_adapted_on_the_same_batch_keeps_no_previous_loss() -> None:
+    """The previous step's loss is the rule's memory only in the original API's pairing (no batch)."""
+    model = make_mlp()
+    opt = KFAC(
+        model, 0.1, 1e-2, loss_fn=nn.CrossEntropyLoss(), adapt_damping=True, damping_adaptation_interval=1
+    )
+    x, y = make_data()
+    for _ in range(2):
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        opt.step(loss=loss, batch=(x, y))
+    assert set(opt.adaptation) == {"rho"} and set(opt.state_dict()["kfac"]["adaptation"]) == {"rho"}
+
+
+def test_adaptive_damping_steps_parameters_outside_any_block_with_sgd() -> None:
+    model = _Scaled()
+    opt = KFAC(
+        model,
+        0.1,
+        1e-2,
+        momentum=0.0,
+        loss_fn=nn.CrossEntropyLoss(),
+        adapt_damping=True,
+        damping_adaptation_interval=1,
+    )
+    x, y = make_data()
+    loss = loss_of(model, x, y)
+    loss.backward()
+    grad, before = model.scale.grad.clone(), model.scale.detach().clone()
+    opt.step(loss=loss, batch=(x, y))
+    torch.testing.assert_close(model.scale.detach(), before - 0.1 * grad, rtol=1e-12, atol=1e-15)
+    assert torch.isfinite(opt.last_stats["rho"])
+
+
+def test_a_norm_constraint_schedule_is_read_at_each_step() -> None:
+    runs = {}
+    for name, bound in (("constant", 1e-5), ("schedule", lambda step: 1e-5 * 10**step)):
+        model = make_mlp()
+        opt = KFAC(model, 0.5, 1e-2, momentum=0.0, norm_constraint=bound)
+        runs[name] = []
+        for _ in range(2):
+            train(opt, model, 1)
+            runs[name].append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(runs["constant"][0], runs["schedule"][0], strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(runs["constant"][1], runs["schedule"][1], strict=True))
+
+
+def test_the_loss_after_a_bfloat16_step_is_compared_in_the_factor_dtype() -> None:
+    model = make_mlp().to(torch.bfloat16)
+    opt = KFAC(
+        model, 0.1, 1e-2, loss_fn=nn.CrossEntropyLoss(), adapt_damping=True, damping_adaptation_interval=1
+    )
+    x, y = make_data()
+    x = x.to(torch.bfloat16)
+    loss = loss_of(model, x, y)
+    loss.backward()
+    opt.step(loss=loss, batch=(x, y))
+    assert opt.damping.dtype == torch.float32
+    assert opt.last_stats["loss"].dtype == opt.last_stats["new_loss"].dtype == torch.float32
+
+
+def test_a_step_skipped_on_the_device_leaves_the_momentum_outside_any_block() -> None:
+    model = _Scaled()
+    opt = KFAC(model, 0.1, 1e-2, momentum=0.9)
+    train(opt, model, 2)
+    buffer, scale = opt.state[model.scale]["momentum_buffer"].clone(), model.scale.detach().clone()
+    x, y = make_data()
+    x[0, 0] = 1e200  # A overflows; every gradient stays finite
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    assert torch.isfinite(model.scale.grad)
+    opt.step()
+    assert torch.equal(opt.state[model.scale]["momentum_buffer"], buffer) and torch.equal(model.scale, scale)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert opt.last_stats["skipped"]
+
+
+def test_state_dict_of_version_0_2_0_with_a_block_never_stepped_loads() -> None:
+    """A block whose first parameter has no entry in the old shared `state` starts without factors."""
+    saved = torch.load(Path(__file__).parent / "golden" / "state_dict_0_2_0.pt", weights_only=True)
+    old = saved["optimizer"]
+    del old["state"][2]
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = KFAC(model, 0.5, 1.0, momentum=0.9, adapt_damping=True, damping_adaptation_interval=1)
+    opt.load_state_dict(old)
+    assert opt.blocks["0"].has_factors() and not opt.blocks["2"].has_factors()
+    assert opt.preconditioner.steps == 3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"adapt_damping": True, "damping_adaptation_interval": 1},
+        {"adaptive_learning_rate": True, "adaptive_momentum": True},
+    ],
+    ids=["adapt-damping", "qmodel"],
+)
+def test_an_adaptive_run_continues_after_a_skipped_step_as_if_it_never_came(
+    options: dict[str, object],
+) -> None:
+    """The adaptive options check on the host in the step: a non-finite step returns before the
+    damping rule, the quadratic model and the schedule see it."""
+    runs = []
+    for skip in (False, True):
+        model = make_mlp()
+        opt = KFAC(model, 0.1, 1e-2, loss_fn=nn.CrossEntropyLoss(), **options)  # type: ignore[arg-type]
+        x, y = make_data()
+        for i in range(4 if skip else 3):
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            if skip and i == 1:
+                model[2].weight.grad[0, 0] = float("nan")
+                with pytest.warns(RuntimeWarning, match="non-finite"):
+                    opt.step(loss=loss, batch=(x, y))
+                assert opt.last_stats["skipped"] is True
+                continue
+            opt.step(loss=loss, batch=(x, y))
+            assert opt.last_stats["skipped"] is False
+        runs.append(
+            ([p.detach().clone() for p in model.parameters()], opt.damping.clone(), opt.preconditioner.steps)
+        )
+    (clean, clean_damping, clean_steps), (skipped, skipped_damping, skipped_steps) = runs
+    assert all(torch.equal(p, q) for p, q in zip(clean, skipped, strict=True))
+    assert torch.equal(clean_damping, skipped_damping) and clean_steps == skipped_steps == 3
