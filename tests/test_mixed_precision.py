@@ -76,6 +76,34 @@ def test_grad_scaler_steps_equal_the_unscaled_steps_and_a_skipped_step_changes_n
     torch.testing.assert_close(params(model), params(ref_model), rtol=1e-5, atol=1e-6)
 
 
+def test_a_float16_model_under_the_default_grad_scaler_takes_the_unscaled_steps() -> None:
+    """The default loss scale, 2^16, is inf in float16: the gradients are unscaled in float32, so
+    the steps are those of the unscaled loss (with the scale cast to float16 nothing moved)."""
+
+    def run(scaled: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        model = mlp(torch.float16)
+        scaler = torch.amp.GradScaler("cpu")
+        assert scaler.get_scale() == 2.0**16
+        opt = kfac(model, grad_scaler=scaler if scaled else None)
+        start = params(model)
+        for x, y in batches(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x.half()).float(), y)  # a float32 loss: 2^16 times it fits
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                assert not opt.last_stats["skipped"]
+            else:
+                loss.backward()
+                opt.step()
+        return start, params(model)
+
+    (start, scaled), (_, unscaled) = run(True), run(False)
+    assert all((scaled[n] - start[n]).abs().max() > 1e-2 for n in start)
+    torch.testing.assert_close(scaled, unscaled, rtol=1e-2, atol=1e-3)
+
+
 def test_grad_scaler_in_front_of_another_optimizer() -> None:
     """scaler.unscale_(opt) before pre.step(): the preconditioned gradients are the unscaled run's."""
     results = []

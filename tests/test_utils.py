@@ -58,6 +58,26 @@ def test_evaluate_loss_from_a_closure_puts_the_gradients_back() -> None:
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
 
 
+def test_a_closure_zeroing_the_gradients_in_place_leaves_the_steps_gradients_alone() -> None:
+    """`zero_grad(set_to_none=False)` and the backward pass accumulate into `.grad` in place: the
+    closure must not reach the gradient tensors the step is using."""
+    model = make_mlp()
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    tensors = [p.grad for p in model.parameters()]
+    values = [g.clone() for g in tensors]
+
+    def closure() -> torch.Tensor:
+        model.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x) * 2.0, y)
+        loss.backward()
+        return loss
+
+    evaluate_loss(model, None, None, closure)
+    assert all(p.grad is g for p, g in zip(model.parameters(), tensors, strict=True))
+    assert all(torch.equal(g, v) for g, v in zip(tensors, values, strict=True))
+
+
 def test_evaluate_loss_calls_a_closure_with_backward_false() -> None:
     calls = []
 

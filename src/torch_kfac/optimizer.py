@@ -268,7 +268,9 @@ class KFAC(OriginalAPI, Optimizer):
         if scale is not None:
             for p in self._named_params.values():
                 if p.grad is not None:
-                    p.grad.div_(scale.to(p.grad.dtype))
+                    # In the wider dtype: a float16 gradient cannot hold the scale (65536 is inf).
+                    wide = torch.promote_types(p.grad.dtype, scale.dtype)
+                    p.grad.copy_(p.grad.to(wide) / scale.to(wide))
         return False
 
     def _check_model(self) -> None:

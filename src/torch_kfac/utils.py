@@ -68,7 +68,8 @@ def evaluate_loss(
     """The loss on `batch` (with `loss_fn`) or from `closure`, leaving buffers and `.grad`s as they were.
 
     A closure that accepts a `backward` keyword is called with `backward=False`; any other runs
-    its backward pass, whose gradients are then put back.
+    its backward pass with the `.grad`s set aside (so that zeroing them in place cannot touch the
+    step's gradients), and they are put back afterwards.
     """
     with preserved_buffers(model):
         if batch is not None:
@@ -79,6 +80,8 @@ def evaluate_loss(
         if "backward" in inspect.signature(closure).parameters:
             return torch.as_tensor(closure(backward=False)).detach()
         saved = [(p, p.grad) for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
         try:
             with torch.enable_grad():
                 return torch.as_tensor(closure()).detach()
