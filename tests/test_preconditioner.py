@@ -167,6 +167,17 @@ def test_an_empty_batch_evaluated_without_gradients_passes_through() -> None:
         assert model(torch.zeros(0, 5)).shape == (0, 3)
 
 
+def test_a_16_bit_model_computes_its_first_statistics_in_float32() -> None:
+    model = make_mlp().to(torch.bfloat16)
+    pre = KFACPreconditioner(model, damping=1e-2)
+    x, y = make_data()
+    x16 = x.to(torch.bfloat16)
+    F.cross_entropy(model(x16).float(), y).backward()
+    pre.step()
+    a = torch.cat([x16.float(), torch.ones(len(x), 1, dtype=torch.float32)], 1)
+    torch.testing.assert_close(pre.blocks["0"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_fresh_preconditioner_reports_its_latest_step_as_taken() -> None:
     pre = KFACPreconditioner(make_mlp())
     assert pre.latest_taken is True
