@@ -105,9 +105,11 @@ def train(
     load: Path | None = None,
     save: Path | None = None,
     standalone: bool = False,
+    poisoned_step: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Train on this rank's shards; returns parameters, last update, factors and held inverses."""
+    """Train on this rank's shards; returns parameters, last update, factors and held inverses.
+    `poisoned_step`: that step's inputs are NaN (the step is skipped)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     inner = make_model()
     model: nn.Module = nn.parallel.DistributedDataParallel(inner) if ddp else inner
@@ -130,6 +132,8 @@ def train(
         micros = [0, 1] if accumulate else [0]
         for micro in micros:
             x, y = shard(global_batch(step, micro), rank, world)
+            if step == poisoned_step:
+                x = torch.full_like(x, float("nan"))
             last = micro == micros[-1]
             # Gradient accumulation: each micro-batch's loss divided by their number.
             if ddp and not last:
@@ -193,6 +197,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
     else:
         results["ddp"] = train("plain", 0.5, ddp=True)
         results["triangles"] = train("plain", 0.5, reduce_upper_triangle=True)
+        results["skipped"] = train("plain", 0.5, poisoned_step=2)
+        results["mc_unseeded"] = train("adaptive", 0.5, mc_seed=None)
         results["preconditioner"] = train("plain", 0.5, standalone=True)
         results["ddp_no_sync"] = train("plain", 1.0, ddp=True, accumulate=True)
         results["resumed"] = train(
@@ -326,6 +332,25 @@ def test_preconditioner_in_front_of_sgd_and_upper_triangle_reduction(
         assert max_difference(result["triangles"], reference["plain"]) < TOL
         # On CPUs the default sends whole matrices; the triangles are about half of that.
         assert result["triangles"]["bytes"]["factors"] < 0.6 * result[("plain", 0.5)]["bytes"]["factors"]
+
+
+def test_a_skipped_step_leaves_the_averaged_factors_as_one_process_leaves_them(
+    runs: dict[Any, Any],
+) -> None:
+    # Step 2's NaN statistics are averaged over the ranks and must not be folded in (the step's mask).
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        alone = train("plain", poisoned_step=2)
+    for result in runs[2]:
+        skipped = result["skipped"]
+        assert all(t.isfinite().all() for entries in skipped["factors"].values() for t in entries.values())
+        assert max_difference(skipped, alone) < TOL
+
+
+def test_mc_fisher_without_a_seed_draws_with_rank_0s_seed_on_every_rank(runs: dict[Any, Any]) -> None:
+    # Every rank seeds the sampling with rank 0's initial seed: 0, from make_model's manual_seed.
+    alone = train("adaptive", mc_seed=0)
+    for result in runs[2]:
+        assert max_difference(result["mc_unseeded"], alone) < TOL
 
 
 def test_ddp_wrapped_model_and_no_sync_accumulation(

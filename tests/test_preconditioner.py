@@ -14,7 +14,8 @@ from torch import nn
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner
 from torch_kfac.distributed import LAYOUT_KEY
-from torch_kfac.preconditioner import all_finite
+from torch_kfac.options import PreconditionerOptions
+from torch_kfac.preconditioner import all_finite, finite_flag
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -131,6 +132,71 @@ def test_unsupported_sharing_falls_back_instead_of_wrong_curvature() -> None:
     assert "cannot handle" in pre.describe()
 
 
+def test_a_model_that_is_not_a_module_or_options_given_twice_are_refused_with_a_clear_error() -> None:
+    with pytest.raises(TypeError, match=r"^model must be an nn.Module, got list$"):
+        KFACPreconditioner([nn.Linear(2, 2)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^pass either options=\.\.\. or the options as keywords, not both$"):
+        KFACPreconditioner(make_mlp(), options=PreconditionerOptions(), damping=1e-2)
+
+
+def test_a_model_without_parameters_gets_no_blocks_and_its_steps_change_nothing() -> None:
+    pre = KFACPreconditioner(nn.ReLU())
+    assert pre.blocks == {}
+    assert pre.damping.dtype == torch.get_default_dtype()
+    assert bool(pre.step())
+
+
+def test_damping_takes_the_parameters_dtype_and_device_from_construction() -> None:
+    model = make_mlp().float()  # the default dtype is float64 here
+    assert KFACPreconditioner(model, damping=1e-2).damping.dtype == torch.float32
+    assert KFACPreconditioner(make_mlp().to("meta")).damping.device == torch.device("meta")
+
+
+def test_factor_dtype_applies_from_the_first_statistics() -> None:
+    model = make_mlp().float()
+    pre = KFACPreconditioner(model, damping=1e-2, factor_dtype=torch.float64)
+    x, y = make_data()
+    F.cross_entropy(model(x.float()), y).backward()
+    pre.step()
+    a = torch.cat([x.float().double(), torch.ones(len(x), 1)], 1)  # float32 inputs, float64 products
+    assert pre.blocks["0"].A.dtype == torch.float64
+    torch.testing.assert_close(pre.blocks["0"].A, a.T @ a / len(x), rtol=1e-13, atol=1e-15)
+
+
+def test_an_empty_batch_evaluated_without_gradients_passes_through() -> None:
+    model = make_mlp()
+    KFACPreconditioner(model, loss_fn=nn.CrossEntropyLoss())  # reduction 'mean': no hook on the output
+    with torch.no_grad():
+        assert model(torch.zeros(0, 5)).shape == (0, 3)
+
+
+def test_a_16_bit_model_computes_its_first_statistics_in_float32() -> None:
+    model = make_mlp().to(torch.bfloat16)
+    pre = KFACPreconditioner(model, damping=1e-2)
+    x, y = make_data()
+    x16 = x.to(torch.bfloat16)
+    F.cross_entropy(model(x16).float(), y).backward()
+    pre.step()
+    a = torch.cat([x16.float(), torch.ones(len(x), 1, dtype=torch.float32)], 1)
+    torch.testing.assert_close(pre.blocks["0"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_preconditioner_reports_its_latest_step_as_taken() -> None:
+    pre = KFACPreconditioner(make_mlp())
+    assert pre.latest_taken is True
+    assert pre.check() == (True, False)
+
+
+def test_calibrated_damping_is_none_until_auto_damping_calibrates() -> None:
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping="auto")
+    assert pre.calibrated_damping is None
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    assert isinstance(pre.calibrated_damping, float)
+
+
 def test_warmup_refreshes_factors_and_inverses_every_step_then_at_the_intervals() -> None:
     model = make_mlp()
     pre = KFACPreconditioner(
@@ -226,6 +292,20 @@ def test_finiteness_check_finds_nan_and_inf_and_passes_large_finite_values(dtype
     both[0], both[1] = float("inf"), -float("inf")
     assert not all_finite([both])
     assert all_finite([])
+
+
+def test_finiteness_flag_of_no_tensors_is_true_on_the_device_asked_for() -> None:
+    flag = finite_flag([], device=torch.device("meta"))  # the step's flags live on the damping's device
+    assert flag.device == torch.device("meta") and flag.dtype == torch.bool and flag.dim() == 0
+    assert bool(finite_flag([]))
+
+
+def test_float32_tensors_are_summed_in_float32_so_an_overflowing_sum_counts_as_non_finite() -> None:
+    # Documented trade-off of `finite_flag`: one float32 sum per tensor (no float64 copy); entries
+    # near float32's limit make the sum overflow and the tensor is reported non-finite (a safe skip).
+    huge = torch.full((4,), 0.5 * float(torch.finfo(torch.float32).max), dtype=torch.float32)
+    assert not all_finite([huge])
+    assert all_finite([huge.double()])
 
 
 def test_an_indefinite_damped_factor_is_decomposed_with_eigh() -> None:
