@@ -11,7 +11,8 @@
 # MUTATION_WORKDIR=DIR runs in DIR (created, kept afterwards) instead of a temporary copy, so the
 # results can be read while it runs and survivors re-run later: `cd DIR && mutmut results`,
 # `mutmut show NAME`, `mutmut run NAME...` (with the tests copied in again after changing them).
-# Needs `pip install mutmut` (3.x). Report of the last run: benchmarks/results/mutation.md.
+# Needs `pip install mutmut` (3.x). Report of the last run: benchmarks/results/mutation.md, written by
+# scripts/mutation_report.py from the list and the survivors' verdicts (benchmarks/results/mutation-verdicts.tsv).
 set -euo pipefail
 
 MODULES=(
