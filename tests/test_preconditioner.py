@@ -1220,3 +1220,31 @@ def test_flags_live_on_the_models_device_not_on_the_default_device() -> None:
             pre.step()
             pre.update_inverses(force=True)
             assert pre.check() == (True, False)
+
+
+def test_a_forward_pass_back_propagated_after_a_step_keeps_its_joint_statistics() -> None:
+    """The rows a diagonal block keeps from a forward pass wait for its backward pass, even across a
+    step: recording x_a, stepping on x_b, then back-propagating x_a gives the factors of the plain
+    order (x_b, then x_a)."""
+    (xa, ya), (xb, yb) = make_data(seed=1), make_data(seed=2)
+    runs = []
+    for interleaved in (True, False):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)
+        pre = KFACPreconditioner(model, approximation="diagonal", factor_update_steps=1, damping=1e-2)
+        if interleaved:
+            loss_a = F.cross_entropy(model(xa), ya)
+            F.cross_entropy(model(xb), yb).backward()
+            pre.step()
+            model.zero_grad()
+            loss_a.backward()
+            pre.step()
+        else:
+            for x, y in ((xb, yb), (xa, ya)):
+                model.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                pre.step()
+        runs.append({k: v.clone() for k, v in pre.blocks[""].state.items()})
+    assert runs[0].keys() == runs[1].keys()
+    for key, value in runs[0].items():
+        torch.testing.assert_close(value, runs[1][key], rtol=1e-12, atol=0)
