@@ -943,13 +943,19 @@ def test_state_dict_makes_the_pending_host_check() -> None:
 
 
 def _break_inverses(
-    block: Any, keys: tuple[str, ...] = ("_inv", "_eigvecs"), method: str | None = None
+    block: Any,
+    keys: tuple[str, ...] = ("_inv", "_eigvecs"),
+    method: str | None = None,
+    record: list[str] | None = None,
 ) -> Any:
     """Make the block's inverse refreshes (those with `method`, or all) non-finite: NaN in its state
-    entries ending with `keys` (the factors stay finite). Returns the original refresh."""
+    entries ending with `keys` (the factors stay finite); the methods asked for are appended to
+    `record`. Returns the original refresh."""
     original = block.update_inverses
 
     def broken(*args: Any) -> None:
+        if record is not None:
+            record.append(args[-1])
         original(*args)
         if method is None or args[-1] == method:
             for key in [k for k in block.state if k.endswith(keys)]:
@@ -1024,20 +1030,6 @@ def test_a_skipped_first_step_is_no_inverse_failure() -> None:
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "step was skipped" in messages[0]
     assert not pre._refresh_next
-
-
-def _break_inverses_recording(block: Any, methods: list[str]) -> Any:
-    """Make `block`'s inverse refreshes non-finite (recording the method asked for); returns the original."""
-    original = block.update_inverses
-
-    def broken(*args: Any) -> None:
-        methods.append(args[-1])
-        original(*args)
-        for key in [k for k in block.state if k.endswith(("_inv", "_eigvecs"))]:
-            block.state[key] = torch.full_like(block.state[key], float("nan"))
-
-    block.update_inverses = broken
-    return original
 
 
 def test_an_embedding_whose_first_inverses_are_not_finite_gets_the_raw_gradient() -> None:
@@ -1135,7 +1127,7 @@ def test_a_failed_refresh_is_reported_even_when_a_later_one_before_the_check_suc
     pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
     _grad_step(pre, model, seed=1)
     block = pre.blocks["0"]
-    original = _break_inverses_recording(block, [])
+    original = _break_inverses(block)
     _grad_step(pre, model, seed=2)
     block.update_inverses = original
     _grad_step(pre, model, seed=3)
@@ -1149,12 +1141,12 @@ def test_a_block_whose_refresh_failed_is_refreshed_once_with_eigh() -> None:
     pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
     _grad_step(pre, model, seed=1)
     block = pre.blocks["0"]
-    original = _break_inverses_recording(block, [])
+    original = _break_inverses(block)
     _grad_step(pre, model, seed=2)
     with pytest.warns(RuntimeWarning, match="refreshed again at the next step"):
         pre.check()
     methods: list[str] = []
-    _break_inverses_recording(block, methods)
+    _break_inverses(block, record=methods)
     block.update_inverses = lambda *args: (methods.append(args[-1]), original(*args))[-1]
     _grad_step(pre, model, seed=3)
     _grad_step(pre, model, seed=4)

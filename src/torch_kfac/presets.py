@@ -29,10 +29,10 @@ ADAPTIVE: dict[str, Any] = {
     "inverse_update_steps": 5,
     "warmup_steps": 20,
     # The quadratic model's curvature on at most the batch's first 256 examples. At batch 250 the
-    # whole batch costs 1.28x a plain K-FAC step (128 examples: 1.20x, the same held-out loss after
-    # 60 s in race.py), but 128 left the LSTM of tests/test_presets.py above Adam with the searched
-    # damping (64 ended above Adam on its ResNet); batches of up to 256 keep the exact model, and at
-    # batch 1000 a quarter of the batch cuts the step's cost (benchmarks/README.md).
+    # whole batch costs 1.36x a plain K-FAC step with the same Fisher sub-batch; 128 or 64 examples
+    # buy more steps but no lower loss in race.py, and 128 once left the LSTM of
+    # tests/test_presets.py above Adam; batches of up to 256 keep the exact model, and at batch 1000
+    # a quarter of the batch keeps the step at 1.23x (benchmarks/README.md).
     "qmodel_batch_size": 256,
     # The MC Fisher's own pass on the batch's first 64 examples: the factors' moving average
     # smooths the extra noise, and the pass costs a quarter at batch 256 (race.py: autoencoder and
