@@ -1017,6 +1017,21 @@ def test_without_factors_a_forced_refresh_skips_the_block_and_the_step_passes_th
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
 
 
+def test_a_skipped_first_step_is_no_inverse_failure_with_eigh_either() -> None:
+    """eigh raises on the skipped step's factors: its state is put back without a failure warning,
+    and the next step refreshes."""
+    model = make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, inverse_method="eigh")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _grad_step(pre, model, poison=True)
+        _grad_step(pre, model)
+        assert pre.check() == (True, False)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "step was skipped" in messages[0], messages
+    assert all(b.has_inverses() for b in pre.blocks.values())
+
+
 def test_a_skipped_first_step_is_no_inverse_failure() -> None:
     """Its factors (weight 0) give non-finite inverses, which the skip masks: the host check warns of
     the skipped step only, and the next step refreshes with the configured method."""

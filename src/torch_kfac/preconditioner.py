@@ -384,6 +384,10 @@ class KFACPreconditioner:
             try:
                 block.update_inverses(self.damping, pi, method)
             except torch.linalg.LinAlgError as exc:
+                if taken is not None and not bool(taken):  # a skipped step's factors: no failure
+                    block.state.clear()
+                    block.state.update(previous)
+                    continue
                 _keep_inverses(name, block, previous, str(exc).splitlines()[0])
                 continue
             new = {k: t for k, t in block.state.items() if previous.get(k) is not t}
