@@ -1137,13 +1137,20 @@ def test_reset_factors_forgets_the_inverse_layout_loaded_from_a_distributed_chec
     assert not any(block.has_factors() or block.has_inverses() for block in pre.blocks.values())
 
 
-def test_a_failed_refresh_is_reported_even_when_a_later_one_before_the_check_succeeds() -> None:
+def _failed_refresh() -> tuple[nn.Module, KFACPreconditioner, Any, Any]:
+    """An MLP whose first block's inverse refresh failed (not finite) in its second step, unchecked
+    yet: the model, the preconditioner, the block and the block's original refresh."""
     model = make_mlp()
     pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
     _grad_step(pre, model, seed=1)
     block = pre.blocks["0"]
     original = _break_inverses(block)
     _grad_step(pre, model, seed=2)
+    return model, pre, block, original
+
+
+def test_a_failed_refresh_is_reported_even_when_a_later_one_before_the_check_succeeds() -> None:
+    model, pre, block, original = _failed_refresh()
     block.update_inverses = original
     _grad_step(pre, model, seed=3)
     with pytest.warns(RuntimeWarning, match=r"inverse update of block '0' failed \(the result is not finite"):
@@ -1152,12 +1159,7 @@ def test_a_failed_refresh_is_reported_even_when_a_later_one_before_the_check_suc
 
 def test_a_block_whose_refresh_failed_is_refreshed_once_with_eigh() -> None:
     """Found at a later host check: refreshed at the next step with eigh, then with the configured method."""
-    model = make_mlp()
-    pre = KFACPreconditioner(model, damping=1e-2, inverse_update_steps=1, warmup_steps=0)
-    _grad_step(pre, model, seed=1)
-    block = pre.blocks["0"]
-    original = _break_inverses(block)
-    _grad_step(pre, model, seed=2)
+    model, pre, block, original = _failed_refresh()
     with pytest.warns(RuntimeWarning, match="refreshed again at the next step"):
         pre.check()
     methods: list[str] = []

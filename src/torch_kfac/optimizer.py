@@ -267,9 +267,12 @@ class KFAC(OriginalAPI, Optimizer):
         scale = getattr(self, "grad_scale", None)  # None: the user called scaler.unscale_(opt)
         if scale is not None:
             for p in self._named_params.values():
-                if p.grad is not None:
-                    # In the wider dtype: a float16 gradient cannot hold the scale (65536 is inf).
-                    wide = torch.promote_types(p.grad.dtype, scale.dtype)
+                if p.grad is None:
+                    continue
+                wide = torch.promote_types(p.grad.dtype, scale.dtype)
+                if wide == p.grad.dtype:
+                    p.grad.div_(scale.to(wide))
+                else:  # a float16 gradient cannot hold the scale (65536 is inf): divide in `wide`
                     p.grad.copy_(p.grad.to(wide) / scale.to(wide))
         return False
 

@@ -244,7 +244,6 @@ class KFACPreconditioner:
         labels drawn from the model ('mc'), or one per column of the exact Fisher's square root
         ('type-2'). Model buffers (batch-norm statistics) are left as they were.
         """
-        assert self.loss_fn is not None and self.loss_curvature is not None
         inputs, targets = batch
         if self.options.fisher_batch_size is not None:
             inputs, targets = leading_examples(inputs, targets, self.options.fisher_batch_size)
