@@ -32,20 +32,23 @@ def one_step(opt: KFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
 
 
 FIXED = {"lr": 0.1, "momentum": 0.5}  # the values of the coefficient that is not adapted
+BOUNDS = (0.0, 0.95)  # momentum_bounds of the 'bounded' case: its free momentum is -0.15
 
 
 @pytest.mark.parametrize(
     ("adapted", "qmodel_batch_size"),
-    [("both", None), ("both", 4), ("lr", None), ("momentum", None)],
+    [("both", None), ("both", 4), ("lr", None), ("momentum", None), ("bounded", None)],
 )
 def test_learning_rate_and_momentum_minimise_the_exact_quadratic(
     adapted: str, qmodel_batch_size: int | None
 ) -> None:
     """With qmodel_batch_size m the curvature is the GGN of the batch's first m examples; the
     gradient stays the whole batch's. A coefficient that is not adapted keeps its option's value and
-    the other minimises the model along its direction."""
+    the other minimises the model along its direction. A momentum outside `momentum_bounds` is
+    clipped and the learning rate minimises the model with the clipped momentum."""
     model = make_mlp()
-    free = {"lr": adapted in ("both", "lr"), "momentum": adapted in ("both", "momentum")}
+    bounded = adapted == "bounded"
+    free = {"lr": adapted != "momentum", "momentum": adapted != "lr"}
     opt = KFAC(
         model,
         damping=1e-2,
@@ -54,6 +57,7 @@ def test_learning_rate_and_momentum_minimise_the_exact_quadratic(
         adaptive_momentum=free["momentum"],
         inverse_update_steps=1,
         qmodel_batch_size=qmodel_batch_size,
+        momentum_bounds=BOUNDS if bounded else None,
         **{k: v for k, v in FIXED.items() if not free[k]},
     )
     x, y = make_data()
@@ -82,6 +86,9 @@ def test_learning_rate_and_momentum_minimise_the_exact_quadratic(
     m, b = basis.T @ damped @ basis, basis.T @ g
     if adapted == "both":
         expected = -torch.linalg.solve(m, b)
+    elif bounded:
+        assert -torch.linalg.solve(m, b)[1] < BOUNDS[0] - 0.1  # the bound is active
+        expected = torch.stack([-(b[0] + m[0, 1] * BOUNDS[0]) / m[0, 0], torch.tensor(BOUNDS[0])])
     elif adapted == "lr":
         expected = torch.stack(
             [-(b[0] + m[0, 1] * FIXED["momentum"]) / m[0, 0], torch.tensor(FIXED["momentum"])]
@@ -97,6 +104,8 @@ def test_learning_rate_and_momentum_minimise_the_exact_quadratic(
     best = torch.stack([alpha, mu])
     grid = torch.linspace(-0.05, 0.05, 41)
     steps = [torch.stack([a * free["lr"], c * free["momentum"]]) for a in grid for c in grid]
+    if bounded:  # the minimum over the feasible strip
+        steps = [s for s in steps if BOUNDS[0] <= mu + s[1] <= BOUNDS[1]]
     assert q(best) <= torch.stack([q(best + step) for step in steps]).min() + 1e-12
     assert alpha.item() > 0
 

@@ -110,6 +110,9 @@ BAD: list[tuple[str, Any, str]] = [
     ("damping_rho_thresholds", (0.75, 0.25), "low < high"),
     ("damping_rho_thresholds", 0.5, "pair"),
     ("damping_rho_thresholds", (0.1, 0.2, 0.3), "pair"),
+    ("momentum_bounds", (0.9, 0.1), "low < high"),
+    ("momentum_bounds", 0.9, "pair"),
+    ("momentum_bounds", (0.0, math.inf), "finite"),
     ("skip_modules", "0", "iterable of module names"),
     ("skip_modules", 3, "iterable of module names"),
     ("skip_modules", [0], "module names"),
@@ -180,6 +183,13 @@ def test_lr_is_required_unless_adaptive() -> None:
     assert options.lr == 0.0
     with pytest.raises(ValueError, match="loss_fn is required"):
         KFACOptions(lr=0.1, qmodel_curvature="exact")
+
+
+def test_momentum_bounds_need_the_adaptive_momentum() -> None:
+    with pytest.raises(ValueError, match=r"momentum_bounds .* needs adaptive_momentum=True"):
+        KFACOptions(lr=0.1, momentum_bounds=(0.0, 0.9))
+    options = KFACOptions(adaptive_momentum=True, lr=0.1, loss_fn=nn.MSELoss(), momentum_bounds=[-0.5, 1])
+    assert options.momentum_bounds == (-0.5, 1.0)
 
 
 def test_weight_decay_none_means_zero() -> None:

@@ -555,8 +555,9 @@ class KFAC(OriginalAPI, Optimizer):
             fixed[0] = hyper.lr
         if previous and not opts.adaptive_momentum:
             fixed[1] = hyper.momentum
+        bounds = None if opts.momentum_bounds is None else (1, opts.momentum_bounds)
         coeffs, q = choose_coefficients(
-            curvature, overlaps(directions), linear, pre.damping, self._model_damping, fixed
+            curvature, overlaps(directions), linear, pre.damping, self._model_damping, fixed, bounds
         )
         delta = combine(directions, coeffs)
         if hyper.weight_decay:

@@ -203,6 +203,16 @@ def check_thresholds(name: str, value: object) -> tuple[float, float]:
     return low, high
 
 
+def check_bounds(name: str, value: object) -> tuple[float, float]:
+    """A pair (low, high) of finite numbers, either sign, with low < high."""
+    if not isinstance(value, Iterable) or isinstance(value, str) or len(pair := tuple(value)) != 2:
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    low, high = (check_number(name, t, low=-math.inf) for t in pair)
+    if not low < high:
+        raise ValueError(f"{name} must be (low, high) with low < high, got {value}")
+    return low, high
+
+
 def check_inverse_power(name: str, value: object) -> float:
     if isinstance(value, bool) or value not in INVERSE_POWERS:
         raise ValueError(f"{name} must be -1 or -0.5, got {value!r}")
@@ -320,6 +330,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "qmodel_curvature": QModelCurvature.parse,
     "adaptive_learning_rate": check_bool,
     "adaptive_momentum": check_bool,
+    "momentum_bounds": _optional(check_bounds),
     "qmodel_batch_size": _optional(check_interval),
     "reject_steps": check_bool,
     "burn_in_steps": check_count,
@@ -546,6 +557,11 @@ class KFACOptions(PreconditionerOptions):
             'exact' (the GGN/Fisher of `loss_fn` on the batch; one forward-mode pass).
         adaptive_learning_rate, adaptive_momentum: choose them each step by minimising the exact
             quadratic model over the natural gradient and the previous change (a 2x2 solve).
+        momentum_bounds: (low, high): the adaptive momentum minimises the model within these
+            bounds, the learning rate chosen anew for a clipped momentum (the model is convex,
+            so this is the constrained minimum). None: unbounded (Martens & Grosse, kfac-jax).
+            On a small batch the unbounded momentum swings outside [0, 1] (measured 2.5 and -2.2),
+            and such steps raise the held-out loss (docs/tuning.md).
         qmodel_batch_size: compute the exact curvature of the quadratic model on at most this
             many examples, the batch's first ones along dimension 0 (None: the whole batch); the
             gradient term and the loss change always use the whole batch. Its forward-mode pass is
@@ -592,6 +608,7 @@ class KFACOptions(PreconditionerOptions):
     qmodel_curvature: QModelCurvature | str = QModelCurvature.KFAC
     adaptive_learning_rate: bool = False
     adaptive_momentum: bool = False
+    momentum_bounds: tuple[float, float] | None = None
     qmodel_batch_size: int | None = 64
     reject_steps: bool = False
     burn_in_steps: int = 0
@@ -614,6 +631,8 @@ class KFACOptions(PreconditionerOptions):
             if not self.adaptive_learning_rate:
                 raise ValueError("lr (learning rate) is required unless adaptive_learning_rate=True")
             self.lr = 0.0
+        if self.momentum_bounds is not None and not self.adaptive_momentum:
+            raise ValueError("momentum_bounds bounds the adaptive momentum: it needs adaptive_momentum=True")
         self.max_damping = check_number("max_damping", self.max_damping, low=self.min_damping, finite=False)
         if self.uses_exact_curvature and self.loss_fn is None:
             raise ValueError(

@@ -27,13 +27,17 @@ ADAPTIVE: dict[str, Any] = {
     "min_damping": 1e-8,
     "factor_update_steps": 1,
     "inverse_update_steps": 5,
-    "warmup_steps": 20,
+    # Inverses every step for the first 5 steps only (20 cost the autoencoder 4 s to its targets).
+    "warmup_steps": 5,
     # The quadratic model's curvature on at most the batch's first 256 examples. At batch 250 the
     # whole batch costs 1.36x a plain K-FAC step with the same Fisher sub-batch; 128 or 64 examples
-    # buy more steps but no lower loss in race.py, and 128 once left the LSTM of
-    # tests/test_presets.py above Adam; batches of up to 256 keep the exact model, and at batch 1000
-    # a quarter of the batch keeps the step at 1.23x (benchmarks/README.md).
+    # buy more steps, but 64 left the LSTM of tests/test_presets.py 16x above Adam (a step chosen
+    # on a quarter of its batch threw it from 0.01 to 1.5); batches of up to 256 keep the exact
+    # model, and at batch 1000 a quarter of the batch keeps the step at 1.23x (benchmarks/README.md).
     "qmodel_batch_size": 256,
+    # The adaptive momentum within [0, 1]: unbounded, it swings from -2.2 to 2.5 on the convnet
+    # and a step with momentum above 1 threw the autoencoder from 224 to 340 (race.py).
+    "momentum_bounds": (0.0, 1.0),
     # The MC Fisher's own pass on the batch's first 64 examples: the factors' moving average
     # smooths the extra noise, and the pass costs a quarter at batch 256 (race.py: autoencoder and
     # convnet reach lower held-out losses in the same time; benchmarks/README.md).
@@ -51,4 +55,6 @@ def adaptive(model: nn.Module, loss_fn: nn.Module, **overrides: Any) -> KFAC:
     if not isinstance(loss_fn, nn.Module):
         raise ValueError(f"loss_fn must be a loss module such as nn.CrossEntropyLoss(), got {loss_fn!r}")
     options = {**ADAPTIVE, "reduction": getattr(loss_fn, "reduction", "mean"), **overrides}
+    if not options["adaptive_momentum"] and "momentum_bounds" not in overrides:
+        del options["momentum_bounds"]  # they bound the adaptive momentum, which is switched off
     return KFAC(model, loss_fn=loss_fn, **options)

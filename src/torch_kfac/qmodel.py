@@ -97,7 +97,9 @@ def dot(u: dict[Any, Tensor], v: dict[Any, Tensor]) -> Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def solve_coefficients(gram: Tensor, linear: Tensor, fixed: dict[int, float] | None = None) -> Tensor:
+def solve_coefficients(
+    gram: Tensor, linear: Tensor, fixed: dict[int, float | Tensor] | None = None
+) -> Tensor:
     """argmin_c c^T b + 1/2 c^T M c, with the coefficients in `fixed` held at given values.
 
     Singular systems (a zero direction) get the minimum-norm solution.
@@ -106,7 +108,8 @@ def solve_coefficients(gram: Tensor, linear: Tensor, fixed: dict[int, float] | N
     fixed_idx = list(fixed)
     free = [i for i in range(linear.shape[0]) if i not in fixed]
     coeffs = linear.new_zeros(linear.shape[0])
-    coeffs[fixed_idx] = linear.new_tensor([fixed[i] for i in fixed_idx])
+    if fixed_idx:
+        coeffs[fixed_idx] = torch.stack([torch.as_tensor(fixed[i]).to(linear) for i in fixed_idx])
     if free:
         rhs = -linear[free] - gram[free][:, fixed_idx] @ coeffs[fixed_idx]
         coeffs[free] = torch.linalg.pinv(gram[free][:, free]) @ rhs
@@ -132,13 +135,23 @@ def choose_coefficients(
     damping: Tensor,
     model_damping: Tensor | float,
     fixed: dict[int, float],
+    bounds: tuple[int, tuple[float, float]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Coefficients minimising the damped model, and the model's value q there (for the damping rule).
 
     The coefficients minimise c^T b + 1/2 c^T (M + damping V^T V) c; q uses `model_damping` in
-    place of the damping (the damping itself or only `l2_reg`).
+    place of the damping (the damping itself or only `l2_reg`). `bounds` (i, (low, high)) keeps
+    the free coefficient i within [low, high]: the model is convex, so where the unconstrained
+    minimum lies outside, the constrained one has c_i at the nearer bound and the other
+    coefficients re-solved with c_i fixed there (no host synchronisation).
     """
-    coeffs = solve_coefficients(curvature + damping * overlap, linear, fixed)
+    damped = curvature + damping * overlap
+    coeffs = solve_coefficients(damped, linear, fixed)
+    if bounds is not None and bounds[0] not in fixed and bounds[0] < coeffs.shape[0]:
+        i, (low, high) = bounds
+        clipped = coeffs[i].clamp(low, high)
+        on_bound = solve_coefficients(damped, linear, {**fixed, i: clipped})
+        coeffs = torch.where(clipped == coeffs[i], coeffs, on_bound)
     return coeffs, quadratic_value(curvature + model_damping * overlap, linear, coeffs)
 
 
