@@ -229,3 +229,54 @@ def test_each_search_trial_is_the_first_step_at_its_damping_and_is_undone(
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     step(model, opt)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("chosen", ["last", "first"])
+def test_the_step_takes_the_chosen_trial_without_computing_it_again(
+    monkeypatch: pytest.MonkeyPatch, chosen: str
+) -> None:
+    """Step 0 refreshes the inverses once at the calibrated start (not before at the placeholder
+    damping), the first trial uses them, and when the search chooses its last trial, that trial's
+    inverses and change are the step's: no further refresh or change is computed. A damping tried
+    earlier is refreshed and computed once more. The step equals a fixed-damping run's first step
+    (and its state too: the second steps agree)."""
+    x, y = make_data(64)
+    overrides = {"fisher_type": "type-2", "warmup_steps": 0}
+    counts = {"change": 0, "refresh": 0}
+
+    def spy(start: float, rho_at: Callable[[float], float]) -> float:
+        for d in (start, 10 * start):
+            rho_at(d)
+        return 10 * start if chosen == "last" else start
+
+    def run(damping: object, count: bool) -> tuple[KFAC, float]:
+        opt = presets.adaptive(make_mlp(), nn.CrossEntropyLoss(), damping=damping, **overrides)
+        if count:
+            change, refresh = opt._change, opt.preconditioner._refresh_inverses
+
+            def counted_change(*args: object) -> object:
+                counts["change"] += 1
+                return change(*args)  # type: ignore[arg-type]
+
+            def counted_refresh(*args: object, **kwargs: object) -> object:
+                counts["refresh"] += 1
+                return refresh(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(opt, "_change", counted_change)
+            monkeypatch.setattr(opt.preconditioner, "_refresh_inverses", counted_refresh)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(opt.model(x), y)
+            loss.backward()
+            opt.step(loss=loss, batch=(x, y))
+            if count and opt.preconditioner.steps == 1:
+                first = dict(counts)
+        return opt, first if count else {}
+
+    monkeypatch.setattr(optimizer_module, "search_damping", spy)
+    opt, first = run("auto", count=True)
+    extra = 0 if chosen == "last" else 1
+    assert first == {"change": 2 + extra, "refresh": 2 + extra}
+    fixed, _ = run(opt.preconditioner.calibrated_damping, count=False)
+    for p, q in zip(opt.model.parameters(), fixed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

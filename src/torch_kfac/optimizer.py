@@ -309,12 +309,18 @@ class KFAC(OriginalAPI, Optimizer):
         same_batch = batch is not None or closure is not None
         if opts.adapt_damping and not same_batch and loss is not None:
             self._adapt_from_previous_step(loss)
+        trial = None
         if opts.damping == AUTO_DAMPING and k == opts.burn_in_steps and same_batch and loss is not None:
-            self._search_damping(mats, grads, fallback, hyper, loss, batch, closure, scale)
+            trial = self._search_damping(mats, grads, fallback, hyper, loss, batch, closure, scale)
         snapshot = self._snapshot() if opts.reject_steps else None
         taken = pre.taken  # None: the step is known to be taken; else its changes are masked
         if opts.uses_qmodel or damping_due:  # the model change is measured before the parameters move
-            delta, q = self._change(mats, grads, fallback, hyper, batch, scale, damping_due)
+            if trial is not None:  # the search's last trial was this very step
+                delta, q, state = trial
+                self.state.clear()
+                self.state.update(state)
+            else:
+                delta, q = self._change(mats, grads, fallback, hyper, batch, scale, damping_due)
             self._move(delta, taken)
         else:
             q = None
@@ -394,24 +400,39 @@ class KFAC(OriginalAPI, Optimizer):
         batch: tuple[Any, Tensor] | None,
         closure: Callable[..., Tensor] | None,
         scale: float,
-    ) -> None:
+    ) -> tuple[dict[str, Tensor], Tensor, dict[Any, dict[str, Any]]] | None:
         """damping='auto' with the loss on the batch: the first step's damping by trial steps
-        (`torch_kfac.calibration.search_damping`); each trial is undone."""
+        (`torch_kfac.calibration.search_damping`); each trial is undone.
+
+        When the chosen damping was the last one tried, its inverses are still in place and its
+        trial computed this step's change: returns that change, its q and the optimizer state the
+        change left (the step takes them instead of computing them again); else None.
+        """
         pre = self.preconditioner
+        last: dict[str, Any] = {}
+        # At step 0 the calibration has just refreshed every inverse at the search's start.
+        current = pre.damping.item() if pre.steps == 0 else None
 
         def rho_at(damping: float) -> float:
+            nonlocal current
             pre.set_damping(pre.damping.new_tensor(damping))
-            pre.update_inverses(force=True)
+            if damping != current:
+                pre.update_inverses(force=True)
+                current = damping
             snapshot = self._snapshot()
             delta, q = self._change(mats, grads, fallback, hyper, batch, scale, True)
             assert q is not None
+            last.update(damping=damping, trial=(delta, q, {p: _copy(s) for p, s in self.state.items()}))
             for n, d in delta.items():
                 self._named_params[n].add_(d)
             new_loss = pre.average_over_ranks(self._evaluate(batch, closure)) * scale
             self._restore(snapshot)
             return float((new_loss - loss) / q)
 
-        pre.calibrate(search_damping(pre.damping.item(), rho_at))
+        chosen = search_damping(pre.damping.item(), rho_at)
+        was_last = chosen == last.get("damping")
+        pre.calibrate(chosen, refresh=chosen != current)
+        return last["trial"] if was_last else None
 
     def _record(
         self,

@@ -191,11 +191,13 @@ class KFACPreconditioner:
         device by a rule that keeps it in range (no host sync)."""
         self.global_state["damping"].copy_(value)
 
-    def calibrate(self, damping: float) -> None:
-        """Set the damping damping='auto' chose, and the inverses that use it."""
+    def calibrate(self, damping: float, refresh: bool = True) -> None:
+        """Set the damping damping='auto' chose, and the inverses that use it (`refresh=False`:
+        the inverses in place already use it)."""
         self.calibrated_damping = damping
         self.set_damping(self.damping.new_tensor(damping))
-        self.update_inverses(force=True)
+        if refresh:
+            self.update_inverses(force=True)
 
     def _factors_due(self) -> bool:
         """Whether the user's own passes should be recorded now (empirical Fisher only)."""
@@ -612,7 +614,9 @@ class KFACPreconditioner:
         self._note_step(taken)
         if not self.options.update_factors_manually:
             self._fold(stats, taken)
-        current = self._refresh_inverses(taken=taken)
+        # damping='auto' refreshes every inverse at the calibrated damping below: none before it.
+        calibrating = self.options.damping == AUTO_DAMPING and self.steps == 0
+        current = {} if calibrating else self._refresh_inverses(taken=taken)
         self.taken = taken
         if self._check_due():
             is_taken, _ = self.check(current)
@@ -621,7 +625,7 @@ class KFACPreconditioner:
                 self.examples = 0
                 return None
             self.taken = None
-        if self.options.damping == AUTO_DAMPING and self.steps == 0:  # torch_kfac.calibration
+        if calibrating:  # torch_kfac.calibration
             self.calibrate(initial_damping(self.blocks, mats))
         return mats
 
