@@ -30,10 +30,10 @@ ADAPTIVE: dict[str, Any] = {
     # Inverses every step for the first 5 steps only (20 cost the autoencoder 4 s to its targets).
     "warmup_steps": 5,
     # The quadratic model's curvature on the batch's first 128 examples: against the whole batch
-    # (256), the autoencoder and the convnet reached their race targets sooner and ended lower in
-    # each of two repeats (race.py --kfac-grid); 64 left the LSTM of tests/test_presets.py 16x
-    # above Adam (a step chosen on a quarter of its batch threw it from 0.01 to 1.5), 128 keeps it
-    # at 0.0035x Adam's loss (benchmarks/README.md).
+    # (256), the autoencoder and the convnet ended lower in each of two repeats and reached their
+    # race targets sooner in three of four (race.py --kfac-grid); 64 left the LSTM of
+    # tests/test_presets.py 16x above Adam (a step chosen on a quarter of its batch threw it from
+    # 0.01 to 1.5), 128 keeps it at 0.0035x Adam's loss (benchmarks/README.md).
     "qmodel_batch_size": 128,
     # The adaptive momentum within [0, 1]: unbounded, it swings from -2.2 to 2.5 on the convnet
     # and a step with momentum above 1 threw the autoencoder from 224 to 340 (race.py).
