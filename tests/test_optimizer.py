@@ -813,16 +813,19 @@ def test_weight_decay_applies_to_parameters_outside_any_block() -> None:
     torch.testing.assert_close(s["d/scale"], 0.1 * (s["g/scale"] + 0.5 * 1.5), rtol=1e-12, atol=1e-15)
 
 
+class _ScaleOnly(nn.Module):
+    """Three logits: the first three inputs times a learned vector (no curvature block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :3] * self.weight
+
+
 def test_a_model_without_curvature_blocks_takes_plain_sgd_steps() -> None:
-    class Scale(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x[:, :3] * self.weight
-
-    model = Scale()
+    model = _ScaleOnly()
     opt = KFAC(model, 0.1, 1e-2, momentum=0.0)
     assert opt.blocks == {}
     s = grads_and_step(opt, model, *make_data())
@@ -1052,17 +1055,6 @@ def test_a_model_without_curvature_blocks_steps_with_either_reduction(reduction:
     assert opt.blocks == {}
     s = grads_and_step(opt, model, *make_data())
     torch.testing.assert_close(s["d/1.weight"], 0.1 * s["g/1.weight"], rtol=1e-12, atol=1e-15)
-
-
-class _ScaleOnly(nn.Module):
-    """Three logits: the first three inputs times a learned vector (no curvature block)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :3] * self.weight
 
 
 def test_damping_adapted_on_the_same_batch_keeps_no_previous_loss() -> None:

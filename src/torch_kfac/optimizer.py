@@ -317,8 +317,7 @@ class KFAC(OriginalAPI, Optimizer):
         if opts.uses_qmodel or damping_due:  # the model change is measured before the parameters move
             if trial is not None:  # the search's last trial was this very step
                 delta, q, state = trial
-                self.state.clear()
-                self.state.update(state)
+                self._load_state(state)
             else:
                 delta, q = self._change(mats, grads, fallback, hyper, batch, scale, damping_due)
             self._move(delta, taken)
@@ -409,12 +408,13 @@ class KFAC(OriginalAPI, Optimizer):
         change left (the step takes them instead of computing them again); else None.
         """
         pre = self.preconditioner
-        last: dict[str, Any] = {}
-        # At step 0 the calibration has just refreshed every inverse at the search's start.
+        # The damping the inverses in place use: at step 0 the calibration has just refreshed
+        # every inverse at the search's start; after the search, that of its last trial.
         current = pre.damping.item() if pre.steps == 0 else None
+        trial: tuple[dict[str, Tensor], Tensor, dict[Any, dict[str, Any]]] | None = None
 
         def rho_at(damping: float) -> float:
-            nonlocal current
+            nonlocal current, trial
             pre.set_damping(pre.damping.new_tensor(damping))
             if damping != current:
                 pre.update_inverses(force=True)
@@ -422,7 +422,7 @@ class KFAC(OriginalAPI, Optimizer):
             snapshot = self._snapshot()
             delta, q = self._change(mats, grads, fallback, hyper, batch, scale, True)
             assert q is not None
-            last.update(damping=damping, trial=(delta, q, {p: _copy(s) for p, s in self.state.items()}))
+            trial = (delta, q, {p: _copy(s) for p, s in self.state.items()})
             for n, d in delta.items():
                 self._named_params[n].add_(d)
             new_loss = pre.average_over_ranks(self._evaluate(batch, closure)) * scale
@@ -430,9 +430,8 @@ class KFAC(OriginalAPI, Optimizer):
             return float((new_loss - loss) / q)
 
         chosen = search_damping(pre.damping.item(), rho_at)
-        was_last = chosen == last.get("damping")
         pre.calibrate(chosen, refresh=chosen != current)
-        return last["trial"] if was_last else None
+        return trial if chosen == current else None
 
     def _record(
         self,
@@ -621,12 +620,16 @@ class KFAC(OriginalAPI, Optimizer):
             "adaptation": dict(self.adaptation),
         }
 
+    def _load_state(self, state: dict[Any, dict[str, Any]]) -> None:
+        """Replace the per-parameter optimizer state by `state`."""
+        self.state.clear()
+        self.state.update(state)
+
     def _restore(self, snapshot: dict[str, Any]) -> None:
         """Put back the parameters and state of `_snapshot`."""
         for n, p in self._named_params.items():
             p.copy_(snapshot["params"][n])
-        self.state.clear()
-        self.state.update(snapshot["state"])
+        self._load_state(snapshot["state"])
         self.preconditioner.load_state_dict(snapshot["kfac"])
         self.adaptation = snapshot["adaptation"]
 

@@ -193,21 +193,11 @@ def check_loss_fn(name: str, value: object) -> nn.Module | None:
     return value
 
 
-def check_thresholds(name: str, value: object) -> tuple[float, float]:
-    """A pair (low, high) with low < high."""
+def check_thresholds(name: str, value: object, *, floor: float = 0.0) -> tuple[float, float]:
+    """A pair (low, high) of finite numbers, both at least `floor`, with low < high."""
     if not isinstance(value, Iterable) or isinstance(value, str) or len(pair := tuple(value)) != 2:
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
-    low, high = (check_number(name, t) for t in pair)
-    if not low < high:
-        raise ValueError(f"{name} must be (low, high) with low < high, got {value}")
-    return low, high
-
-
-def check_bounds(name: str, value: object) -> tuple[float, float]:
-    """A pair (low, high) of finite numbers, either sign, with low < high."""
-    if not isinstance(value, Iterable) or isinstance(value, str) or len(pair := tuple(value)) != 2:
-        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
-    low, high = (check_number(name, t, low=-math.inf) for t in pair)
+    low, high = (check_number(name, t, low=floor) for t in pair)
     if not low < high:
         raise ValueError(f"{name} must be (low, high) with low < high, got {value}")
     return low, high
@@ -330,7 +320,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "qmodel_curvature": QModelCurvature.parse,
     "adaptive_learning_rate": check_bool,
     "adaptive_momentum": check_bool,
-    "momentum_bounds": _optional(check_bounds),
+    "momentum_bounds": _optional(lambda name, value: check_thresholds(name, value, floor=-math.inf)),
     "qmodel_batch_size": _optional(check_interval),
     "reject_steps": check_bool,
     "burn_in_steps": check_count,
