@@ -12,6 +12,8 @@ sigmoid cross-entropy summed over pixels and averaged over the batch):
   (`qmodel_batch_size=None`).
 * preset: the preset as shipped (its `qmodel_batch_size`).
 * preset-64: the preset with the option's default `qmodel_batch_size` (64 leading examples).
+* kfac-dense, preset-dense: kfac and preset with `low_rank_gradients=False` (every gradient
+  preconditioned by the dense product G^-1 M A^-1, as before the option): its saving.
 
 Every configuration uses the preset's curvature (MC Fisher on its sub-batch) and update intervals
 (factors every step, inverses every 5 steps), so the ratios to `kfac` are those of the adaptive
@@ -57,7 +59,7 @@ INTERVALS = {
         "warmup_steps",
     )
 }
-CONFIGS = ("adam", "kfac", "kfac+lm", "preset-whole", "preset", "preset-64")
+CONFIGS = ("adam", "kfac", "kfac+lm", "preset-whole", "preset", "preset-64", "kfac-dense", "preset-dense")
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
@@ -85,13 +87,15 @@ def make_optimizer(name: str, model: nn.Module, loss_fn: nn.Module) -> torch.opt
     """The optimizer of configuration `name`."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
-    common = {"damping": 1.0, "loss_fn": loss_fn, **INTERVALS}
+    dense = name.endswith("-dense")
+    name = name.removesuffix("-dense")
+    common = {"damping": 1.0, "loss_fn": loss_fn, **INTERVALS, "low_rank_gradients": not dense}
     if name == "kfac":
         return KFAC(model, 0.05, momentum=0.9, **common)
     if name == "kfac+lm":
         return KFAC(model, 0.05, momentum=0.9, adapt_damping=True, damping_adaptation_interval=5, **common)
     sizes = {"preset-whole": {"qmodel_batch_size": None}, "preset-64": {"qmodel_batch_size": 64}}
-    return presets.adaptive(model, loss_fn, **sizes.get(name, {}))
+    return presets.adaptive(model, loss_fn, low_rank_gradients=not dense, **sizes.get(name, {}))
 
 
 def time_steps(

@@ -140,6 +140,7 @@ def test_every_boolean_option_is_listed() -> None:
         "adaptive_learning_rate",
         "adaptive_momentum",
         "reject_steps",
+        "low_rank_gradients",
     }
 
 

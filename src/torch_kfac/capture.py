@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_kfac.blocks.base import CurvatureBlock
+from torch_kfac.lowrank import RowCapture
 
 #: Why the hooks run outside a compiled graph (dynamo shows it in its graph-break report, and in the
 #: error of `torch.compile(model, fullgraph=True)`, which cannot work with them).
@@ -68,6 +69,8 @@ class StatisticsCapture:
         self.factor_dtype: torch.dtype | None = None
         #: The loss scale of the backward pass now running (a GradScaler's, on the device), or None.
         self.loss_scale: Callable[[], Tensor | None] = _no_scale
+        #: The rows kept for low-rank preconditioning (None: option `low_rank_gradients` off).
+        self.gradient_rows: RowCapture | None = None
         self.hooked = [member for block in blocks.values() for member in block.hooked()]
         for block in self.hooked:
             block.reduction, block.center = reduction, center
@@ -101,6 +104,9 @@ class StatisticsCapture:
                     f"K-FAC: empty batch (no examples) in the forward pass of {block.name or 'the model'!r}: "
                     "its statistics are undefined; skip empty batches"
                 )
+        rows = self.gradient_rows
+        if rows is not None and isinstance(output, Tensor) and output.requires_grad and not self.own_pass():
+            rows.watch(block, inputs, output)
         if not self._recording():
             return
         block.new_examples = True

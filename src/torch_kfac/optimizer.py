@@ -104,6 +104,7 @@ class KFAC(OriginalAPI, Optimizer):
         if opts.compile_step:
             backend = "inductor" if opts.compile_step is True else opts.compile_step
             self._fixed_step = torch.compile(self._fixed_update, backend=backend, fullgraph=True)
+            self.preconditioner.keep_gradient_rows(False)  # the compiled step takes the dense product
         defaults = {k: opts.value_at(k, 0) for k in ("lr", "momentum", "weight_decay")}
         super().__init__(model.parameters(), defaults)
 
@@ -227,6 +228,7 @@ class KFAC(OriginalAPI, Optimizer):
         super().zero_grad(set_to_none)
         pre = self.preconditioner
         pre.examples = 0
+        pre.clear_gradient_rows()
         backward = [(b, k) for b in pre.blocks.values() for k in b.FACTORS if k not in b.FORWARD_FACTORS]
         if any(b.has_pending(k) for b, k in backward):
             pre.discard_statistics()

@@ -304,6 +304,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "grad_scaler": check_grad_scaler,
     "max_skipped_steps": _optional(check_interval),
     "host_check_interval": _optional(check_interval),
+    "low_rank_gradients": check_bool,
     "lr": _optional(check_number),
     "momentum": _number(high=1.0, high_inclusive=False),
     "momentum_type": MomentumType.parse,
@@ -434,6 +435,16 @@ class PreconditionerOptions:
             (1: in every step, which then warns at once and does not count a skipped step), else
             (None, the default) only when you read `last_stats`, `skipped_in_a_row` or
             `state_dict()`. See docs/mixed-precision.md.
+        low_rank_gradients: precondition an `nn.Linear` layer's gradient sum_r g_r a~_r^T row by
+            row, as sum_r (G^-1 g_r)(A^-1 a~_r)^T, where that takes fewer operations than the
+            dense product G^-1 M A^-1: when the batch's rows (examples times positions) are fewer
+            than the layer's widths. The rows (the layer's inputs and output gradients in your
+            forward and backward passes) are kept until the step and checked against `.grad` in
+            every step (a random probe; one host read for all layers): a gradient that they
+            reproduce only up to one factor (gradient clipping by norm, a loss scale) takes it,
+            any other difference (autocast's 16-bit products, clipping by value, gradients from
+            elsewhere) sends the layer to the dense product for the rest of training. Used with
+            the Cholesky inverses of 'kfac', on one process; `KFAC(compile_step=...)` does not.
     """
 
     #: Options that may be a callable of the step.
@@ -466,6 +477,7 @@ class PreconditionerOptions:
     grad_scaler: torch.amp.GradScaler | None = None
     max_skipped_steps: int | None = None
     host_check_interval: int | None = None
+    low_rank_gradients: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -18,11 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock
+from torch_kfac.blocks.kronecker import KroneckerFactors
 from torch_kfac.calibration import initial_damping
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.distributed import LAYOUT_KEY, DistributedCurvature, check_model, is_distributed, unwrap
 from torch_kfac.linalg import LOW_PRECISION
 from torch_kfac.losses import LossCurvature, loss_curvature
+from torch_kfac.lowrank import GradientRows, RowCapture, verified_rows
 from torch_kfac.options import (
     AUTO_DAMPING,
     Accumulation,
@@ -110,6 +112,11 @@ class KFACPreconditioner:
         self.calibrated_damping: float | None = None
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
         self._capture.factor_dtype = factor_dtype(opts, dtype)
+        # The rows are one process's; in distributed runs the gradient is the ranks' average.
+        self.keep_gradient_rows(opts.low_rank_gradients and self.distributed is None)
+        #: This step's gradient matrices that low-rank preconditioning may take from their rows.
+        self._low_rank: dict[CurvatureBlock, GradientRows] = {}
+        self._probe: torch.Generator | None = None
         # Gradient accumulation: whether the user's losses carry their micro-batch's share n / N
         # (`Statistic.share_scaled`). The preconditioner's own passes ('mc', 'type-2') never do,
         # and with those Fisher types the user's passes are not recorded.
@@ -522,6 +529,12 @@ class KFACPreconditioner:
         """Natural gradient of one block's gradient matrix; the raw matrix if no factors yet."""
         if not block.has_inverses():
             return mat
+        rows = self._low_rank.get(block)
+        if rows is not None and rows.mat is mat:
+            assert isinstance(block.approx, KroneckerFactors)  # RowCapture takes no other
+            natural = block.approx.precondition_rows(rows.g_rows, rows.a_rows)
+            if natural is not None:
+                return natural.to(mat.dtype)
         opts = self.options
         natural = block.precondition(
             mat.to(self.damping.dtype), self.damping, opts.enable_pi_correction, opts.damping_type.value
@@ -578,14 +591,34 @@ class KFACPreconditioner:
             )
 
     def gradient_matrices(self) -> dict[str, Tensor]:
-        """Current gradients of the (active) blocks, as mean-loss gradient matrices."""
+        """Current gradients of the (active) blocks, as mean-loss gradient matrices.
+
+        Those that the rows kept since the last step reproduce are preconditioned from the rows
+        (option `low_rank_gradients`; `torch_kfac.lowrank`).
+        """
         scale = self.grad_scale() if self.blocks else 1.0
         mats = {}
         for name, block in self.active_blocks.items():
             mat = block.grad_matrix()
             if mat is not None:
                 mats[name] = mat * scale if scale != 1.0 else mat
+        rows = self._capture.gradient_rows
+        self._low_rank = {}
+        if rows is not None and rows.rows:
+            if self._probe is None:  # its own generator: the user's random stream is left alone
+                device = self.damping.device
+                self._probe = torch.Generator(device=device).manual_seed(0)
+            self._low_rank = verified_rows(rows, mats, self.blocks, self.damping.dtype, self._probe)
         return mats
+
+    def keep_gradient_rows(self, on: bool) -> None:
+        """Keep the Linear layers' rows for low-rank preconditioning (`low_rank_gradients`) or not."""
+        self._capture.gradient_rows = RowCapture(self.blocks.values()) if on else None
+
+    def clear_gradient_rows(self) -> None:
+        """Forget the rows kept with gradients that are being cleared."""
+        if self._capture.gradient_rows is not None:
+            self._capture.gradient_rows.clear()
 
     def prepare(
         self, extra: Iterable[Tensor] = (), batch: tuple[Any, Tensor] | None = None
@@ -646,6 +679,7 @@ class KFACPreconditioner:
         """End of a step: advance the step counter that schedules factor and inverse updates."""
         self.global_state["step"] = self.steps + 1
         self.examples = 0
+        self._low_rank = {}
 
     @torch.no_grad()
     def step(self, batch: tuple[Any, Tensor] | None = None) -> bool | Tensor:

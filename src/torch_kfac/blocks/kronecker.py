@@ -50,6 +50,14 @@ class KroneckerFactors(Approximation):
         factors = (self.factor("A"), self.factor("G"))
         return kronecker_power(mat, factors, eigen, damping, pi_correction, damping_type, self.block.power)
 
+    def precondition_rows(self, g_rows: Tensor, a_rows: Tensor) -> Tensor | None:
+        """(G + d_G I)^-1 M (A + d_A I)^-1 for M = g_rows^T a_rows, from the rows (1, rows, d):
+        with Cholesky inverses (None with eigendecompositions)."""
+        state = self.block.state
+        if "A_inv" not in state:
+            return None
+        return (g_rows @ state["G_inv"]).mT @ (a_rows @ state["A_inv"])
+
     def curvature_product(self, mat: Tensor) -> Tensor:
         """(A (x) G) vec(M) = G M A."""
         return self.factor("G") @ mat @ self.factor("A")
