@@ -632,7 +632,7 @@ class KFAC(OriginalAPI, Optimizer):
         for n, p in self._named_params.items():
             p.copy_(snapshot["params"][n])
         self._load_state(snapshot["state"])
-        self.preconditioner.load_state_dict(snapshot["kfac"])
+        self.preconditioner.restore(snapshot["kfac"])
         self.adaptation = snapshot["adaptation"]
 
 

@@ -765,6 +765,11 @@ class KFACPreconditioner:
         """Restore what `state_dict` returned (tensors moved to each block's device), after
         `check_state_dict`."""
         self.check_state_dict(state)
+        self.restore(state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """`load_state_dict` without the check: for a state this preconditioner returned itself
+        (the snapshots of step rejection and of the damping search)."""
         for name, block in self.blocks.items():
             block.state.clear()
             block.state.update(
