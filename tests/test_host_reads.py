@@ -123,3 +123,36 @@ def test_reading_last_stats_makes_the_host_check_once() -> None:
     assert counted(lambda: opt.last_stats["skipped"]) == [CHECK]
     assert counted(lambda: opt.last_stats["skipped"]) == []
     assert opt.last_stats["skipped"] is False and opt.last_stats["skipped_in_a_row"] == 0
+
+
+PROBE = ("tolist", "lowrank.py:verified_rows")
+
+
+def _wide_steps(
+    free_reads: bool, monkeypatch: pytest.MonkeyPatch, **options: Any
+) -> list[list[tuple[str, str]]]:
+    """Host reads of 3 steps on Linear layers wide enough for their 4 rows (low-rank preconditioning)."""
+    monkeypatch.setattr(KFACPreconditioner, "_reads_are_free", lambda self: free_reads)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 5))
+    opt = KFAC(model, lr=0.1, **options)
+    x, y = torch.randn(4, 30), torch.randint(0, 5, (4,))
+    batch = (x, y) if "loss_fn" in options else None
+    out = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        out.append(counted(partial(opt.step, loss=loss, batch=batch)))
+    return out
+
+
+def test_low_rank_preconditioning_reads_its_probe_where_reads_are_free_or_made_anyway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the CPU the probe's verdicts are read in every step; on a device where a read waits for
+    the queue, a fixed step reads nothing (dense products), a step with a host check reads them too."""
+    assert _wide_steps(True, monkeypatch) == [[PROBE]] * 3
+    assert _wide_steps(True, monkeypatch, low_rank_gradients=False) == [[]] * 3
+    assert _wide_steps(False, monkeypatch) == [[]] * 3
+    assert _wide_steps(False, monkeypatch, max_skipped_steps=3) == [[PROBE, CHECK]] * 3

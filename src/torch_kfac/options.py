@@ -445,6 +445,9 @@ class PreconditionerOptions:
             any other difference (autocast's 16-bit products, clipping by value, gradients from
             elsewhere) sends the layer to the dense product for the rest of training. Used with
             the Cholesky inverses of 'kfac', on one process; `KFAC(compile_step=...)` does not.
+            The read is free on the CPU; on other devices the rows are used only in steps that
+            make a host check anyway (see `host_check_interval`), so a fixed step stays free of
+            synchronisations.
     """
 
     #: Options that may be a callable of the step.

@@ -605,11 +605,19 @@ class KFACPreconditioner:
         rows = self._capture.gradient_rows
         self._low_rank = {}
         if rows is not None and rows.rows:
+            # The probe's verdicts are one host read: free on the CPU, elsewhere made only in a
+            # step that synchronises for its host check anyway (a fixed step stays sync-free).
+            if not self._reads_are_free() and not self._check_due():
+                rows.clear()
+                return mats
             if self._probe is None:  # its own generator: the user's random stream is left alone
-                device = self.damping.device
-                self._probe = torch.Generator(device=device).manual_seed(0)
+                self._probe = torch.Generator(device=self.damping.device).manual_seed(0)
             self._low_rank = verified_rows(rows, mats, self.blocks, self.damping.dtype, self._probe)
         return mats
+
+    def _reads_are_free(self) -> bool:
+        """Whether a host read costs nothing (the state lives on the CPU: no queue to wait for)."""
+        return self.damping.device.type == "cpu"
 
     def keep_gradient_rows(self, on: bool) -> None:
         """Keep the Linear layers' rows for low-rank preconditioning (`low_rank_gradients`) or not."""
