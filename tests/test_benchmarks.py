@@ -20,7 +20,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     """The benchmark modules, imported from benchmarks/ (their own `common` first on the path)."""
     monkeypatch.syspath_prepend(str(BENCH_DIR))
-    names = ("common", "step_cost", "time_to_loss", "inverse_methods", "race", "initial_damping")
+    names = (
+        "common",
+        "step_cost",
+        "time_to_loss",
+        "inverse_methods",
+        "race",
+        "initial_damping",
+        "presets_seeds",
+    )
     for name in names:
         module = sys.modules.get(name)
         if module is not None and Path(getattr(module, "__file__", "") or "").parent != BENCH_DIR:
@@ -196,3 +204,20 @@ def test_initial_damping_quick(bench: dict[str, ModuleType], tmp_path: Path) -> 
     assert chosen > 0 and case["auto_over_best"] == pytest.approx(chosen / case["best_fixed"])
     text = (tmp_path / "initial_damping.md").read_text()
     assert result["command"] in text and "| auto chose |" in text and "| auto / best fixed |" in text
+
+
+def test_presets_seeds_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """One row per workload and seed, the divergences counted from time_to_loss.py's runs."""
+    out = tmp_path / "presets_seeds.md"
+    argv = ["--quick", "--workloads", "autoencoder", "convnet", "--seeds", "0", "1", "--budget", "1"]
+    diverged, total = bench["presets_seeds"].main([*argv, "--scratch", str(tmp_path), "--out", str(out)])
+    text = out.read_text()
+    assert total == 4 and f"Diverged: {diverged} of 4 runs." in text
+    for workload, seed in itertools.product(("autoencoder", "convnet"), (0, 1)):
+        assert f"| {workload} | {seed} | " in text
+    runs = []
+    for workload in ("autoencoder", "convnet"):
+        work = json.loads((tmp_path / f"ttl_{workload}" / "time_to_loss.json").read_text())["workloads"][0]
+        runs += work["runs"] + work["other_seed_runs"]
+    assert {run["optimizer"] for run in runs} == {"kfac-auto"} and len(runs) == 4
+    assert diverged == sum(bool(run["diverged"]) for run in runs)
