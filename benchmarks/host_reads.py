@@ -141,6 +141,13 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [f"{s['min']}" + (f"-{s['max']}" if s["max"] > s["min"] else "") for s in summary.values()]
         calls = ", ".join(f"`{c}`" for c in sorted({c for s in summary.values() for c in s["calls"]}))
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {calls or '-'} |")
+    if not result["environment"]["device"].startswith("cuda"):
+        lines += [
+            "",
+            "`lowrank.py:verified_rows` is the probe of low-rank preconditioning (`low_rank_gradients`), "
+            "read in every step on the CPU only, where a read costs nothing; on a GPU a step without a host "
+            "check takes the dense product and reads nothing (`tests/test_host_reads.py`).",
+        ]
     return "\n".join(lines) + "\n"
 
 
