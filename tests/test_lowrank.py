@@ -206,3 +206,18 @@ def test_zero_grad_forgets_the_rows_of_the_gradients_it_clears(row_calls: list[b
     _plain(model)
     opt.step()
     assert row_calls == [True] * 3  # the cleared pass's rows would have failed the probe
+
+
+def test_float64_factors_of_a_float32_model_take_the_rows(row_calls: list[bool]) -> None:
+    """The probe's threshold is the float32 gradient's precision, not the float64 factors'."""
+    model = Wide().float()
+
+    def float32_pass(model: nn.Module) -> None:
+        x, y = _data()
+        _loss(model, x.float(), y).backward()
+
+    expected, _ = _train(False, float32_pass, model, factor_dtype=torch.float64)
+    got, _ = _train(True, float32_pass, model, factor_dtype=torch.float64)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert row_calls == [True] * 9

@@ -107,9 +107,10 @@ def verified_rows(
 ) -> dict[CurvatureBlock, GradientRows]:
     """The layers whose kept rows reproduce their gradient matrix in `mats`, up to one factor.
 
-    The factor c (a loss scale, clipping by norm, reduction='sum''s 1/N) is fitted on the probe;
-    a relative residual above sqrt(eps) of `dtype` (roundoff is far below it) drops the layer
-    from `capture` for good. Consumes the kept rows. A zero gradient passes with zero rows.
+    The probe runs in `dtype` (the factors'). The factor c (a loss scale, clipping by norm,
+    reduction='sum''s 1/N) is fitted on it; a relative residual above sqrt(eps) of the gradient's
+    dtype (its roundoff is far below that) drops the layer from `capture` for good. Consumes the
+    kept rows. A zero gradient passes with zero rows.
     """
     candidates = []
     for name, mat in mats.items():
@@ -119,9 +120,9 @@ def verified_rows(
     capture.clear()
     if not candidates:
         return {}
-    tolerance = torch.finfo(dtype).eps ** 0.5
     verdicts, fitted = [], []
     for name, mat, kept in candidates:
+        tolerance = torch.finfo(mat.dtype).eps ** 0.5  # the gradient's own precision
         a_rows = torch.cat([a for a, _ in kept]).to(dtype)
         g_rows = torch.cat([g for _, g in kept]).to(dtype)
         if blocks[name].bias is not None:
@@ -137,8 +138,9 @@ def verified_rows(
         verdicts.append(torch.where(finite, torch.where(exact, _USE, _DROP), _SKIP))
         fitted.append((name, mat, c * g_rows, a_rows))
     verified = {}
-    for verdict, (name, mat, g_rows, a_rows) in zip(torch.stack(verdicts).tolist(), fitted, strict=True):
-        block = blocks[name]  # the one host read above
+    read = torch.stack(verdicts).tolist()  # the one host read
+    for verdict, (name, mat, g_rows, a_rows) in zip(read, fitted, strict=True):
+        block = blocks[name]
         if verdict == _USE:
             verified[block] = GradientRows(mat, g_rows.unsqueeze(0), a_rows.unsqueeze(0))
         elif verdict == _DROP:
