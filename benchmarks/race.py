@@ -209,24 +209,27 @@ def train_torch(name: str, kind: str, hparams: dict[str, Any], args: argparse.Na
     curve.append({"steps": 0, "seconds": 0.0, "loss": initial})
     interval = work.budget_s / args.evals
     train_s, steps, next_eval, diverged = 0.0, 0, interval, False
-    while train_s < work.budget_s and steps < len(indices):
-        x, y = get_batch(work, indices[steps])
-        t0 = clock()
-        batch_loss = float(trainer.step(x, y))
-        train_s += clock() - t0
-        steps += 1
-        if not math.isfinite(batch_loss) or batch_loss > 1e3 * max(abs(initial), 1.0):
-            diverged = True
-            break
-        if train_s >= next_eval or train_s >= work.budget_s:
-            curve.append(
-                {
-                    "steps": steps,
-                    "seconds": train_s,
-                    "loss": evaluate(model, work.loss_fn, work.eval_set, args.eval_chunk),
-                }
-            )
-            next_eval += interval
+    # The random draws of training (the MC Fisher's labels) from the run's seed, not from whatever
+    # the worker process ran before: a run is repeatable step for step.
+    with seeded(args.seed):
+        while train_s < work.budget_s and steps < len(indices):
+            x, y = get_batch(work, indices[steps])
+            t0 = clock()
+            batch_loss = float(trainer.step(x, y))
+            train_s += clock() - t0
+            steps += 1
+            if not math.isfinite(batch_loss) or batch_loss > 1e3 * max(abs(initial), 1.0):
+                diverged = True
+                break
+            if train_s >= next_eval or train_s >= work.budget_s:
+                curve.append(
+                    {
+                        "steps": steps,
+                        "seconds": train_s,
+                        "loss": evaluate(model, work.loss_fn, work.eval_set, args.eval_chunk),
+                    }
+                )
+                next_eval += interval
     return finish_run(kind, {**hparams, "batch_size": work.batch_size}, steps, train_s, diverged, curve)
 
 
@@ -330,7 +333,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Clock: {'process CPU time' if result['clock'] == 'cpu' else 'wall time'}; one thread per run; "
         f"{result['jobs']} run(s) at a time. Every optimizer starts from the same initialization and "
-        "trains on the same batches; the held-out loss is evaluated with the clock stopped about "
+        "trains on the same batches, its random draws (kfac-auto's sampled labels) seeded per run; the "
+        "held-out loss is evaluated with the clock stopped about "
         f"{result['evals']} times per run (a target counts at the first evaluation at or below it). "
         "Adam and SGD: best run of the learning-rate grid; kfac-auto: `torch_kfac.presets.adaptive(model, "
         "loss_fn)`, nothing tuned; kfac-jax: its autoencoder example's settings.",

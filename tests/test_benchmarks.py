@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -180,6 +181,19 @@ def test_race_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     text = (tmp_path / "race.md").read_text()
     assert "| kfac-auto |" in text and "| adam |" in text and "kfac-auto's time / adam's time" in text
     assert (tmp_path / "race.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_race_run_of_the_preset_is_repeatable_step_for_step(bench: dict[str, ModuleType]) -> None:
+    """The MC Fisher's labels come from the run's seed, whatever the worker process drew before."""
+    race = bench["race"]
+    args = race.parse_args(["--quick", "--budget", "30", "--max-steps", "3"])
+    args.evals = 10**6  # an evaluation after every step (--quick caps the option)
+    first = race.train_torch("autoencoder", "kfac-auto", {}, args)
+    torch.rand(1000)  # a worker whose global generator moved on
+    again = race.train_torch("autoencoder", "kfac-auto", {}, args)
+    assert first["steps"] == again["steps"] == 3
+    assert [p["steps"] for p in first["curve"]] == [0, 1, 2, 3]  # evaluated after every step
+    assert [p["loss"] for p in first["curve"]] == [p["loss"] for p in again["curve"]]
 
 
 def test_race_exports_the_same_batches_to_every_optimizer(bench: dict[str, ModuleType]) -> None:
