@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0 and args.final is not None:
         args.final.parent.mkdir(parents=True, exist_ok=True)
         torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, args.final)
+    # Every rank reaches the end before any tears the group down: destroying it while another rank
+    # still works (here rank 0 saving) is reported to hang now and then (pytorch/pytorch#75097).
+    dist.barrier()
     dist.destroy_process_group()
 
 
