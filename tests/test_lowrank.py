@@ -186,6 +186,8 @@ def test_more_rows_than_the_widths_take_the_dense_product(row_calls: list[bool])
 def test_rows_are_not_kept_when_the_option_is_off_or_the_step_is_compiled() -> None:
     assert KFAC(Wide(), lr=0.1, low_rank_gradients=False).preconditioner._capture.gradient_rows is None
     assert KFAC(Wide(), lr=0.1, compile_step="eager").preconditioner._capture.gradient_rows is None
+    # Eigendecompositions cannot precondition from the rows: no rows kept, no probe read.
+    assert KFAC(Wide(), lr=0.1, inverse_method="eigh").preconditioner._capture.gradient_rows is None
 
 
 def test_the_probe_leaves_the_global_random_stream_alone(row_calls: list[bool]) -> None:

@@ -112,8 +112,13 @@ class KFACPreconditioner:
         self.calibrated_damping: float | None = None
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
         self._capture.factor_dtype = factor_dtype(opts, dtype)
-        # The rows are one process's; in distributed runs the gradient is the ranks' average.
-        self.keep_gradient_rows(opts.low_rank_gradients and self.distributed is None)
+        # The rows are one process's (in distributed runs the gradient is the ranks' average), and
+        # only Cholesky inverses precondition from them (eigenbases scale the rotated gradient).
+        self.keep_gradient_rows(
+            opts.low_rank_gradients
+            and self.distributed is None
+            and opts.inverse_method == InverseMethod.CHOLESKY
+        )
         #: This step's gradient matrices that low-rank preconditioning may take from their rows.
         self._low_rank: dict[CurvatureBlock, GradientRows] = {}
         self._probe: torch.Generator | None = None
