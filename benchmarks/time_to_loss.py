@@ -252,22 +252,25 @@ def train_run(
     initial = record(0, 0.0, math.nan)
     train_s, steps, next_eval, diverged = 0.0, 0, interval, False
     wall0 = time.perf_counter()
-    while train_s < work.budget_s:
-        x, y = work.sample(batch_size, gen)
-        x, y = x.to(device), y.to(device)
-        t0 = clock()
-        loss = trainer.step(x, y)
-        batch_loss = float(loss)  # the host reads the loss every step, as a training loop would
-        train_s += clock() - t0
-        steps += 1
-        if not math.isfinite(batch_loss) or batch_loss > 1e3 * max(abs(initial), 1.0):
-            diverged = True
-            break
-        if train_s >= next_eval or train_s >= work.budget_s:
-            if not math.isfinite(record(steps, train_s, batch_loss)):
+    # The random draws of training (the MC Fisher's labels) from the run's seed, not from the runs
+    # before it in this process: a run is repeatable step for step (as in race.py).
+    with seeded(args.seed):
+        while train_s < work.budget_s:
+            x, y = work.sample(batch_size, gen)
+            x, y = x.to(device), y.to(device)
+            t0 = clock()
+            loss = trainer.step(x, y)
+            batch_loss = float(loss)  # the host reads the loss every step, as a training loop would
+            train_s += clock() - t0
+            steps += 1
+            if not math.isfinite(batch_loss) or batch_loss > 1e3 * max(abs(initial), 1.0):
                 diverged = True
                 break
-            next_eval += interval
+            if train_s >= next_eval or train_s >= work.budget_s:
+                if not math.isfinite(record(steps, train_s, batch_loss)):
+                    diverged = True
+                    break
+                next_eval += interval
     losses = [p["loss"] for p in curve if math.isfinite(p["loss"])]
     return {
         "optimizer": kind,

@@ -196,6 +196,23 @@ def test_a_race_run_of_the_preset_is_repeatable_step_for_step(bench: dict[str, M
     assert [p["loss"] for p in first["curve"]] == [p["loss"] for p in again["curve"]]
 
 
+def test_a_time_to_loss_run_of_the_preset_is_repeatable_step_for_step(bench: dict[str, ModuleType]) -> None:
+    """As in the race: the MC Fisher's labels come from the run's seed, not from the runs before."""
+    ttl = bench["time_to_loss"]
+    args = ttl.parse_args(["--quick", "--workloads", "autoencoder", "--budget", "0.5"])
+    args.evals = 10**6  # an evaluation after every step (--quick caps the option)
+    work = ttl.make_workloads(args)[0]
+    hparams = work.grids["kfac-auto"][0]  # with its batch size
+    runs = []
+    for _ in range(2):
+        run = ttl.train_run(work, "kfac-auto", hparams, torch.device("cpu"), args)
+        runs.append({p["steps"]: p["loss"] for p in run["curve"]})
+        torch.rand(1000)  # the process's global generator moves on between runs
+    common = sorted(set(runs[0]) & set(runs[1]))
+    assert len(common) >= 3  # the initial point and at least two steps
+    assert [runs[0][k] for k in common] == [runs[1][k] for k in common]
+
+
 def test_race_exports_the_same_batches_to_every_optimizer(bench: dict[str, ModuleType]) -> None:
     """The batch indices depend on the seed only, not on the optimizer or the call."""
     race = bench["race"]
