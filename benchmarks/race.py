@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command_line(__file__, argv),
         "environment": env,
         "clock": args.clock,
+        "seed": args.seed,
         "jobs": args.jobs,
         "evals": args.evals,
         "workloads": [],

@@ -29,6 +29,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
         "race",
         "initial_damping",
         "presets_seeds",
+        "race_seeds",
     )
     for name in names:
         module = sys.modules.get(name)
@@ -252,3 +253,86 @@ def test_presets_seeds_quick(bench: dict[str, ModuleType], tmp_path: Path) -> No
         runs += work["runs"] + work["other_seed_runs"]
     assert {run["optimizer"] for run in runs} == {"kfac-auto"} and len(runs) == 4
     assert diverged == sum(bool(run["diverged"]) for run in runs)
+
+
+def _race_runs(budget: float, curves: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """race.json runs whose optimizers evaluated (seconds, loss) along `curves`."""
+    runs = []
+    for opt, points in curves.items():
+        curve = [{"steps": i, "seconds": t, "loss": loss} for i, (t, loss) in enumerate(points)]
+        runs.append(
+            {
+                "optimizer": opt,
+                "hparams": {},
+                "steps": len(points),
+                "train_seconds": budget,
+                "diverged": False,
+                "final_loss": curve[-1]["loss"],
+                "best_loss": min(p["loss"] for p in curve),
+                "curve": curve,
+            }
+        )
+    return runs
+
+
+def test_race_seeds_verdicts(bench: dict[str, ModuleType]) -> None:
+    """Each issue-9 target is decided from the times and losses of one race, undecided past the budget."""
+    race, seeds = bench["race"], bench["race_seeds"]
+
+    def work(name: str, targets: list[float], budget: float, curves: dict) -> dict:
+        runs = _race_runs(budget, curves)
+        return {
+            "name": name,
+            "budget_s": budget,
+            "runs": runs,
+            "summary": race.summarize(targets, budget, runs),
+        }
+
+    auto = work(
+        "autoencoder",
+        [],
+        60.0,
+        {
+            "adam": [(0, 500), (30, 260), (60, 240)],
+            "kfac-auto": [(0, 500), (15, 239), (60, 226)],
+            "kfac-jax": [(0, 500), (20, 239), (60, 228)],
+        },
+    )
+    rows = {r["target"]: r for r in seeds.verdicts(auto)}
+    adam, jax, loss = rows.values()
+    assert adam["value"] == pytest.approx(15 / 60) and adam["met"] is True
+    assert jax["value"] == pytest.approx(15 / 20) and jax["met"] is False
+    assert loss["met"] is True and loss["cell"] == "226 vs 228"
+    # The convnet: Adam does not reach 0.4 within the budget.
+    conv = work("convnet", [0.4], 30.0, {"adam": [(0, 2.3), (30, 0.41)], "kfac-auto": [(0, 2.3), (18, 0.39)]})
+    (row,) = seeds.verdicts(conv)
+    assert row["value"] is None and row["met"] is True  # 18 s <= 2/3 of 30 s: below 2/3 of any later time
+    conv = work("convnet", [0.4], 30.0, {"adam": [(0, 2.3), (30, 0.41)], "kfac-auto": [(0, 2.3), (25, 0.39)]})
+    assert seeds.verdicts(conv)[0]["met"] is None
+    conv = work("convnet", [0.4], 30.0, {"adam": [(0, 2.3), (20, 0.39)], "kfac-auto": [(0, 2.3), (30, 0.45)]})
+    assert seeds.verdicts(conv)[0]["met"] is False
+    tr = work("transformer", [], 30.0, {"adam": [(0, 4.2), (30, 4.11)], "kfac-auto": [(0, 4.2), (30, 4.15)]})
+    assert seeds.verdicts(tr)[0]["met"] is False
+
+
+def test_race_seeds_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """One race per seed, then a row per seed and the medians; --from re-reads the same races."""
+    argv = ["--quick", "--budget", "0.3", "--evals", "2", "--workloads", "autoencoder"]
+    argv += ["--optimizers", "adam", "kfac-auto", "--seeds", "0", "1"]
+    summary = bench["race_seeds"].main([*argv, "--scratch", str(tmp_path / "s"), "--out", str(tmp_path)])
+    assert set(summary["seeds"]) == {"0", "1"}
+    for seed in (0, 1):
+        race_json = json.loads((tmp_path / "s" / f"seed-{seed}" / "race.json").read_text())
+        assert race_json["seed"] == seed
+    text = (tmp_path / "race_seeds.md").read_text()
+    assert "| 0 | " in text and "| 1 | " in text and "| all | " in text and "of 2" in text
+    again = bench["race_seeds"].main(
+        [
+            "--from",
+            str(tmp_path / "s" / "seed-0"),
+            str(tmp_path / "s" / "seed-1"),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert again["seeds"] == summary["seeds"]
