@@ -3,12 +3,12 @@
 One race decides a target on one initialization, one batch order and one draw of sampled labels; the
 convnet's held-out loss moves by 0.05-0.15 between evaluations, so one seed can meet a target that
 another misses. This runs `race.py --seed s` for every seed (each into its own folder under
-`--scratch`), or reads races already run (`--from DIR ...`, folders holding a race.json), and writes
-per seed and workload the preset's (kfac-auto's) time to each target over Adam's and kfac-jax's,
-the losses at the budget, the targets' verdicts and the medians over seeds to
-`results/race_seeds.{json,md}`.
+`--scratch`) that is not among the races already run and read from `--from DIR ...` (folders
+holding a race.json), and writes per seed and workload the preset's (kfac-auto's) time to each
+target over Adam's and kfac-jax's, the losses at the budget, the targets' verdicts and the medians
+over seeds to `results/race_seeds.{json,md}`.
 
-    python benchmarks/race_seeds.py [--seeds 0 1 2] [--jobs 2] [race.py options, e.g. --workloads convnet]
+    python benchmarks/race_seeds.py [--seeds 0 1 2] [--from benchmarks/results] [race.py options]
 """
 
 from __future__ import annotations
@@ -160,14 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args, race_argv = parser.parse_known_args(argv)
     seeds: dict[int, dict[str, Any]] = {}
-    if args.sources:
-        for folder in args.sources:
-            result = json.loads((folder / "race.json").read_text())
-            # Races run before race.json recorded its seed: the seed of its command line.
-            seed = result.get("seed", race.parse_args(shlex.split(result["command"])[2:]).seed)
-            seeds[seed] = result
-    else:
-        for seed in args.seeds:
+    for folder in args.sources or []:
+        result = json.loads((folder / "race.json").read_text())
+        # Races run before race.json recorded its seed: the seed of its command line.
+        seed = result.get("seed", race.parse_args(shlex.split(result["command"])[2:]).seed)
+        seeds[seed] = result
+    for seed in args.seeds:
+        if seed not in seeds:  # a seed read from --from is not run again
             out = args.scratch / f"seed-{seed}"
             race.main([*race_argv, "--seed", str(seed), "--out", str(out)])
             seeds[seed] = json.loads((out / "race.json").read_text())

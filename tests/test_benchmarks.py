@@ -326,13 +326,9 @@ def test_race_seeds_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
         assert race_json["seed"] == seed
     text = (tmp_path / "race_seeds.md").read_text()
     assert "| 0 | " in text and "| 1 | " in text and "| all | " in text and "of 2" in text
+    # Seeds read from --from are not run again (the scratch folder here is new and stays empty).
+    sources = ["--from", str(tmp_path / "s" / "seed-0"), str(tmp_path / "s" / "seed-1")]
     again = bench["race_seeds"].main(
-        [
-            "--from",
-            str(tmp_path / "s" / "seed-0"),
-            str(tmp_path / "s" / "seed-1"),
-            "--out",
-            str(tmp_path / "r"),
-        ]
+        [*sources, "--seeds", "0", "1", "--scratch", str(tmp_path / "new"), "--out", str(tmp_path / "r")]
     )
-    assert again["seeds"] == summary["seeds"]
+    assert again["seeds"] == summary["seeds"] and not (tmp_path / "new").exists()
