@@ -30,6 +30,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
         "initial_damping",
         "presets_seeds",
         "race_seeds",
+        "patch_sampling",
     )
     for name in names:
         module = sys.modules.get(name)
@@ -332,3 +333,17 @@ def test_race_seeds_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
         [*sources, "--seeds", "0", "1", "--scratch", str(tmp_path / "new"), "--out", str(tmp_path / "r")]
     )
     assert again["seeds"] == summary["seeds"] and not (tmp_path / "new").exists()
+
+
+def test_patch_sampling_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Steps of every configuration timed; drawn A statistics cheaper than exact ones and not exact."""
+    argv = ["--quick", "--steps", "2", "--reps", "3", "--values", "1", "--out", str(tmp_path)]
+    result = bench["patch_sampling"].main(argv)
+    saved = json.loads((tmp_path / "patch_sampling.json").read_text())
+    assert saved["command"] == result["command"]
+    assert set(saved["steps"]) == {"preset, patches_per_dim=None", "preset, patches_per_dim=1.0", "adam"}
+    assert all(r["median_ms"] > 0 for r in saved["steps"].values())
+    for row in saved["statistics"].values():
+        assert row["None"]["relative_error"] == 0.0 and row["1.0"]["relative_error"] > 0.0
+        assert row["patches"] > row["dim"]
+    assert "| adam |" in (tmp_path / "patch_sampling.md").read_text()

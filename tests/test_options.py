@@ -105,6 +105,8 @@ BAD: list[tuple[str, Any, str]] = [
     ("warmup_steps", -1, "non-negative integer"),
     ("burn_in_steps", 1.5, "non-negative integer"),
     ("l2_reg", math.inf, "finite"),
+    ("patches_per_dim", 0.0, "lie in"),
+    ("patches_per_dim", math.inf, "finite"),
     ("min_damping", -1e-3, "lie in"),
     ("max_damping", 1e-9, "lie in"),
     ("damping_rho_thresholds", (0.75, 0.25), "low < high"),

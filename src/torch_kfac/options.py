@@ -293,6 +293,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "fisher_type": FisherType.parse,
     "mc_samples": check_interval,
     "fisher_batch_size": _optional(check_interval),
+    "patches_per_dim": _optional(_number(low_inclusive=False)),
     "loss_fn": check_loss_fn,
     "approximation": Approximation.parse,
     "inverse_power": check_inverse_power,
@@ -393,6 +394,14 @@ class PreconditionerOptions:
             is an unbiased estimate of the whole batch's statistics that the moving average
             smooths over steps; the pass's forward and backward cost shrink with it (on
             convolutions, their patch statistics above all). Needs batch-first inputs.
+        patches_per_dim: estimate the input factor A (d x d) of each nn.Conv1d/2d/3d from at
+            most `patches_per_dim * d` of the pass's patches (examples x output positions), drawn
+            uniformly at random with replacement by the block's own generator (the global random
+            stream is left alone), instead of from all of them (None). The average over the drawn
+            patches is an unbiased estimate of the average over all, at a fraction of its cost
+            when the positions outnumber d; tensorflow/kfac's sub-sampling of outer products.
+            Applies with kfac_approx='expand' and the 'kfac' and 'forward-only' approximations
+            (EKFAC and the diagonal pair every patch with its output gradient).
         loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and
             'mean_positions'; see `torch_kfac.losses` for the supported ones. With
             `KFAC.step(batch=(x, y))` the optimizer also evaluates the loss after the update on
@@ -469,6 +478,7 @@ class PreconditionerOptions:
     fisher_type: FisherType | str = FisherType.EMPIRICAL
     mc_samples: int = 1
     fisher_batch_size: int | None = None
+    patches_per_dim: float | None = None
     loss_fn: nn.Module | None = None
     approximation: Approximation | str = Approximation.KFAC
     inverse_power: float = -1.0

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock
+from torch_kfac.blocks.conv import ConvBlock
 from torch_kfac.blocks.kronecker import KroneckerFactors
 from torch_kfac.calibration import initial_damping
 from torch_kfac.capture import StatisticsCapture
@@ -87,6 +88,9 @@ class KFACPreconditioner:
         self.blocks, self.fallback_reasons = make_blocks(model, opts.skip_modules)
         for block in self.blocks.values():
             block.configure(opts.approximation.value, opts.inverse_power, opts.kfac_approx.value)
+            for member in block.hooked():
+                if isinstance(member, ConvBlock):
+                    member.patches_per_dim = opts.patches_per_dim
         first = next(iter(model.parameters()), None)
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
         device = first.device if first is not None else None

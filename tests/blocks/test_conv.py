@@ -1,6 +1,7 @@
 """Exact reference tests for the K-FAC block of ``nn.Conv1d/2d/3d`` layers."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -31,6 +32,9 @@ from tests.reference import (
     reference_factors,
     with_flatten_head,
 )
+from torch_kfac import KFAC
+from torch_kfac.blocks.base import centered, input_second_moment
+from torch_kfac.blocks.conv import ConvBlock, patch_view, sample_patches
 
 C_IN, NUM_OUTPUTS = 4, 3
 SPATIAL = {1: (7,), 2: (6, 5), 3: (4, 5, 4)}
@@ -329,3 +333,106 @@ def test_conv_centered_factors(dim, bias, reduction):
     block = library_blocks(model, loss_fn, x, y, reduction, center=True)["0"]
     torch.testing.assert_close(block.A, big_a, **EXACT)
     torch.testing.assert_close(block.G, big_g, **EXACT)
+
+
+# ---------------------------------------------------------------- patch sampling (patches_per_dim)
+SAMPLING_CASES = {
+    "padded": {"kernel_size": 3, "padding": 1},
+    "strided_dilated": {"kernel_size": 2, "stride": 2, "dilation": (2, 1, 1)},
+    "same_even": {"kernel_size": (4, 2, 4), "padding": "same"},
+}
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_sampled_patches_are_the_drawn_patches(dim, case, groups, padding_mode):
+    """Each drawn row is the input patch of the drawn (example, output position), in every geometry."""
+    conv = _conv(dim, out_channels=4, groups=groups, padding_mode=padding_mode, **SAMPLING_CASES[case])
+    x = randn(3, C_IN, *SPATIAL[dim], generator=torch.Generator().manual_seed(dim))
+    reference, _ = conv_patches(conv, x)  # (N, T, groups, d)
+    n, t = reference.shape[:2]
+    view = patch_view(x, conv)
+    drawn = sample_patches(view, groups, 11, torch.Generator().manual_seed(5))
+    flat = torch.randint(n * t, (11,), generator=torch.Generator().manual_seed(5))
+    expected = reference.reshape(n * t, groups, -1)[flat].transpose(0, 1)
+    assert drawn.shape == expected.shape
+    torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
+
+
+def _sampling_block(
+    dim: int, per_dim: float | None, approximation: str = "kfac", kfac_approx: str = "expand"
+):
+    conv = _conv(dim, out_channels=3, kernel_size=2, padding=1)
+    block = ConvBlock(conv)
+    block.configure(approximation, kfac_approx=kfac_approx)
+    block.patches_per_dim = per_dim
+    return block
+
+
+def _a_statistic(block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
+    block.clear_pending()
+    block.record_inputs((x,))
+    return block.pending("A").clone()
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_sampled_input_factor_is_unbiased(dim):
+    """A from drawn patches averages to the exact A; one draw differs from it (it is sampled)."""
+    x = randn(4, C_IN, *SPATIAL[dim], generator=torch.Generator().manual_seed(7))
+    exact = _a_statistic(_sampling_block(dim, None), x)
+    block = _sampling_block(dim, 0.5)  # d = 4 * 2^dim + 1 rows: 0.5 d of the N x T patches
+    draws = torch.stack([_a_statistic(block, x) for _ in range(3000)])
+    assert not torch.allclose(draws[0], exact, atol=1e-3)
+    # The mean of 3000 draws is within 5 standard errors of the exact average, entry by entry.
+    stderr = draws.std(0) / 3000**0.5
+    assert ((draws.mean(0) - exact).abs() <= 5 * stderr + 1e-12).all()
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_sampled_input_factor_is_the_moment_of_the_drawn_patches(dim, center):
+    """ceil(patches_per_dim * d) patches from the block's generator (seeded 0); centered on request."""
+    x = randn(4, C_IN, *SPATIAL[dim], generator=torch.Generator().manual_seed(2))
+    block = _sampling_block(dim, 0.7)
+    block.record_inputs((x,), center=center)
+    dim_a = C_IN * 2**dim + 1  # kernel 2 in every dimension, and the bias
+    rows = sample_patches(
+        patch_view(x, block.module), 1, math.ceil(0.7 * dim_a), torch.Generator().manual_seed(0)
+    )
+    expected = input_second_moment(centered(rows) if center else rows, bias=True)
+    torch.testing.assert_close(block.pending("A"), expected, rtol=1e-14, atol=1e-14)
+    assert block.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("per_dim", "approximation", "kfac_approx"),
+    [
+        (1e6, "kfac", "expand"),
+        (0.5, "ekfac", "expand"),
+        (0.5, "kfac", "reduce"),
+        (None, "kfac", "expand"),
+    ],
+    ids=["more-than-all", "ekfac", "reduce", "off"],
+)
+def test_input_factor_is_exact_where_sampling_does_not_apply(per_dim, approximation, kfac_approx):
+    """No fewer draws than patches, EKFAC (patches paired with gradients), 'reduce' and None: exact."""
+    x = randn(4, C_IN, *SPATIAL[2], generator=torch.Generator().manual_seed(3))
+    exact = _a_statistic(_sampling_block(2, None, approximation, kfac_approx), x)
+    sampled = _a_statistic(_sampling_block(2, per_dim, approximation, kfac_approx), x)
+    torch.testing.assert_close(sampled, exact, rtol=0, atol=0)
+
+
+def test_patch_sampling_leaves_the_global_random_stream_alone():
+    """The block's own generator draws the patches; the option reaches every conv block of KFAC."""
+    torch.manual_seed(0)
+    model = _conv_model(_conv(2, kernel_size=3, padding=1), 2)
+    opt = KFAC(model, lr=0.1, damping=1e-2, patches_per_dim=0.5)
+    (conv_block,) = [b for b in opt.preconditioner.blocks.values() if isinstance(b, ConvBlock)]
+    assert conv_block.patches_per_dim == 0.5
+    x = randn(4, C_IN, *SPATIAL[2], generator=torch.Generator().manual_seed(1))
+    state = torch.random.get_rng_state()
+    model(x).sum().backward()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert conv_block.has_pending("A")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_kfac.blocks.base import KroneckerBlock
+from torch_kfac.blocks.base import KroneckerBlock, centered, input_second_moment
 
 
 def conv_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
@@ -30,18 +31,27 @@ def conv_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
     return pads
 
 
-def extract_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
-    """Input patches of a convolution, shape (groups, N, positions, C_in/groups * prod(kernel))."""
+def patch_view(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
+    """The input padded as `conv` pads it, unfolded into its patches: (N, C, O_1..O_s, K_1..K_s).
+
+    A view of the padded input (the patches overlap; nothing is copied but the padding).
+    """
     pads = conv_padding(conv)
     if any(pads):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, pads, mode=mode)
-    n, channels = x.shape[:2]
-    spatial = len(conv.kernel_size)
-    for dim in range(spatial):
+    for dim in range(len(conv.kernel_size)):
         span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
         # unfold appends a window axis of length `span`; keep every dilation-th element.
         x = x.unfold(2 + dim, span, conv.stride[dim])[..., :: conv.dilation[dim]]
+    return x
+
+
+def extract_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
+    """Input patches of a convolution, shape (groups, N, positions, C_in/groups * prod(kernel))."""
+    n, channels = x.shape[:2]
+    x = patch_view(x, conv)
+    spatial = len(conv.kernel_size)
     # x: (N, C, O_1..O_s, K_1..K_s) -> (groups, N, O_1*..*O_s, C/groups * K_1*..*K_s)
     out_shape = x.shape[2 : 2 + spatial]
     groups = conv.groups
@@ -49,6 +59,25 @@ def extract_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     perm = [1, 0, *range(3, 3 + spatial), 2, *range(3 + spatial, 3 + 2 * spatial)]
     x = x.permute(perm)
     return x.reshape(groups, n, math.prod(out_shape), -1)
+
+
+def sample_patches(view: Tensor, groups: int, count: int, generator: torch.Generator) -> Tensor:
+    """`count` patches of a `patch_view`, drawn uniformly with replacement over examples x positions.
+
+    Returns (groups, count, C_in/groups * prod(kernel)), the layout of `extract_patches` with the
+    drawn patches as rows.
+    """
+    spatial = (view.dim() - 2) // 2
+    out_shape = view.shape[2 : 2 + spatial]
+    total = view.shape[0] * math.prod(out_shape)
+    flat = torch.randint(total, (count,), generator=generator, device=generator.device).to(view.device)
+    index: list[Tensor] = []
+    for size in reversed(out_shape):  # unravel the flat (example, O_1, .., O_s) index
+        index.append(flat % size)
+        flat = flat // size
+    # Advanced indices around a slice: the drawn patches come first, (count, C, K_1..K_s).
+    picked = view[(flat, slice(None), *reversed(index))]
+    return picked.reshape(count, groups, -1).transpose(0, 1)
 
 
 class ConvBlock(KroneckerBlock):
@@ -61,12 +90,44 @@ class ConvBlock(KroneckerBlock):
         x = inputs[0]
         return int(x.shape[0]) if x.dim() > len(self.module.kernel_size) + 1 else 1
 
+    #: Option `patches_per_dim`: A from at most this many drawn patches per row (None: all).
+    patches_per_dim: float | None = None
+    _patch_generator: torch.Generator | None = None
+
+    def _batched(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        x = inputs[0]
+        return x.unsqueeze(0) if x.dim() == len(self.module.kernel_size) + 1 else x
+
     def activation_rows(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """Patches as (groups, N, locations, C_in/groups * prod(kernel))."""
-        x = inputs[0]
-        if x.dim() == len(self.module.kernel_size) + 1:  # unbatched input
-            x = x.unsqueeze(0)
-        return extract_patches(x, self.module)
+        return extract_patches(self._batched(inputs), self.module)
+
+    def record_inputs(self, inputs: tuple[Tensor, ...], center: bool = False) -> None:
+        """The call's A statistic; from `patches_per_dim * d` drawn patches where that is fewer than all."""
+        if (
+            self.patches_per_dim is None
+            or self.kfac_approx != "expand"
+            or self.approximation not in ("kfac", "forward-only")  # EKFAC, the diagonal: joint rows
+        ):
+            super().record_inputs(inputs, center)
+            return
+        x = self._batched(inputs).detach()
+        view = patch_view(x, self.module)
+        groups = self.module.groups
+        dim = view.shape[1] // groups * math.prod(self.module.kernel_size) + (self.bias is not None)
+        count = math.ceil(self.patches_per_dim * dim)
+        spatial = len(self.module.kernel_size)
+        if count >= view.shape[0] * math.prod(view.shape[2 : 2 + spatial]):
+            super().record_inputs(inputs, center)  # no fewer than all patches: the exact average
+            return
+        if self._patch_generator is None or self._patch_generator.device.type != x.device.type:
+            # Its own stream, seeded alike in every run: the user's random draws are untouched.
+            self._patch_generator = torch.Generator(device=x.device).manual_seed(0)
+        rows = sample_patches(view, groups, count, self._patch_generator)
+        if center:
+            rows = centered(rows)
+        self.batch_size = x.shape[0]
+        self.add_forward_statistic("A", input_second_moment(rows, self.bias is not None), x.shape[0])
 
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         """Output gradients as (groups, N, locations, C_out/groups)."""
