@@ -117,7 +117,15 @@ def markdown(seeds: dict[int, dict[str, Any]], command: str) -> str:
         "time to the target over the other optimizer's (seconds of process CPU time). 'met': the "
         "issue-9 target holds in that race; 'undecided': a time is past the budget.",
         "",
-        machine_line(first["environment"]),
+        machine_line(first["environment"]).removesuffix(".") + " (the first seed's race).",
+        "",
+        "Load average (1 min) at the start and the end of each seed's race: "
+        + "; ".join(
+            f"seed {seed}: {r['environment']['load_average_at_start'][0]:.2f} to "
+            f"{r['environment'].get('load_average_at_end', [math.nan])[0]:.2f}"
+            for seed, r in seeds.items()
+        )
+        + ".",
         "",
     ]
     for w_index, work0 in enumerate(first["workloads"]):
