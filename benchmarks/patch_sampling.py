@@ -24,10 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, class_ce, command_line, convnet, synthetic_images, write_results
+from common import (
+    RESULTS_DIR,
+    Trainer,
+    class_ce,
+    command_line,
+    convnet,
+    make_trainer,
+    synthetic_images,
+    write_results,
+)
 from torch import nn
 
-from torch_kfac import KFAC, presets
+from torch_kfac import presets
 from torch_kfac.blocks.conv import ConvBlock
 
 #: Untimed steps: past the preset's warm-up (inverses every step), plus a few.
@@ -42,31 +51,18 @@ def conv_model(quick: bool) -> nn.Module:
 def time_steps(values: list[float | None], steps: int, batch: int, quick: bool) -> dict[str, list[float]]:
     """CPU seconds of each step of Adam and of the preset at every `patches_per_dim`, taking turns."""
     x, y = synthetic_images(batch, seed=1)
-    runs: list[tuple[str, nn.Module, torch.optim.Optimizer]] = []
-    for value in [*values, "adam"]:
+    runs: list[tuple[str, Trainer]] = []
+    for value in values:
         torch.manual_seed(0)
-        model = conv_model(quick)
-        if value == "adam":
-            runs.append(("adam", model, torch.optim.Adam(model.parameters(), lr=1e-2)))
-        else:
-            runs.append(
-                (
-                    f"preset, patches_per_dim={value}",
-                    model,
-                    presets.adaptive(model, nn.CrossEntropyLoss(), patches_per_dim=value),
-                )
-            )
-    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+        trainer = make_trainer("kfac-auto", conv_model(quick), class_ce, {"patches_per_dim": value})
+        runs.append((f"preset, patches_per_dim={value}", trainer))
+    torch.manual_seed(0)
+    runs.append(("adam", make_trainer("adam", conv_model(quick), class_ce, {"lr": 1e-2})))
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
     for step in range(WARMUP + steps):
-        for name, model, opt in runs:
+        for name, trainer in runs:
             start = time.process_time()
-            opt.zero_grad()
-            loss = class_ce(model(x), y)
-            loss.backward()
-            if isinstance(opt, KFAC):
-                opt.step(loss=loss, batch=(x, y))
-            else:
-                opt.step()
+            trainer.step(x, y)
             if step >= WARMUP:
                 times[name].append(time.process_time() - start)
     return times
