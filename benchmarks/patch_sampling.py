@@ -18,6 +18,7 @@ machine); results go to `benchmarks/results/patch_sampling.{json,md}`.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from common import (
 from torch import nn
 
 from torch_kfac import presets
-from torch_kfac.blocks.conv import ConvBlock
+from torch_kfac.blocks.conv import ConvBlock, patch_view
 
 #: Untimed steps: past the preset's warm-up (inverses every step), plus a few.
 WARMUP = presets.ADAPTIVE["warmup_steps"] + 3
@@ -106,9 +107,10 @@ def statistics_cost(values: list[float | None], reps: int, quick: bool) -> dict[
                 "ms": 1e3 * statistics.median(seconds),
                 "relative_error": statistics.median(errors),
             }
+        view = patch_view(layer_input, block.module)  # (N, C, O_1, O_2, K_1, K_2)
         out[name] = {
             "dim": exact.shape[-1],
-            "patches": layer_input.shape[0] * layer_input.shape[-1] * layer_input.shape[-2],
+            "patches": view.shape[0] * math.prod(view.shape[2:4]),  # examples x output positions
             **rows,
         }
     return out

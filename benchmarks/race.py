@@ -321,6 +321,12 @@ def loss_at(run: dict[str, Any], seconds: float) -> float:
     return before[-1] if before else math.nan
 
 
+def best_run(work: dict[str, Any], optimizer: str) -> dict[str, Any]:
+    """The run of `optimizer` that the workload's summary counts as its best."""
+    hparams = work["summary"]["best"][optimizer]["hparams"]
+    return next(r for r in work["runs"] if r["optimizer"] == optimizer and r["hparams"] == hparams)
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Per workload: each optimizer's best run, its time and steps to every target, its loss at the budget."""
     env = result["environment"]
@@ -354,7 +360,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
         lines += [header + " |", "|---|---|---:|---:|" + "---:|" * len(names)]
         for opt, rec in s["best"].items():
-            run = next(r for r in work["runs"] if r["optimizer"] == opt and r["hparams"] == rec["hparams"])
+            run = best_run(work, opt)
             hp = ", ".join(f"{k}={v}" for k, v in rec["hparams"].items() if isinstance(v, (int, float, str)))
             cells = []
             for n in names:
@@ -403,9 +409,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(works), 2, figsize=(12, 4 * len(works)), squeeze=False)
     colors = {"adam": "tab:blue", "sgd": "tab:green", "kfac-auto": "tab:red", "kfac-jax": "tab:orange"}
     for row, work in enumerate(works):
-        best = work["summary"]["best"]
-        for opt, rec in best.items():
-            run = next(r for r in work["runs"] if r["optimizer"] == opt and r["hparams"] == rec["hparams"])
+        for opt in work["summary"]["best"]:
+            run = best_run(work, opt)
             curve = [p for p in run["curve"] if math.isfinite(p["loss"])]
             for col, key in enumerate(("seconds", "steps")):
                 axes[row, col].plot(

@@ -43,27 +43,33 @@ def target_name(work: dict[str, Any], prefix: str) -> str | None:
     return next((t["name"] for t in work["summary"]["targets"] if t["name"].startswith(prefix)), None)
 
 
-def time_ratio(work: dict[str, Any], name: str, other: str) -> tuple[float | None, str]:
-    """kfac-auto's time to target `name` over `other`'s, and the cell that shows both times."""
-    best = work["summary"]["best"]
-    if "kfac-auto" not in best or other not in best:
-        return None, "n/a"
-    mine, theirs = best["kfac-auto"]["to_target"][name], best[other]["to_target"][name]
-    shown = f"{mine['seconds']:.1f}" if mine else "not reached"
-    shown += f" / {theirs['seconds']:.1f}" if theirs else " / not reached"
-    if mine and theirs and theirs["seconds"] > 0:
-        ratio = mine["seconds"] / theirs["seconds"]
-        return ratio, f"{shown} = **{ratio:.2f}x**"
-    return None, shown
-
-
 def budget_losses(work: dict[str, Any]) -> dict[str, float]:
     """Each optimizer's (best run's) held-out loss at the budget."""
-    out = {}
-    for opt, rec in work["summary"]["best"].items():
-        run = next(r for r in work["runs"] if r["optimizer"] == opt and r["hparams"] == rec["hparams"])
-        out[opt] = race.loss_at(run, work["budget_s"])
-    return out
+    return {opt: race.loss_at(race.best_run(work, opt), work["budget_s"]) for opt in work["summary"]["best"]}
+
+
+def time_verdict(work: dict[str, Any], name: str, other: str, bound: float) -> dict[str, Any]:
+    """kfac-auto's time to target `name` over `other`'s, whether it is within `bound` (None:
+    undecided), and the cell that shows both times."""
+    best = work["summary"]["best"]
+    target = f"time to {name} <= {bound:.2g}x {other}'s"
+    if "kfac-auto" not in best or other not in best:
+        return {"target": target, "value": None, "met": None, "cell": "n/a"}
+    mine, theirs = best["kfac-auto"]["to_target"][name], best[other]["to_target"][name]
+    cell = (f"{mine['seconds']:.1f}" if mine else "not reached") + (
+        f" / {theirs['seconds']:.1f}" if theirs else " / not reached"
+    )
+    ratio, met = None, None
+    if mine and theirs and theirs["seconds"] > 0:
+        ratio = mine["seconds"] / theirs["seconds"]
+        met = ratio <= bound
+        cell += f" = **{ratio:.2f}x**"
+    elif mine and not theirs:
+        # The other optimizer's time is past the budget: the ratio is below mine / budget.
+        met = True if mine["seconds"] / work["budget_s"] <= bound else None
+    elif theirs and not mine:
+        met = False
+    return {"target": target, "value": ratio, "met": met, "cell": cell}
 
 
 def verdicts(work: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,23 +90,8 @@ def verdicts(work: dict[str, Any]) -> list[dict[str, Any]]:
             )
             continue
         name = target_name(work, prefix)
-        if name is None:
-            continue
-        ratio, cell = time_ratio(work, name, other)
-        met = None if ratio is None else ratio <= bound
-        best = work["summary"]["best"]
-        if ratio is None and "kfac-auto" in best and other in best:
-            reached_mine = best["kfac-auto"]["to_target"][name] is not None
-            reached_theirs = best[other]["to_target"][name] is not None
-            if reached_mine and not reached_theirs:
-                # The other optimizer's time is past the budget: the ratio is below mine / budget.
-                mine_s = best["kfac-auto"]["to_target"][name]["seconds"]
-                met = True if mine_s / work["budget_s"] <= bound else None
-            elif reached_theirs and not reached_mine:
-                met = False
-        rows.append(
-            {"target": f"time to {name} <= {bound:.2g}x {other}'s", "value": ratio, "met": met, "cell": cell}
-        )
+        if name is not None:
+            rows.append(time_verdict(work, name, other, bound))
     return rows
 
 
