@@ -439,6 +439,51 @@ def test_max_damping_bounds_the_damping_of_a_rejected_step() -> None:
     assert bounded.damping.item() == pytest.approx(0.3, rel=1e-12)
 
 
+@pytest.mark.parametrize("where", ["gram", "direction"])
+def test_a_quadratic_model_that_overflows_does_not_move_and_raises_the_damping(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-finite Gram matrix (a forward-mode pass that overflowed) or natural gradient (finite
+    gradient and factors, an overflowed product): no error, parameters and momentum direction
+    stay finite and unchanged, the damping rises; the next step trains again."""
+    model = make_mlp()
+    opt = KFAC(
+        model,
+        loss_fn=LOSS,
+        damping=0.1,
+        adaptive_learning_rate=True,
+        adaptive_momentum=True,
+        adapt_damping=True,
+        damping_adaptation_interval=1,
+    )
+    x, y = make_data()
+    one_step(opt, model, x, y)
+    one_step(opt, model, x, y)
+    if where == "gram":
+        gram = opt._exact.gram
+        monkeypatch.setattr(opt._exact, "gram", lambda *a: torch.full_like(gram(*a), math.inf))
+    else:
+        pre = opt.preconditioner
+        precondition_all = pre.precondition_all
+        monkeypatch.setattr(
+            pre, "precondition_all", lambda mats: {n: m * math.inf for n, m in precondition_all(mats).items()}
+        )
+    damping = opt.damping.item()
+    before = one_step(opt, model, x, y)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[f"p/{n}"]), n
+        assert torch.equal(opt.state[p]["qmodel_delta"], torch.zeros_like(p)), n
+    assert opt.last_stats["learning_rate"].item() == 0.0
+    assert opt.last_stats["qmodel_change"].item() == math.inf
+    assert opt.damping.item() == pytest.approx(damping / opt.options.omega, rel=1e-12)
+    monkeypatch.undo()
+    before = one_step(opt, model, x, y)
+    assert opt.last_stats["learning_rate"].item() > 0.0
+    assert all(
+        torch.isfinite(p).all() and not torch.equal(p, before[f"p/{n}"]) for n, p in model.named_parameters()
+    )
+
+
 def test_damping_is_adapted_every_interval_steps() -> None:
     model = make_mlp()
     opt = KFAC(model, 0.3, 1e-2, loss_fn=LOSS, adapt_damping=True, damping_adaptation_interval=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFACPreconditioner, losses
-from torch_kfac.qmodel import ExactCurvature, dot, quadratic_value, solve_coefficients
+from torch_kfac.qmodel import ExactCurvature, choose_coefficients, dot, quadratic_value, solve_coefficients
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -201,6 +203,38 @@ def test_singular_system_gets_the_minimum_norm_solution() -> None:
     gram = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     coeffs = solve_coefficients(gram, torch.tensor([-1.0, 0.0]))
     torch.testing.assert_close(coeffs, torch.tensor([0.5, 0.0]))
+
+
+@pytest.mark.parametrize("bad", ["curvature", "overlap", "linear"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_model_that_cannot_be_evaluated_gives_no_move_and_infinite_q(bad: str, value: float) -> None:
+    """A non-finite term (an overflowed forward-mode pass) gives zero coefficients and q = inf,
+    with or without a bound on the momentum, instead of pinv's error."""
+    terms = {"curvature": torch.tensor([[2.0, 0.5], [0.5, 1.0]]), "overlap": torch.eye(2)}
+    terms["linear"] = torch.tensor([-1.0, 0.3])
+    terms[bad] = terms[bad].clone().reshape(-1).index_fill(0, torch.tensor([0]), value).view_as(terms[bad])
+    for bounds in (None, (1, (0.0, 1.0))):
+        coeffs, q = choose_coefficients(
+            terms["curvature"], terms["overlap"], terms["linear"], torch.tensor(0.1), 0.1, {}, bounds
+        )
+        assert torch.equal(coeffs, torch.zeros(2)) and q.item() == math.inf
+
+
+def test_a_model_whose_solution_overflows_gives_no_move_and_infinite_q() -> None:
+    """Finite terms whose minimiser is not representable (1e30 / 1e-30 in float32)."""
+    curvature, overlap = torch.eye(2, dtype=torch.float32) * 1e-30, torch.zeros(2, 2, dtype=torch.float32)
+    linear = torch.tensor([-1e30, 0.0], dtype=torch.float32)
+    assert not torch.isfinite(solve_coefficients(curvature, linear)).all()
+    coeffs, q = choose_coefficients(curvature, overlap, linear, torch.tensor(0.0), 0.0, {})
+    assert torch.equal(coeffs, torch.zeros(2)) and q.item() == math.inf
+
+
+def test_a_finite_model_keeps_its_minimiser_and_value() -> None:
+    curvature, linear = torch.tensor([[2.0, 0.5], [0.5, 1.0]]), torch.tensor([-1.0, 0.3])
+    coeffs, q = choose_coefficients(curvature, torch.eye(2), linear, torch.tensor(0.1), 0.0, {})
+    damped = curvature + 0.1 * torch.eye(2)
+    torch.testing.assert_close(coeffs, torch.linalg.solve(damped, -linear))
+    torch.testing.assert_close(q, quadratic_value(curvature, linear, coeffs))
 
 
 def test_gram_through_fused_attention() -> None:

@@ -581,7 +581,10 @@ class KFAC(OriginalAPI, Optimizer):
         coeffs, q = choose_coefficients(
             curvature, overlaps(directions), linear, pre.damping, self._model_damping, fixed, bounds
         )
-        delta = combine(directions, coeffs)
+        # q = inf: the model could not be evaluated; no move (a direction that overflowed would
+        # make 0 * inf = NaN here).
+        moved = torch.isfinite(q)
+        delta = {n: torch.where(moved, d, 0.0) for n, d in combine(directions, coeffs).items()}
         if hyper.weight_decay:
             for n in delta:
                 delta[n] = delta[n] - coeffs[0] * hyper.weight_decay * self._named_params[n]

@@ -144,7 +144,14 @@ def choose_coefficients(
     the free coefficient i within [low, high]: the model is convex, so where the unconstrained
     minimum lies outside, the constrained one has c_i at the nearer bound and the other
     coefficients re-solved with c_i fixed there (no host synchronisation).
+
+    A model that cannot be evaluated (a non-finite curvature, overlap or linear term, e.g. a
+    forward-mode pass that overflowed in float16; pinv raises on those) or solved gives zero
+    coefficients and q = inf: the caller does not move, and the damping rule counts the step as
+    a failure and raises the damping.
     """
+    ok = torch.isfinite(curvature).all() & torch.isfinite(linear).all() & torch.isfinite(overlap).all()
+    curvature, overlap, linear = (torch.where(ok, t, 0.0) for t in (curvature, overlap, linear))
     damped = curvature + damping * overlap
     coeffs = solve_coefficients(damped, linear, fixed)
     if bounds is not None and bounds[0] not in fixed and bounds[0] < coeffs.shape[0]:
@@ -152,7 +159,10 @@ def choose_coefficients(
         clipped = coeffs[i].clamp(low, high)
         on_bound = solve_coefficients(damped, linear, {**fixed, i: clipped})
         coeffs = torch.where(clipped == coeffs[i], coeffs, on_bound)
-    return coeffs, quadratic_value(curvature + model_damping * overlap, linear, coeffs)
+    ok = ok & torch.isfinite(coeffs).all()
+    coeffs = torch.where(ok, coeffs, 0.0)
+    q = quadratic_value(curvature + model_damping * overlap, linear, coeffs)
+    return coeffs, torch.where(ok, q, torch.inf)
 
 
 def combine(directions: Sequence[dict[str, Tensor]], coeffs: Tensor) -> dict[str, Tensor]:
