@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -31,6 +32,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
         "presets_seeds",
         "race_seeds",
         "patch_sampling",
+        "step_breakdown",
     )
     for name in names:
         module = sys.modules.get(name)
@@ -347,3 +349,45 @@ def test_patch_sampling_quick(bench: dict[str, ModuleType], tmp_path: Path) -> N
         assert row["None"]["relative_error"] == 0.0 and row["1.0"]["relative_error"] > 0.0
         assert row["patches"] > row["dim"]
     assert "| adam |" in (tmp_path / "patch_sampling.md").read_text()
+
+
+def test_step_breakdown_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Every part of the preset's step timed on every workload, within the step."""
+    argv = ["--quick", "--steps", "5", "--warmup", "2", "--out", str(tmp_path)]
+    result = bench["step_breakdown"].main(argv)
+    saved = json.loads((tmp_path / "step_breakdown.json").read_text())
+    assert saved["command"] == result["command"]
+    assert [w["name"] for w in saved["workloads"]] == ["autoencoder", "convnet", "transformer"]
+    for w in saved["workloads"]:
+        assert w["steps"] == 5 and w["adam_ms"] > 0
+        parts = w["parts_ms"]
+        assert list(parts) == [label for label, _, _ in bench["step_breakdown"].PARTS] + ["rest"]
+        # Each is called in 5 steps (inverses and the loss after the step once, at step 5).
+        assert all(parts[k] > 0 for k in parts if k != "rest"), parts
+        assert 0 < parts["rest"] < w["step_ms"]  # the parts, each counted once, leave a remainder
+    assert "| quadratic model |" in (tmp_path / "step_breakdown.md").read_text()
+
+
+def test_step_breakdown_counts_a_part_without_the_parts_it_calls(bench: dict[str, ModuleType]) -> None:
+    """A timed method that calls another timed one is charged its own time only."""
+
+    def busy(seconds: float) -> None:
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    class Work:
+        def inner(self) -> None:
+            busy(0.05)
+
+        def outer(self) -> None:
+            busy(0.02)
+            self.inner()
+
+    work, timer = Work(), bench["step_breakdown"].PartTimer()
+    timer.wrap(work, "inner", "inner")
+    timer.wrap(work, "outer", "outer")
+    work.outer()
+    assert timer.totals["inner"] == pytest.approx(0.05, abs=0.01)
+    assert timer.totals["outer"] == pytest.approx(0.02, abs=0.01)
+    assert "inner" in vars(work) and vars(Work)["inner"].__name__ == "inner"  # the class is untouched
