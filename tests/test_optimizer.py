@@ -223,18 +223,6 @@ def test_lr_scheduler_drives_the_learning_rate() -> None:
     torch.testing.assert_close(block_grad(s, "2", "d"), 0.1 * natural(opt, "2", block_grad(s, "2")))
 
 
-def test_original_positional_and_alias_arguments() -> None:
-    model = make_mlp()
-    opt = KFAC(model, 0.05, 1e-3)
-    assert opt.learning_rate == 0.05 and opt.param_groups[0]["lr"] == 0.05
-    assert opt.damping.item() == pytest.approx(1e-3)
-    opt.learning_rate = 0.01
-    assert opt.param_groups[0]["lr"] == 0.01
-    alias = KFAC(make_mlp(), learning_rate=0.2, damping=1e-2, momentum_type="ADAM")
-    assert alias.learning_rate == 0.2 and alias.momentum_type == "adam"
-    assert set(alias.blocks) == {"0", "2"}
-
-
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
@@ -335,35 +323,6 @@ def test_two_optimizers_do_not_interfere() -> None:
     assert all(b.has_factors() for b in o1.blocks.values())
     train(o2, m2, 1, seed=5)
     assert not torch.equal(o1.blocks["0"].A, o2.blocks["0"].A)
-
-
-def test_close_removes_every_hook() -> None:
-    model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
-    assert model[0]._forward_hooks
-    opt.close()
-    assert not any(m._forward_hooks for m in model.modules())
-
-
-def test_blocks_expose_named_factors() -> None:
-    model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
-    train(opt, model, 1)
-    assert set(opt.blocks) == {"0", "2"}
-    assert opt.blocks["0"].A.shape == (6, 6) and opt.blocks["0"].G.shape == (8, 8)
-    covs = opt.covariances
-    assert set(covs) == {"0", "2"}
-    doubled = {n: (2 * a, 2 * g) for n, (a, g) in covs.items()}
-    opt.covariances = doubled
-    torch.testing.assert_close(opt.blocks["2"].A, doubled["2"][0])
-
-
-def test_reset_cov_forgets_the_factors() -> None:
-    model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2)
-    train(opt, model, 1)
-    opt.reset_cov()
-    assert not any(b.has_factors() for b in opt.blocks.values())
 
 
 # ------------------------------------------------------------------ adaptive damping
