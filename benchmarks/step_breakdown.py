@@ -87,13 +87,22 @@ def owners(trainer: Any) -> dict[str, object]:
     return {"trainer": trainer, "opt": opt, "pre": opt.preconditioner, "exact": opt._exact}
 
 
+def build_trainers(work: race.RaceWorkload, seed: int) -> tuple[Any, Any]:
+    """The preset and Adam (lr 1e-3) on copies of one initialisation of `work`'s model.
+
+    Adam's copy is taken before the preset hooks the model: a copy taken after would carry
+    K-FAC's hooks, and Adam's step would pay for them.
+    """
+    with seeded(seed):
+        model = work.build()
+    adam = make_trainer("adam", copy.deepcopy(model), work.loss_fn, {"lr": 1e-3})
+    return make_trainer("kfac-auto", model, work.loss_fn, {}), adam
+
+
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved preset and Adam steps on workload `name`; the preset's parts and both steps' means."""
     work = race.make_workload(name, args)
-    with seeded(args.seed):
-        model = work.build()
-    preset = make_trainer("kfac-auto", model, work.loss_fn, {})
-    adam = make_trainer("adam", copy.deepcopy(model), work.loss_fn, {"lr": 1e-3})
+    preset, adam = build_trainers(work, args.seed)
     options = preset.optimizer.options
     period = math.lcm(options.inverse_update_steps, options.damping_adaptation_interval)
     steps = max(period, args.steps // period * period)  # whole inverse and damping intervals

@@ -368,6 +368,17 @@ def test_step_breakdown_quick(bench: dict[str, ModuleType], tmp_path: Path) -> N
     assert "| quadratic model |" in (tmp_path / "step_breakdown.md").read_text()
 
 
+def test_step_breakdown_times_adam_on_a_model_without_kfac_hooks(bench: dict[str, ModuleType]) -> None:
+    """Adam's model is a copy of the same initialisation that K-FAC never hooked."""
+    args = bench["step_breakdown"].parse_args(["--quick"])
+    work = bench["race"].make_workload("autoencoder", args)
+    preset, adam = bench["step_breakdown"].build_trainers(work, 0)
+    assert any(m._forward_hooks for m in preset.model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in adam.model.modules())
+    for p, q in zip(preset.model.parameters(), adam.model.parameters(), strict=True):
+        assert torch.equal(p, q) and p is not q
+
+
 def test_step_breakdown_counts_a_part_without_the_parts_it_calls(bench: dict[str, ModuleType]) -> None:
     """A timed method that calls another timed one is charged its own time only."""
 
