@@ -114,6 +114,37 @@ def test_non_finite_rho_is_a_rejected_trial() -> None:
     assert tried == pytest.approx([0.01, 0.1, 1.0, 1.0 / math.sqrt(10)])
 
 
+def test_a_trial_whose_quadratic_model_cannot_be_evaluated_is_rejected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Trials whose Gram matrix is not finite (below a damping d0 here) are not accepted: the search
+    settles at or above d0, without an error, and the first step then moves the parameters."""
+    x, y = make_data(64)
+
+    def first_step(d0: float) -> tuple[KFAC, list[torch.Tensor]]:
+        opt = presets.adaptive(make_mlp(), nn.CrossEntropyLoss(), fisher_type="type-2")
+        gram = opt._exact.gram
+
+        def overflowing(*args: object) -> torch.Tensor:
+            value = gram(*args)
+            return torch.full_like(value, math.nan) if opt.damping.item() < d0 else value
+
+        monkeypatch.setattr(opt._exact, "gram", overflowing)
+        params = [p.detach().clone() for p in opt.model.parameters()]
+        loss = nn.functional.cross_entropy(opt.model(x), y)
+        loss.backward()
+        opt.step(loss=loss, batch=(x, y))
+        return opt, params
+
+    free, _ = first_step(0.0)
+    d0 = 30 * free.preconditioner.calibrated_damping
+    opt, params = first_step(d0)
+    assert opt.preconditioner.calibrated_damping >= d0
+    assert opt.last_stats["learning_rate"].item() > 0
+    for p, q in zip(params, opt.model.parameters(), strict=True):
+        assert torch.isfinite(q).all() and not torch.equal(p, q)
+
+
 def test_with_the_batch_the_first_step_takes_the_searched_damping() -> None:
     """The chosen damping's first step has rho >= 1/4; the next trial below it has rho < 1/4."""
     x, y = make_data(64)
