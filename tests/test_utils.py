@@ -98,3 +98,12 @@ def test_leading_examples_slices_every_input_tensor() -> None:
     assert torch.equal(targets, y[:2])
     single, _ = leading_examples(x, y, 4)
     assert torch.equal(single, x[:4])
+
+
+@pytest.mark.parametrize("inputs", ["single", "tuple"])
+def test_leading_examples_refuses_inputs_that_are_not_batch_first(inputs: str) -> None:
+    """Sequence-first inputs (T, N, F) with targets (N,): a clear error, not a slice of positions."""
+    sequence_first, y = torch.randn(7, 4, 3), torch.randint(0, 2, (4,))
+    batch = sequence_first if inputs == "single" else (torch.zeros(4), sequence_first)
+    with pytest.raises(ValueError, match=r"7 rows there and the targets 4.*batch_first=True"):
+        leading_examples(batch, y, 2)
