@@ -107,3 +107,5 @@ def test_leading_examples_refuses_inputs_that_are_not_batch_first(inputs: str) -
     batch = sequence_first if inputs == "single" else (torch.zeros(4), sequence_first)
     with pytest.raises(ValueError, match=r"7 rows there and the targets 4.*batch_first=True"):
         leading_examples(batch, y, 2)
+    whole, targets = leading_examples(batch, y, 4)  # no more examples than asked for: as given
+    assert whole is batch and targets is y

@@ -94,11 +94,13 @@ def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Ten
     """The first `count` examples of a batch: dimension 0 of the targets and of every input tensor.
 
     An input tensor whose dimension 0 is not the targets' (sequence-first inputs, e.g. for an
-    `nn.LSTM` without `batch_first`) is an error: slicing it would take leading positions, not
-    examples.
+    `nn.LSTM` without `batch_first`) is an error when the batch has more than `count` examples:
+    slicing it would take leading positions, not examples.
     """
     tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     size = targets.shape[0] if targets.dim() > 0 else None
+    if size is not None and count >= size:
+        return inputs, targets  # the whole batch, whatever its layout
     for x in tensors:
         if isinstance(x, Tensor) and x.dim() > 0 and size is not None and x.shape[0] != size:
             raise ValueError(
