@@ -97,17 +97,17 @@ def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Ten
     `nn.LSTM` without `batch_first`) is an error when the batch has more than `count` examples:
     slicing it would take leading positions, not examples.
     """
-    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    size = targets.shape[0] if targets.dim() > 0 else None
-    if size is not None and count >= size:
-        return inputs, targets  # the whole batch, whatever its layout
-    for x in tensors:
-        if isinstance(x, Tensor) and x.dim() > 0 and size is not None and x.shape[0] != size:
-            raise ValueError(
-                f"fisher_batch_size and qmodel_batch_size take the batch's first examples along "
-                f"dimension 0, but an input has {x.shape[0]} rows there and the targets {size}: pass "
-                "batch-first inputs (e.g. nn.LSTM(batch_first=True)) or set these options to None"
-            )
+    if targets.dim() > 0:
+        size = targets.shape[0]
+        if count >= size:
+            return inputs, targets  # the whole batch, whatever its layout
+        for x in inputs if isinstance(inputs, (tuple, list)) else (inputs,):
+            if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] != size:
+                raise ValueError(
+                    f"fisher_batch_size and qmodel_batch_size take the batch's first examples along "
+                    f"dimension 0, but an input has {x.shape[0]} rows there and the targets {size}: "
+                    "pass batch-first inputs (e.g. nn.LSTM(batch_first=True)) or set these options to None"
+                )
     if isinstance(inputs, (tuple, list)):
         inputs = tuple(x[:count] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
         return inputs, targets[:count]

@@ -85,18 +85,18 @@ class ConvBlock(KroneckerBlock):
 
     module: nn.modules.conv._ConvNd
 
-    def num_examples(self, inputs: tuple[Tensor, ...]) -> int:
-        """N = dim 0 of the input; 1 for an unbatched input."""
-        x = inputs[0]
-        return int(x.shape[0]) if x.dim() > len(self.module.kernel_size) + 1 else 1
-
     #: Option `patches_per_dim`: A from at most this many drawn patches per row (None: all).
     patches_per_dim: float | None = None
     _patch_generator: torch.Generator | None = None
 
     def _batched(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """The call's input with its batch dimension (an unbatched input gets one of size 1)."""
         x = inputs[0]
         return x.unsqueeze(0) if x.dim() == len(self.module.kernel_size) + 1 else x
+
+    def num_examples(self, inputs: tuple[Tensor, ...]) -> int:
+        """N = dim 0 of the input; 1 for an unbatched input."""
+        return int(self._batched(inputs).shape[0])
 
     def activation_rows(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """Patches as (groups, N, locations, C_in/groups * prod(kernel))."""
