@@ -396,10 +396,12 @@ class PreconditionerOptions:
             convolutions, their patch statistics above all). Needs batch-first inputs.
         patches_per_dim: estimate the input factor A (d x d) of each nn.Conv1d/2d/3d from at
             most `patches_per_dim * d` of the pass's patches (examples x output positions), drawn
-            uniformly at random with replacement by the block's own generator (the global random
-            stream is left alone), instead of from all of them (None). The average over the drawn
-            patches is an unbiased estimate of the average over all, at a fraction of its cost
-            when the positions outnumber d; tensorflow/kfac's sub-sampling of outer products.
+            uniformly at random with replacement by the block's own generator, seeded per step
+            and block (the global random stream is left alone; a run restored from `state_dict`
+            draws what an uninterrupted one draws), instead of from all of them (None). The
+            average over the drawn patches is an unbiased estimate of the average over all, at a
+            fraction of its cost when the positions outnumber d; tensorflow/kfac's sub-sampling of
+            outer products.
             Applies with kfac_approx='expand' and the 'kfac' and 'forward-only' approximations
             (EKFAC and the diagonal pair every patch with its output gradient).
         loss_fn: the loss module (e.g. `nn.CrossEntropyLoss()`), needed by 'mc', 'type-2' and

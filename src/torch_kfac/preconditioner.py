@@ -40,6 +40,9 @@ from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
 from torch_kfac.utils import as_args, leading_examples, preserved_buffers
 
+#: 2^64 / golden ratio: spreads per-step seeds (MC labels, drawn patches) over the seed space.
+_GOLDEN = 0x9E3779B97F4A7C15
+
 
 class KFACPreconditioner:
     """Kronecker-factored natural-gradient preconditioner for a model's Linear and Conv layers.
@@ -88,9 +91,15 @@ class KFACPreconditioner:
         self.blocks, self.fallback_reasons = make_blocks(model, opts.skip_modules)
         for block in self.blocks.values():
             block.configure(opts.approximation.value, opts.inverse_power, opts.kfac_approx.value)
-            for member in block.hooked():
-                if isinstance(member, ConvBlock):
-                    member.patches_per_dim = opts.patches_per_dim
+        #: The convolution blocks that draw patches (`patches_per_dim`), seeded per step (`_seed_patches`).
+        self._patch_blocks = [
+            member
+            for block in self.blocks.values()
+            for member in block.hooked()
+            if isinstance(member, ConvBlock) and opts.patches_per_dim is not None
+        ]
+        for member in self._patch_blocks:
+            member.patches_per_dim = opts.patches_per_dim
         first = next(iter(model.parameters()), None)
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
         device = first.device if first is not None else None
@@ -99,6 +108,7 @@ class KFACPreconditioner:
             "step": 0,
             "damping": torch.tensor(opts.initial_damping, dtype=factor_dtype(opts, dtype), device=device),
         }
+        self._seed_patches()
         #: Steps skipped in a row for non-finite values, as of the last host check (`check`).
         self._skipped_in_a_row = 0
         #: Whether the latest step was taken, as of the last host check.
@@ -283,7 +293,7 @@ class KFACPreconditioner:
                 generator = None
                 if self.mc_seed is not None:
                     generator = torch.Generator(device=outputs.device)
-                    generator.manual_seed((self.mc_seed + self.steps * 0x9E3779B97F4A7C15) % 2**63)
+                    generator.manual_seed((self.mc_seed + self.steps * _GOLDEN) % 2**63)
                 for i in range(self.options.mc_samples):
                     if self.distributed is not None:  # DISTRIBUTED: rows of the global batch's labels
                         assert generator is not None
@@ -355,9 +365,17 @@ class KFACPreconditioner:
             block.clear_pending()
 
     def discard_statistics(self) -> None:
-        """Drop statistics recorded since the last fold."""
+        """Drop statistics recorded since the last fold (the step's patch draws start again)."""
         for block in self.blocks.values():
             block.clear_pending()
+        self._seed_patches()
+
+    def _seed_patches(self) -> None:
+        """Seed each drawing convolution block for the coming step from (step, block), like the MC
+        labels' `mc_seed`: a run restored from a checkpoint draws the patches an uninterrupted run
+        draws."""
+        for i, block in enumerate(self._patch_blocks):
+            block.seed_patches((self.steps * _GOLDEN + i) % 2**63)
 
     def reset_factors(self) -> None:
         """Forget the running factors, cached inverses and pending statistics."""
@@ -697,6 +715,7 @@ class KFACPreconditioner:
         self.global_state["step"] = self.steps + 1
         self.examples = 0
         self._low_rank = {}
+        self._seed_patches()
 
     @torch.no_grad()
     def step(self, batch: tuple[Any, Tensor] | None = None) -> bool | Tensor:
@@ -795,6 +814,7 @@ class KFACPreconditioner:
         damping = self.global_state["damping"]
         self.global_state.update(state["global"])
         self.global_state["damping"] = damping.copy_(state["global"]["damping"])
+        self._seed_patches()
         if self.distributed is not None:  # DISTRIBUTED: keep only the inverses this rank holds
             self.distributed.after_load(self.blocks, self.global_state.get(LAYOUT_KEY, {}))
 

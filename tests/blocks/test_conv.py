@@ -436,3 +436,44 @@ def test_patch_sampling_leaves_the_global_random_stream_alone():
     model(x).sum().backward()
     assert torch.equal(torch.random.get_rng_state(), state)
     assert conv_block.has_pending("A")
+
+
+def test_patch_draws_of_a_restored_run_are_those_of_an_uninterrupted_run():
+    """The draws of each step are seeded from (step, block): a run saved after 3 steps and loaded
+    into a new optimizer ends, 3 steps later, bit for bit where the uninterrupted run ends (with
+    one generator stream per block, the new optimizer would draw the first steps' patches again)."""
+    gen = torch.Generator().manual_seed(4)
+    batches = [
+        (randn(4, C_IN, *SPATIAL[2], generator=gen), randn(4, NUM_OUTPUTS, generator=gen)) for _ in range(6)
+    ]
+
+    def build() -> tuple[nn.Module, KFAC]:
+        torch.manual_seed(0)
+        model = _conv_model(_conv(2, kernel_size=3, padding=1), 2)
+        return model, KFAC(model, lr=0.1, damping=1e-2, patches_per_dim=0.5, inverse_update_steps=1)
+
+    def train(model: nn.Module, opt: KFAC, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for x, y in steps:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    model, opt = build()
+    (conv_block,) = [b for b in opt.preconditioner.blocks.values() if isinstance(b, ConvBlock)]
+    train(model, opt, batches[:3])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, batches[3:])
+
+    restored, restored_opt = build()
+    restored.load_state_dict(saved_model)
+    restored_opt.load_state_dict(saved_opt)
+    train(restored, restored_opt, batches[3:])
+    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(conv_block.A, restored_opt.preconditioner.blocks["0"].A)
+    # The steps drew different patches: the factor is not that of one repeated draw.
+    steps_a = []
+    for k in range(2):
+        conv_block.seed_patches(k)
+        steps_a.append(_a_statistic(conv_block, batches[0][0]))
+    assert not torch.equal(steps_a[0], steps_a[1])

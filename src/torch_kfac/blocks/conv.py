@@ -88,6 +88,14 @@ class ConvBlock(KroneckerBlock):
     #: Option `patches_per_dim`: A from at most this many drawn patches per row (None: all).
     patches_per_dim: float | None = None
     _patch_generator: torch.Generator | None = None
+    #: The seed of the next draw (`seed_patches`), applied at that draw when `_reseed` is set.
+    _patch_seed: int = 0
+    _reseed: bool = True
+
+    def seed_patches(self, seed: int) -> None:
+        """Draw the next patches from the block's generator seeded with `seed` (later draws continue
+        its stream)."""
+        self._patch_seed, self._reseed = seed, True
 
     def _batched(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """The call's input with its batch dimension (an unbatched input gets one of size 1)."""
@@ -120,10 +128,15 @@ class ConvBlock(KroneckerBlock):
         if count >= view.shape[0] * math.prod(view.shape[2 : 2 + spatial]):
             super().record_inputs(inputs, center)  # no fewer than all patches: the exact average
             return
-        if self._patch_generator is None or self._patch_generator.device.type != x.device.type:
-            # Its own stream, seeded alike in every run: the user's random draws are untouched.
-            self._patch_generator = torch.Generator(device=x.device).manual_seed(0)
-        rows = sample_patches(view, groups, count, self._patch_generator)
+        generator = self._patch_generator
+        if generator is None or generator.device.type != x.device.type:
+            # Its own stream: the user's random draws are untouched.
+            generator = self._patch_generator = torch.Generator(device=x.device)
+            self._reseed = True
+        if self._reseed:
+            generator.manual_seed(self._patch_seed)
+            self._reseed = False
+        rows = sample_patches(view, groups, count, generator)
         if center:
             rows = centered(rows)
         self.batch_size = x.shape[0]
