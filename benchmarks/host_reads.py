@@ -87,7 +87,7 @@ def run_config(
         pre = KFACPreconditioner(model, damping=1.0, **kwargs)
         sgd = torch.optim.SGD(model.parameters(), lr=0.01)
     else:
-        opt = KFAC(model, lr=0.01, damping=1.0, **kwargs)
+        opt = KFAC(model, lr=None if kwargs.get("adaptive_learning_rate") else 0.01, damping=1.0, **kwargs)
     per_step = []
     for _ in range(steps):
         model.zero_grad()

@@ -54,7 +54,8 @@ def reads_per_step(
         pre = KFACPreconditioner(model, **schedule, **options)
         sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     else:
-        opt = KFAC(model, lr=0.1, **schedule, **options)
+        lr = None if options.get("adaptive_learning_rate") else 0.1  # the adaptive one refuses an lr
+        opt = KFAC(model, lr=lr, **schedule, **options)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     batch = (x, y) if "loss_fn" in options else None
     out = []

@@ -911,7 +911,7 @@ def test_a_step_missing_what_its_options_need_says_what_to_pass(
     options: dict[str, object], given: set[str], message: str
 ) -> None:
     model = make_mlp()
-    opt = KFAC(model, 0.1, 1e-2, **options)  # type: ignore[arg-type]
+    opt = KFAC(model, None if options.get("adaptive_learning_rate") else 0.1, 1e-2, **options)  # type: ignore[arg-type]
     x, y = make_data()
     loss = loss_of(model, x, y)
     loss.backward()
@@ -1122,7 +1122,8 @@ def test_an_adaptive_run_continues_after_a_skipped_step_as_if_it_never_came(
     runs = []
     for skip in (False, True):
         model = make_mlp()
-        opt = KFAC(model, 0.1, 1e-2, loss_fn=nn.CrossEntropyLoss(), **options)  # type: ignore[arg-type]
+        lr = None if options.get("adaptive_learning_rate") else 0.1
+        opt = KFAC(model, lr, 1e-2, loss_fn=nn.CrossEntropyLoss(), **options)  # type: ignore[arg-type]
         x, y = make_data()
         for i in range(4 if skip else 3):
             opt.zero_grad()

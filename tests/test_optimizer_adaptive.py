@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -347,6 +348,24 @@ def test_missing_batch_or_loss_is_a_clear_error() -> None:
     assert math.isfinite(loss.item())
 
 
+def test_a_scheduler_on_the_adaptive_learning_rate_warns_once() -> None:
+    """The adaptive learning rate ignores the group's lr, so an attached scheduler has no effect: said
+    once. With a fixed learning rate (which the scheduler drives) nothing is said."""
+    x, y = make_data()
+    for adaptive, expected in ((True, 1), (False, 0)):
+        model = make_mlp()
+        options = {"adaptive_learning_rate": True} if adaptive else {"lr": 0.1, "adaptive_momentum": True}
+        opt = KFAC(model, damping=1e-2, loss_fn=LOSS, **options)  # type: ignore[arg-type]
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                one_step(opt, model, x, y)
+                sched.step()
+        said = [w for w in caught if "scheduler has no effect" in str(w.message)]
+        assert len(said) == expected
+
+
 # -------------------------------------------------------------- option effects (mutation-killers)
 def _twin_steps(**options: object) -> tuple[dict[str, torch.Tensor], KFAC, dict[str, torch.Tensor], KFAC]:
     """The same first step on two copies of one model, with `options` given to the second only."""
@@ -510,7 +529,8 @@ def test_mean_and_sum_reductions_take_the_same_adaptive_steps(options: dict, wit
     for reduction in ("mean", "sum"):
         model = make_mlp()
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
-        opt = KFAC(model, 0.3, 1e-2, loss_fn=loss_fn, reduction=reduction, **options)
+        lr = None if options.get("adaptive_learning_rate") else 0.3
+        opt = KFAC(model, lr, 1e-2, loss_fn=loss_fn, reduction=reduction, **options)
         for seed in range(3):
             x, y = make_data(seed=seed)
             opt.zero_grad()

@@ -184,6 +184,10 @@ def test_lr_is_required_unless_adaptive() -> None:
         KFACOptions()
     options = KFACOptions(adaptive_learning_rate=True, loss_fn=nn.CrossEntropyLoss())
     assert options.lr == 0.0
+    # A learning rate the adaptive one would override is refused, not silently ignored.
+    for lr in (0.1, lambda step: 0.1):
+        with pytest.raises(ValueError, match=r"lr=.* would be ignored: with adaptive_learning_rate=True"):
+            KFACOptions(adaptive_learning_rate=True, lr=lr, loss_fn=nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="loss_fn is required"):
         KFACOptions(lr=0.1, qmodel_curvature="exact")
 

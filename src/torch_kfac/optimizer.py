@@ -15,6 +15,7 @@ loss's scale). Second-order machinery follows Martens & Grosse 2015, sections 6-
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,7 @@ class KFAC(OriginalAPI, Optimizer):
         self._last_stats: dict[str, Any] = {}
         #: Whether `last_stats['skipped']` waits for the host check (`KFACPreconditioner.check`).
         self._skip_unknown = False
+        self._warned_scheduler = False
         # The adaptive options read once per step anyway: the host check is made in `prepare`
         # (with reject_steps in the rejection's read instead).
         self.preconditioner.check_in_step = (opts.adapt_damping or opts.uses_qmodel) and not opts.reject_steps
@@ -458,6 +460,15 @@ class KFAC(OriginalAPI, Optimizer):
     def _hyperparameters(self, step: int) -> Hyperparameters:
         """Resolve schedules at `step`; the scheduled lr, momentum and weight decay go into the group."""
         group, opts = self.param_groups[0], self.options
+        if opts.adaptive_learning_rate and "initial_lr" in group and not self._warned_scheduler:
+            # torch's LR schedulers set group['initial_lr'] when they attach.
+            self._warned_scheduler = True
+            warnings.warn(
+                "K-FAC: a learning-rate scheduler is attached, but with adaptive_learning_rate=True the "
+                "quadratic model chooses the learning rate at every step: the scheduler has no effect",
+                UserWarning,
+                stacklevel=6,  # the user's opt.step(), through the scheduler's and torch's step wrappers
+            )
         for key in ("lr", "momentum", "weight_decay"):
             if callable(getattr(opts, key)):
                 group[key] = opts.value_at(key, step)

@@ -550,7 +550,8 @@ class KFACOptions(PreconditionerOptions):
 
     Args:
         lr: learning rate (`learning_rate=` is accepted as an alias); None only with
-            adaptive_learning_rate=True.
+            adaptive_learning_rate=True, which refuses a value (it would be ignored) and on which a
+            learning-rate scheduler has no effect (a warning says so).
         damping: initial Tikhonov damping lambda (or a schedule, when not adapted), or 'auto'
             (calibrated at the first step, `torch_kfac.calibration`).
         momentum: momentum coefficient mu.
@@ -655,6 +656,12 @@ class KFACOptions(PreconditionerOptions):
             raise ValueError(
                 "loss_fn is required for adaptive_learning_rate, adaptive_momentum and "
                 "qmodel_curvature='exact'"
+            )
+        if self.adaptive_learning_rate and (callable(self.lr) or self.lr != 0.0):
+            raise ValueError(
+                f"lr={self.lr!r} would be ignored: with adaptive_learning_rate=True the quadratic model "
+                "chooses the learning rate at every step; leave lr unset (or turn the adaptive learning "
+                "rate off)"
             )
 
     @property
