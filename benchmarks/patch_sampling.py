@@ -18,7 +18,6 @@ machine); results go to `benchmarks/results/patch_sampling.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from common import (
 from torch import nn
 
 from torch_kfac import presets
-from torch_kfac.blocks.conv import ConvBlock, patch_view
+from torch_kfac.blocks.conv import ConvBlock, patch_count, patch_view
 
 #: Untimed steps: past the preset's warm-up (inverses every step), plus a few.
 WARMUP = presets.ADAPTIVE["warmup_steps"] + 3
@@ -110,7 +109,7 @@ def statistics_cost(values: list[float | None], reps: int, quick: bool) -> dict[
         view = patch_view(layer_input, block.module)  # (N, C, O_1, O_2, K_1, K_2)
         out[name] = {
             "dim": exact.shape[-1],
-            "patches": view.shape[0] * math.prod(view.shape[2:4]),  # examples x output positions
+            "patches": patch_count(view),
             **rows,
         }
     return out

@@ -61,6 +61,12 @@ def extract_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     return x.reshape(groups, n, math.prod(out_shape), -1)
 
 
+def patch_count(view: Tensor) -> int:
+    """The patches of a `patch_view`: examples times output positions."""
+    spatial = (view.dim() - 2) // 2
+    return view.shape[0] * math.prod(view.shape[2 : 2 + spatial])
+
+
 def sample_patches(view: Tensor, groups: int, count: int, generator: torch.Generator) -> Tensor:
     """`count` patches of a `patch_view`, drawn uniformly with replacement over examples x positions.
 
@@ -69,8 +75,8 @@ def sample_patches(view: Tensor, groups: int, count: int, generator: torch.Gener
     """
     spatial = (view.dim() - 2) // 2
     out_shape = view.shape[2 : 2 + spatial]
-    total = view.shape[0] * math.prod(out_shape)
-    flat = torch.randint(total, (count,), generator=generator, device=generator.device).to(view.device)
+    flat = torch.randint(patch_count(view), (count,), generator=generator, device=generator.device)
+    flat = flat.to(view.device)
     index: list[Tensor] = []
     for size in reversed(out_shape):  # unravel the flat (example, O_1, .., O_s) index
         index.append(flat % size)
@@ -124,8 +130,7 @@ class ConvBlock(KroneckerBlock):
         groups = self.module.groups
         dim = view.shape[1] // groups * math.prod(self.module.kernel_size) + (self.bias is not None)
         count = math.ceil(self.patches_per_dim * dim)
-        spatial = len(self.module.kernel_size)
-        if count >= view.shape[0] * math.prod(view.shape[2 : 2 + spatial]):
+        if count >= patch_count(view):
             super().record_inputs(inputs, center)  # no fewer than all patches: the exact average
             return
         generator = self._patch_generator
