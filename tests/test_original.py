@@ -31,6 +31,12 @@ def test_learning_rate_setter_sets_every_group_and_validates() -> None:
     with pytest.raises(ValueError, match="learning_rate"):
         opt.learning_rate = -1.0
     assert opt.learning_rate == 0.02
+    # The adaptive learning rate would ignore it: refused, the group untouched.
+    loss_fn = torch.nn.CrossEntropyLoss()
+    adaptive = KFAC(make_mlp(), damping=1e-3, loss_fn=loss_fn, adaptive_learning_rate=True)
+    with pytest.raises(ValueError, match="learning_rate cannot be set with adaptive_learning_rate=True"):
+        adaptive.learning_rate = 0.1
+    assert adaptive.param_groups[0]["lr"] == 0.0
 
 
 def test_damping_setter_reaches_the_preconditioner() -> None:

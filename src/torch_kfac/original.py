@@ -7,7 +7,7 @@ from contextlib import AbstractContextManager
 from torch import Tensor
 
 from torch_kfac.blocks import CurvatureBlock
-from torch_kfac.options import check_option
+from torch_kfac.options import KFACOptions, check_option
 from torch_kfac.preconditioner import KFACPreconditioner
 
 
@@ -18,6 +18,7 @@ class OriginalAPI:
 
     preconditioner: KFACPreconditioner
     param_groups: list[dict]
+    options: KFACOptions
 
     @property
     def blocks(self) -> dict[str, CurvatureBlock]:
@@ -32,6 +33,11 @@ class OriginalAPI:
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
         value = check_option("lr", value, label="learning_rate")
+        if self.options.adaptive_learning_rate:
+            raise ValueError(
+                "learning_rate cannot be set with adaptive_learning_rate=True: the quadratic model "
+                "chooses the learning rate at every step"
+            )
         for group in self.param_groups:
             group["lr"] = value
 
