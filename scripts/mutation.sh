@@ -8,6 +8,8 @@
 # full list of mutants and statuses to $MUTATION_OUT (default mutation-results.txt in the current
 # directory). CPU heavy: MUTATION_CHILDREN workers (default 2) and a time box of MUTATION_TIMEOUT
 # (default 45m); mutants not run when the time box ends are reported as "not checked".
+# MUTATION_MODULES and MUTATION_TESTS (space-separated paths) replace the default modules and tests
+# below, e.g. MUTATION_MODULES=src/torch_kfac/calibration.py MUTATION_TESTS=tests/test_calibration.py.
 # MUTATION_WORKDIR=DIR runs in DIR (created, kept afterwards) instead of a temporary copy, so the
 # results can be read while it runs and survivors re-run later: `cd DIR && mutmut results`,
 # `mutmut show NAME`, `mutmut run NAME...` (with the tests copied in again after changing them).
@@ -32,6 +34,8 @@ TESTS=(
   tests/test_fisher_types.py
   tests/test_capture.py
 )
+if [[ -n ${MUTATION_MODULES:-} ]]; then read -r -a MODULES <<<"$MUTATION_MODULES"; fi
+if [[ -n ${MUTATION_TESTS:-} ]]; then read -r -a TESTS <<<"$MUTATION_TESTS"; fi
 # The Monte Carlo convergence test (16 s) is left out: every fisher_pass mutant it could kill is
 # also run against the exact type-2 tests of the same file.
 DESELECT=(tests/test_fisher_types.py::test_mc_fisher_converges_to_type2)
