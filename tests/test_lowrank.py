@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -12,7 +13,8 @@ from torch import Tensor, nn
 
 from torch_kfac import KFAC
 from torch_kfac.blocks.kronecker import KroneckerFactors
-from torch_kfac.lowrank import cheaper
+from torch_kfac.blocks.linear import LinearBlock
+from torch_kfac.lowrank import GradientRows, RowCapture, _widths, cheaper, verified_rows
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -146,6 +148,8 @@ def test_rows_that_do_not_reproduce_the_gradient_send_the_layer_to_the_dense_pro
     assert row_calls == []
     rows = opt.preconditioner._capture.gradient_rows
     assert rows is not None and rows.blocks == set()  # dropped for good after the first step
+    clipped_by_value(opt.model)
+    assert rows.rows == {}  # a dropped layer keeps no rows
 
 
 def test_a_non_finite_gradient_keeps_the_layer_on_the_rows(row_calls: list[bool]) -> None:
@@ -176,6 +180,10 @@ def test_more_rows_than_the_widths_take_the_dense_product(row_calls: list[bool])
     assert cheaper(20, 40, 31) and not cheaper(60, 40, 31)
     # The exact break-even: rows (d_out^2 + d_in^2 + d_out d_in) against d_out d_in (d_out + d_in).
     assert cheaper(26, 40, 41) and not cheaper(27, 40, 41)
+    assert not cheaper(2, 3, 3)  # 2 * 27 = 3 * 3 * 6: equal work is not cheaper
+    # d_in counts the bias column.
+    assert _widths(LinearBlock(nn.Linear(30, 40))) == (40, 31)
+    assert _widths(LinearBlock(nn.Linear(30, 40, bias=False))) == (40, 30)
     # A call with too many rows keeps none of them.
     model = Wide()
     opt = KFAC(model, lr=0.1)
@@ -211,8 +219,11 @@ def test_zero_grad_forgets_the_rows_of_the_gradients_it_clears(row_calls: list[b
 
 
 def test_float64_factors_of_a_float32_model_take_the_rows(row_calls: list[bool]) -> None:
-    """The probe's threshold is the float32 gradient's precision, not the float64 factors'."""
+    """The probe's threshold is the float32 gradient's precision, not the float64 factors'; the probe
+    is drawn in the factors' dtype whatever the default dtype (float32 here; the float64 fixture
+    restores the default afterwards)."""
     model = Wide().float()
+    torch.set_default_dtype(torch.float32)
 
     def float32_pass(model: nn.Module) -> None:
         x, y = _data()
@@ -223,3 +234,51 @@ def test_float64_factors_of_a_float32_model_take_the_rows(row_calls: list[bool])
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert row_calls == [True] * 9
+
+
+def test_only_linear_layers_with_kronecker_factors_keep_rows() -> None:
+    """Convolutions (rows outnumber widths) and EKFAC's Linear layers (no Cholesky inverses) keep none."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 5))
+    blocks = KFAC(model, lr=0.1).blocks
+    assert RowCapture(blocks.values()).blocks == {blocks["2"], blocks["4"]}
+    ekfac = KFAC(model, lr=0.1, approximation="ekfac").blocks
+    assert RowCapture(ekfac.values()).blocks == set()
+
+
+def _probe(
+    scale: float, poison: bool = False, zero_rows: bool = False
+) -> tuple[dict[LinearBlock, GradientRows], RowCapture, LinearBlock]:
+    """verified_rows on one Linear layer whose gradient is `scale` times that of its kept rows (a NaN
+    in the gradient, not in the rows, with `poison`; output-gradient rows of zeros with `zero_rows`)."""
+    block = LinearBlock(nn.Linear(6, 8))
+    capture = RowCapture([block])
+    gen = torch.Generator().manual_seed(3)
+    a_rows, g_rows = torch.randn(3, 6, generator=gen), torch.randn(3, 8, generator=gen)
+    if zero_rows:
+        g_rows.zero_()
+    capture.rows[block] = [(a_rows, g_rows)]
+    mat = scale * g_rows.mT @ torch.cat([a_rows, torch.ones(3, 1)], dim=1)
+    if poison:
+        mat[0, 0] = math.nan
+    verified = verified_rows(capture, {"l": mat.unsqueeze(0)}, {"l": block}, torch.float64, gen)
+    return verified, capture, block
+
+
+@pytest.mark.parametrize(
+    ("scale", "zero_rows"),
+    [(1.0, True), (0.0, False), (1.0, False), (1e8, False)],
+    ids=["zero-rows", "zero-scale", "unit", "large"],
+)
+def test_rows_reproducing_the_gradient_up_to_any_scale_are_used(scale: float, zero_rows: bool) -> None:
+    """The probe's threshold is relative to the gradient: a zero gradient of zero rows (a zero probe,
+    c = 1), one of nonzero rows (c = 0) and a gradient 1e8 times its rows' (a loss scale) all take
+    the rows, with the fitted factor."""
+    verified, capture, block = _probe(scale, zero_rows=zero_rows)
+    assert block in verified and block in capture.blocks
+    rows = verified[block]
+    torch.testing.assert_close(rows.g_rows[0].mT @ rows.a_rows[0], rows.mat[0], rtol=1e-12, atol=0)
+
+
+def test_a_non_finite_gradient_with_finite_rows_takes_the_dense_product_this_step_only() -> None:
+    verified, capture, block = _probe(1.0, poison=True)
+    assert verified == {} and block in capture.blocks  # not dropped

@@ -49,15 +49,14 @@ def _widths(block: KroneckerBlock) -> tuple[int, int]:
 class RowCapture:
     """Keeps the input and output-gradient rows of the eligible Linear layers' calls until the step.
 
-    A layer is eligible with the 'kfac' approximation; it stops being watched once its rows failed
-    to reproduce its gradient (`drop`). A layer whose rows of one step outnumber those at which the
+    A layer is eligible with the 'kfac' approximation (plain `KroneckerFactors`: EKFAC's eigenbasis
+    scaling cannot precondition from rows); it stops being watched once its rows failed to
+    reproduce its gradient (`drop`). A layer whose rows of one step outnumber those at which the
     dense product is cheaper keeps none for that step.
     """
 
     def __init__(self, blocks: Iterable[CurvatureBlock]) -> None:
-        self.blocks = {
-            b for b in blocks if isinstance(b, LinearBlock) and isinstance(b.approx, KroneckerFactors)
-        }
+        self.blocks = {b for b in blocks if isinstance(b, LinearBlock) and type(b.approx) is KroneckerFactors}
         #: Per layer, the (inputs, output gradients) rows of each call since the last step; None:
         #: too many rows this step.
         self.rows: dict[CurvatureBlock, list[tuple[Tensor, Tensor]] | None] = {}
