@@ -50,6 +50,36 @@ def test_without_factors_the_fallback_damping_is_used() -> None:
     assert initial_damping(opt.blocks, {}) == FALLBACK_DAMPING
 
 
+def _stepped() -> tuple[KFAC, dict[str, torch.Tensor]]:
+    """A KFAC after one step (factors in place) and random gradient matrices of its blocks."""
+    model = make_mlp()
+    opt = KFAC(model, lr=0.1, damping=1.0, inverse_update_steps=1)
+    x, y = make_data()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return opt, {n: torch.randn_like(b.grad_matrix()) for n, b in opt.blocks.items()}
+
+
+def test_a_block_without_factors_is_left_out_and_the_others_still_count() -> None:
+    opt, mats = _stepped()
+    first, second = opt.blocks.values()
+    expected = curvature_along({"2": second}, {"2": mats["2"]})
+    first.state.clear()  # the first block has no factors (yet)
+    torch.testing.assert_close(curvature_along(opt.blocks, mats), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e200], ids=["zero", "overflow"])
+def test_a_zero_or_overflowing_curvature_falls_back(scale: float) -> None:
+    """r = 0 (zero factors) or r = inf (factors so large that g^T K g overflows): neither is a damping."""
+    opt, mats = _stepped()
+    for block in opt.blocks.values():
+        for key in ("A_ema", "G_ema"):
+            block.state[key] = torch.eye(block.state[key].shape[-1]) * scale
+    r = curvature_along(opt.blocks, mats)
+    assert r is not None and float(r) == (0.0 if scale == 0.0 else math.inf)
+    assert initial_damping(opt.blocks, mats) == FALLBACK_DAMPING
+
+
 def test_auto_damping_is_set_at_the_first_step_and_the_inverses_use_it() -> None:
     model = make_mlp()
     opt = KFAC(model, lr=0.1, damping="auto", inverse_update_steps=100, warmup_steps=0, norm_constraint=None)
@@ -91,10 +121,12 @@ def rho_curve(threshold: float, tried: list[float]) -> Callable[[float], float]:
     return rho_at
 
 
-@pytest.mark.parametrize("threshold", [3e-6, 2e-4, 1e-2, 0.05, 0.7, 40.0])
+# A trial is accepted at and above the threshold. 2e-3 and 0.2 take the refining trial sqrt(10)
+# below the accepted power of 10 (descending and ascending); 1e3 lies above the search's range.
+@pytest.mark.parametrize("threshold", [3e-6, 2e-3, 1e-2, 0.05, 0.2, 0.7, 40.0, 1e3])
 def test_search_finds_the_smallest_accepted_damping_to_a_factor_of_sqrt10(threshold: float) -> None:
     tried: list[float] = []
-    start = 0.01  # r = 0.1: trials within [1e-4, 100]
+    start = 0.01  # r = 0.1: trials within [1e-3, 100]
     found = search_damping(start, rho_curve(threshold, tried))
     low, high = (start / AUTO_DAMPING_FRACTION * bound for bound in SEARCH_RANGE)
     assert tried[0] == start and len(tried) <= 7
@@ -105,6 +137,13 @@ def test_search_finds_the_smallest_accepted_damping_to_a_factor_of_sqrt10(thresh
         assert found == pytest.approx(high)  # none accepted: the largest trial
     else:
         assert threshold <= found < threshold * math.sqrt(10) * (1 + 1e-9)
+
+
+def test_a_trial_at_exactly_the_accepted_rho_is_accepted() -> None:
+    tried: list[float] = []
+    found = search_damping(0.01, lambda d: tried.append(d) or (ACCEPTED_RHO if d >= 0.1 else 0.0))
+    assert found == pytest.approx(0.1)
+    assert tried == pytest.approx([0.01, 0.1, 0.1 / math.sqrt(10)])
 
 
 def test_non_finite_rho_is_a_rejected_trial() -> None:

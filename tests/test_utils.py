@@ -100,11 +100,16 @@ def test_leading_examples_slices_every_input_tensor() -> None:
     assert torch.equal(single, x[:4])
 
 
-@pytest.mark.parametrize("inputs", ["single", "tuple"])
+@pytest.mark.parametrize("inputs", ["single", "tuple", "vector"])
 def test_leading_examples_refuses_inputs_that_are_not_batch_first(inputs: str) -> None:
-    """Sequence-first inputs (T, N, F) with targets (N,): a clear error, not a slice of positions."""
+    """Sequence-first inputs (T, N, F) with targets (N,), or a vector of T entries: a clear error,
+    not a slice of positions."""
     sequence_first, y = torch.randn(7, 4, 3), torch.randint(0, 2, (4,))
-    batch = sequence_first if inputs == "single" else (torch.zeros(4), sequence_first)
+    batch = {
+        "single": sequence_first,
+        "tuple": (torch.zeros(4), sequence_first),
+        "vector": (sequence_first.transpose(0, 1), torch.arange(7)),
+    }[inputs]
     with pytest.raises(ValueError, match=r"7 rows there and the targets 4.*batch_first=True"):
         leading_examples(batch, y, 2)
     whole, targets = leading_examples(batch, y, 4)  # no more examples than asked for: as given
