@@ -109,6 +109,10 @@ def test_a_step_that_needs_a_host_decision_reads_once(options: dict[str, Any]) -
     assert reads_per_step(**options) == [[CHECK]] * 6
 
 
+def test_a_read_outside_the_library_is_labelled_outside() -> None:
+    assert counted(lambda: torch.ones(2).sum().item()) == [("item", "outside")]
+
+
 def test_a_check_interval_reads_in_every_kth_step() -> None:
     reads = reads_per_step(host_check_interval=3)
     assert reads == [[], [], [CHECK], [], [], [CHECK]]
