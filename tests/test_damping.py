@@ -28,6 +28,12 @@ OMEGA, THRESHOLDS, BOUNDS = 0.81, (0.25, 0.75), (1e-8, math.inf)
         (0.0, 1.0, 1 / OMEGA),  # no change where the model predicted a rise: rho = 0 < 1/4
         (0.01, 1.0, 1 / OMEGA),  # a small rise where the model predicted a larger one: rho < 1/4
         (-0.1, 0.0, 1 / OMEGA),  # a gain with a zero model change: rho = -inf, not "unpredicted gain"
+        # A rise the model predicted (q > 0: fixed coefficients that overshoot) came true: more
+        # damping, however large rho is; also for a rise where the model predicted no change.
+        (1.0, 1.0, 1 / OMEGA),  # rho = 1 > 3/4
+        (0.5, 1.0, 1 / OMEGA),  # rho = 1/2
+        (2.0, 1.0, 1 / OMEGA),  # rho = 2
+        (0.1, 0.0, 1 / OMEGA),  # rho = +inf
     ],
 )
 def test_rule_on_constructed_cases(loss_change: float, q: float, factor: float) -> None:

@@ -503,6 +503,38 @@ def test_a_quadratic_model_that_overflows_does_not_move_and_raises_the_damping(
     )
 
 
+def test_a_fixed_step_that_overshoots_the_model_raises_the_damping() -> None:
+    """A linear model with a squared error is exactly quadratic, so rho = 1 for every step. With a
+    learning rate past twice the model's best, the model predicts a rise (q > 0) and the loss rises
+    as predicted: the damping goes up, where rho = 1 > 3/4 alone would have lowered it."""
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(4, 2), nn.MSELoss()
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    opt = KFAC(
+        model,
+        lr=5.0,
+        damping=1e-3,
+        momentum=0.0,
+        norm_constraint=None,
+        adapt_damping=True,
+        damping_adaptation_interval=1,
+        qmodel_curvature="exact",
+        loss_fn=loss_fn,
+    )
+    for overshoot in (True, False):  # the second step, from the overshoot, is predicted to gain
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        before = opt.damping.item()
+        opt.step(loss=loss, batch=(x, y))
+        stats = opt.last_stats
+        assert stats["rho"].item() == pytest.approx(1.0, rel=1e-9)
+        assert (stats["qmodel_change"].item() > 0) is overshoot
+        assert (stats["new_loss"].item() > loss.item()) is overshoot
+        omega = opt.options.omega
+        assert opt.damping.item() == pytest.approx(before / omega if overshoot else before * omega, rel=1e-12)
+
+
 def test_damping_is_adapted_every_interval_steps() -> None:
     model = make_mlp()
     opt = KFAC(model, 0.3, 1e-2, loss_fn=LOSS, adapt_damping=True, damping_adaptation_interval=2)

@@ -19,15 +19,19 @@ def levenberg_marquardt(
     thresholds: tuple[float, float],
     bounds: tuple[float, float],
 ) -> tuple[Tensor, Tensor]:
-    """(new damping, rho): damping * omega if rho > high (or a gain the model did not predict),
-    damping / omega if rho < low, else unchanged; clamped to `bounds`.
+    """(new damping, rho): damping * omega if rho > high for a step the model predicted to lower
+    the loss (or a gain the model did not predict), damping / omega if rho < low or if the loss did
+    not fall after a step the model predicted not to lower it, else unchanged; clamped to `bounds`.
 
-    A NaN rho (a NaN loss) leaves the damping as it was.
+    The model predicts no decrease (q >= 0) only for fixed coefficients (a fixed learning rate or
+    momentum that overshoots the model's minimum); rho > high there means the predicted rise came
+    true, which calls for more damping, not less. A NaN rho (a NaN loss) leaves the damping as it
+    was.
     """
     rho = loss_change / model_change
     low, high = thresholds
-    decrease = ((loss_change < 0) & (model_change > 0)) | (rho > high)
-    increase = rho < low
+    decrease = ((loss_change < 0) & (model_change > 0)) | ((rho > high) & (model_change < 0))
+    increase = (rho < low) | ((loss_change >= 0) & (model_change >= 0))
     new = torch.where(decrease, damping * omega, torch.where(increase, damping / omega, damping))
     return new.clamp(min=bounds[0], max=bounds[1]), rho
 
