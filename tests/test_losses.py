@@ -75,3 +75,45 @@ def test_bce_pos_weight_is_refused() -> None:
     fn = loss_curvature(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)))
     with pytest.raises(ValueError, match="pos_weight"):
         fn.matvec(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
+
+
+# ------------------------------------------------------------------------ sampled targets (MC)
+def _peaked_logits(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Logits (N, C, *) whose softmax puts all but e^-60 of the mass on `labels` (N, *)."""
+    return 60.0 * nn.functional.one_hot(labels, classes).movedim(-1, 1).double()
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.NLLLoss()], ids=["ce", "nll"])
+def test_sampled_classes_follow_the_class_dimension_of_sequence_outputs(loss_fn: nn.Module) -> None:
+    """(N, C, T) outputs: classes along dimension 1, one draw per (example, position); NLLLoss
+    (log-probabilities, no label_smoothing attribute) samples like CrossEntropyLoss."""
+    labels = torch.tensor([[0, 3, 1, 2, 4, 4], [2, 2, 0, 4, 1, 3]])  # (N=2, T=6), 5 classes
+    logits = _peaked_logits(labels, 5)
+    outputs = logits.log_softmax(1) if isinstance(loss_fn, nn.NLLLoss) else logits
+    targets = torch.zeros_like(labels)
+    sampled = loss_curvature(loss_fn).sample_targets(outputs, targets, torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, labels)
+
+
+def test_ignored_positions_stay_ignored_when_sampled() -> None:
+    labels = torch.tensor([0, 3, 1, 2, 4, 1])
+    targets = torch.tensor([1, -100, 2, -100, 0, 3])
+    sampled = loss_curvature(nn.CrossEntropyLoss()).sample_targets(
+        _peaked_logits(labels, 5), targets, torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(sampled, torch.where(targets == -100, targets, labels))
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(weight=torch.ones(5, dtype=torch.float64)),
+    ],
+    ids=["label-smoothing", "weight"],
+)
+def test_sampled_targets_are_refused_where_they_have_no_meaning(loss_fn: nn.Module) -> None:
+    with pytest.raises(
+        ValueError, match=r"fisher_type='mc' with CrossEntropyLoss\(weight=... or label_smoothing"
+    ):
+        loss_curvature(loss_fn).sample_targets(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), None)
