@@ -1,4 +1,5 @@
-"""Output Hessians of the supported losses against torch.func.hessian."""
+"""Output Hessians of the supported losses against torch.func.hessian; their sampled targets,
+terms per example and errors."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 from torch.func import hessian
+from torch.nn import functional as F
 
-from torch_kfac.losses import loss_curvature
+from torch_kfac.losses import MSECurvature, loss_curvature, register_loss
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -62,13 +64,36 @@ def test_matvec_equals_the_dense_hessian(case: str) -> None:
 @pytest.mark.parametrize(
     ("loss_fn", "message"),
     [
-        (nn.L1Loss(), "not supported"),
-        (nn.CrossEntropyLoss(reduction="none"), "reduction"),
+        (nn.L1Loss(), r"loss_fn L1Loss is not supported \(supported: .*CrossEntropyLoss.*\); add it with "),
+        (nn.CrossEntropyLoss(reduction="none"), r"CrossEntropyLoss\(reduction='none'\) is not supported"),
+        (F.cross_entropy, r"loss_fn must be a loss module such as nn\.CrossEntropyLoss\(\)"),
     ],
 )
 def test_unsupported_losses_are_refused_clearly(loss_fn: nn.Module, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         loss_curvature(loss_fn)
+
+
+def test_register_loss_refuses_what_is_not_a_module_class() -> None:
+    for wrong in (nn.MSELoss(), F.mse_loss, int):
+        with pytest.raises(TypeError, match=r"loss_type must be an nn\.Module subclass"):
+            register_loss(wrong, MSECurvature)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "shape", "terms"),
+    [
+        (nn.CrossEntropyLoss(), (6, 4), 1),
+        (nn.CrossEntropyLoss(), (3, 4, 5), 5),  # classes on dim 1, 5 positions
+        (nn.MSELoss(), (3, 5, 2), 5),  # features on the last dim, 5 positions
+        (nn.MSELoss(), (6, 2), 1),
+        (nn.BCEWithLogitsLoss(), (6,), 1),  # one output per example
+    ],
+)
+def test_terms_per_example_are_the_positions_outside_batch_and_class(
+    loss_fn: nn.Module, shape: tuple[int, ...], terms: int
+) -> None:
+    assert loss_curvature(loss_fn).terms_per_example(torch.zeros(shape)) == terms
 
 
 def test_bce_pos_weight_is_refused() -> None:
