@@ -26,13 +26,18 @@ from torch_kfac.options import FALLBACK_DAMPING
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def test_curvature_along_is_the_rayleigh_quotient_of_the_dense_block_curvature() -> None:
+def _stepped() -> tuple[KFAC, dict[str, torch.Tensor]]:
+    """A KFAC after one step (factors in place) and random gradient matrices of its blocks."""
     model = make_mlp()
     opt = KFAC(model, lr=0.1, damping=1.0, inverse_update_steps=1)
     x, y = make_data()
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-    mats = {n: torch.randn_like(b.grad_matrix()) for n, b in opt.blocks.items()}
+    return opt, {n: torch.randn_like(b.grad_matrix()) for n, b in opt.blocks.items()}
+
+
+def test_curvature_along_is_the_rayleigh_quotient_of_the_dense_block_curvature() -> None:
+    opt, mats = _stepped()
     quad, norm = 0.0, 0.0
     for name, block in opt.blocks.items():
         vec = mats[name].mT.reshape(-1)  # column stacking, the layout of dense_curvature
@@ -48,16 +53,6 @@ def test_without_factors_the_fallback_damping_is_used() -> None:
     opt = KFAC(model, lr=0.1)
     assert curvature_along(opt.blocks, {}) is None
     assert initial_damping(opt.blocks, {}) == FALLBACK_DAMPING
-
-
-def _stepped() -> tuple[KFAC, dict[str, torch.Tensor]]:
-    """A KFAC after one step (factors in place) and random gradient matrices of its blocks."""
-    model = make_mlp()
-    opt = KFAC(model, lr=0.1, damping=1.0, inverse_update_steps=1)
-    x, y = make_data()
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    return opt, {n: torch.randn_like(b.grad_matrix()) for n, b in opt.blocks.items()}
 
 
 def test_a_block_without_factors_is_left_out_and_the_others_still_count() -> None:
