@@ -45,12 +45,15 @@ def test_triangular_inverse_is_the_inverse_of_the_cholesky_product() -> None:
     chol = torch.linalg.cholesky(mats)
     torch.testing.assert_close(triangular_inverse(chol), torch.linalg.inv(mats), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(triangular_inverse(chol), torch.cholesky_inverse(chol), rtol=1e-10, atol=1e-12)
+    assert triangular_inverse(chol.float()).dtype == torch.float32  # its own dtype, not the default
 
 
 def test_pi_adjustment_and_its_guard() -> None:
     a, g = torch.diag(torch.tensor([4.0, 4.0])), torch.diag(torch.tensor([1.0, 1.0, 1.0]))
     assert pi_adjustment(a, g).item() == pytest.approx(2.0)
-    assert pi_adjustment(a, torch.zeros(3, 3)).item() == 1.0
+    assert pi_adjustment(a, torch.zeros(3, 3)).item() == 1.0  # ratio inf
+    assert pi_adjustment(torch.zeros(2, 2), g).item() == 1.0  # ratio 0: pi 0 would put all damping on G
+    assert pi_adjustment(torch.zeros(2, 2), torch.zeros(3, 3)).item() == 1.0  # ratio nan
 
 
 def test_symmetric_eigh_clamps_negative_rounding() -> None:
@@ -106,6 +109,15 @@ def test_grouped_inverses_equal_one_call_per_matrix() -> None:
         grouped_damped_inverses(matrices[:2], dampings[:1])
 
 
+def test_grouped_dampings_take_the_dtype_of_their_matrices() -> None:
+    """float64 factors in a float32 program: a damping given as a number is applied in float64."""
+    matrix = spd(4, 0)
+    expected = exact_inverse(matrix, 0.1)
+    torch.set_default_dtype(torch.float32)  # the float64 fixture restores its default afterwards
+    (inverse,) = grouped_damped_inverses([matrix], [0.1])
+    torch.testing.assert_close(inverse, expected, rtol=1e-13, atol=0)
+
+
 def test_newton_schulz_converges_quadratically_from_the_previous_inverse() -> None:
     """From the inverse of a running average before one more fold: residual r -> r^2 per iteration."""
     old, batch = spd(30, 0), spd(30, 1)
@@ -124,6 +136,10 @@ def test_newton_schulz_converges_quadratically_from_the_previous_inverse() -> No
     assert all(after < 5 * before**2 for before, after in itertools.pairwise(errors[:4])), errors  # quadratic
     assert errors[-1] < 1e-12
     assert all(after < before for before, after in itertools.pairwise(bounds[:4])) and bounds[0] < 0.1
+    single, _ = newton_schulz_inverse(new.float(), 0.3, start.float())
+    assert single.dtype == torch.float32  # its own dtype, not the default
+    double, _ = newton_schulz_inverse(new, 0.3, start, 2)  # the default number of iterations
+    assert torch.linalg.matrix_norm(single.double() - double) / torch.linalg.matrix_norm(double) < 1e-6
     with pytest.raises(ValueError, match="iterations"):
         newton_schulz_inverse(new, 0.03, start, 0)
 

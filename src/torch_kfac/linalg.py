@@ -133,7 +133,12 @@ def grouped_damped_inverses(matrices: Sequence[Tensor], dampings: Sequence[Tenso
     for members in groups.values():
         stacked = torch.stack([matrices[i] for i in members])
         shifts = torch.stack(
-            [torch.as_tensor(dampings[i]).to(stacked).expand(*stacked.shape[1:-2], 1, 1) for i in members]
+            [
+                torch.as_tensor(dampings[i], dtype=stacked.dtype, device=stacked.device).expand(
+                    *stacked.shape[1:-2], 1, 1
+                )
+                for i in members
+            ]
         )
         for i, inverse in zip(members, damped_inverse(stacked, shifts), strict=True):
             inverses[i] = inverse
