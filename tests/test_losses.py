@@ -3,6 +3,8 @@ terms per example and errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -40,31 +42,138 @@ CASES = {
         (6, 3),
         "binary",
     ),
+    # Features on the last dim of (N, T, F) outputs, T != F.
+    "mse-seq": (nn.MSELoss(), (3, 5, 2), "real"),
+    "bce-seq": (nn.BCEWithLogitsLoss(), (3, 5, 2), "binary"),
 }
+#: NLLLoss on log-probabilities, each with the CrossEntropyLoss of the same options on the logits.
+NLL_CASES = {
+    "nll-mean": (nn.NLLLoss(), nn.CrossEntropyLoss(), (6, 4)),
+    "nll-sum": (nn.NLLLoss(reduction="sum"), nn.CrossEntropyLoss(reduction="sum"), (6, 4)),
+    "nll-seq": (nn.NLLLoss(), nn.CrossEntropyLoss(), (3, 4, 5)),
+    "nll-ignore": (nn.NLLLoss(ignore_index=1), nn.CrossEntropyLoss(ignore_index=1), (6, 4)),
+    "nll-weight": (
+        nn.NLLLoss(weight=torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)),
+        nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)),
+        (6, 4),
+    ),
+}
+
+
+def make_targets(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Targets of a case: class indices (classes on dim 1), class probabilities, 0/1 labels or reals."""
+    if kind == "class":
+        return torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    if kind == "probs":
+        return torch.rand(*shape).softmax(1)
+    if kind == "binary":
+        return torch.randint(0, 2, shape).double()
+    return torch.randn(*shape)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matvec_equals_the_dense_hessian(case: str) -> None:
     loss_fn, shape, kind = CASES[case]
-    outputs = torch.randn(*shape)
-    if kind == "class":
-        targets = torch.randint(0, shape[1], (shape[0], *shape[2:]))
-    elif kind == "probs":
-        targets = torch.rand(*shape).softmax(1)
-    elif kind == "binary":
-        targets = torch.randint(0, 2, shape).double()
-    else:
-        targets = torch.randn(*shape)
+    outputs, targets = torch.randn(*shape), make_targets(kind, shape)
     dense = dense_output_hessian(loss_fn, outputs, targets)
     u = torch.randn(*shape)
     hu = loss_curvature(loss_fn).matvec(outputs, targets, u)
     torch.testing.assert_close(hu.reshape(-1), dense @ u.reshape(-1), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", list(NLL_CASES))
+def test_nll_matvec_through_log_softmax_is_the_cross_entropy_hessian(case: str) -> None:
+    """NLL's Fisher in log-probability space, pulled back through log-softmax: J^T diag(w p) J equals
+    the Hessian of the cross-entropy of the same options on the logits."""
+    nll_fn, ce_fn, shape = NLL_CASES[case]
+    logits, u, targets = torch.randn(*shape), torch.randn(*shape), make_targets("class", shape)
+    log_probs, vjp = torch.func.vjp(lambda z: z.log_softmax(1), logits)
+    ju = torch.func.jvp(lambda z: z.log_softmax(1), (logits,), (u,))[1]
+    (ggn_u,) = vjp(loss_curvature(nll_fn).matvec(log_probs, targets, ju))
+    dense = dense_output_hessian(ce_fn, logits, targets)
+    torch.testing.assert_close(ggn_u.reshape(-1), dense @ u.reshape(-1), rtol=1e-10, atol=1e-12)
+
+
+def term_weights(loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each loss term's weight w_i in the reduced loss, repeated over the term's outputs."""
+    mean = loss_fn.reduction == "mean"
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):  # a term per (example, position)
+        if targets.is_floating_point():
+            w = torch.ones(outputs.shape[0], *outputs.shape[2:])
+        else:
+            w = (targets != loss_fn.ignore_index).double()
+            if loss_fn.weight is not None:
+                w = w * loss_fn.weight[targets]
+        return (w / w.sum() if mean else w).unsqueeze(1).expand_as(outputs)
+    weight = getattr(loss_fn, "weight", None)
+    w = torch.ones_like(outputs) if weight is None else weight.expand_as(outputs)
+    return w / outputs.numel() if mean else w  # a term per output element
+
+
+def same_position(outputs: torch.Tensor, class_dim: int) -> torch.Tensor:
+    """(numel, numel) mask of flattened output pairs at the same position (all dims but `class_dim`)."""
+    shape = list(outputs.shape)
+    shape[class_dim] = 1
+    position = torch.arange(math.prod(shape)).reshape(shape).expand_as(outputs).reshape(-1)
+    return position[:, None] == position[None, :]
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(NLL_CASES))
+def test_fisher_columns_are_a_square_root_of_the_weighted_fisher(case: str) -> None:
+    """At each position, sum_k v_k v_k^T = w_i^2 H_i over its terms i, with H_i the unweighted Fisher
+    (the Hessian of the loss summed without weights; diag(p) for NLL on log-probabilities). Products
+    across positions do not count: the factors take each position's backpropagated columns apart."""
+    if case in NLL_CASES:
+        loss_fn, _, shape = NLL_CASES[case]
+        outputs, targets = torch.randn(*shape).log_softmax(1), make_targets("class", shape)
+        terms = torch.diag(outputs.exp().reshape(-1))
+    else:
+        loss_fn, shape, kind = CASES[case]
+        outputs, targets = torch.randn(*shape), make_targets(kind, shape)
+        terms = dense_output_hessian(type(loss_fn)(reduction="sum"), outputs, targets)
+    columns = loss_curvature(loss_fn).fisher_columns(outputs, targets)
+    assert columns.shape[1:] == outputs.shape
+    flat = columns.reshape(columns.shape[0], -1)
+    weights = term_weights(loss_fn, outputs, targets).reshape(-1, 1)
+    per_position = (flat.T @ flat) * same_position(outputs, 1 if case.startswith(("ce", "nll")) else -1)
+    torch.testing.assert_close(per_position, weights.square() * terms, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "targets"),
+    [
+        (nn.CrossEntropyLoss(), torch.tensor([0, 2, 1, 2])),
+        (
+            nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)),
+            torch.tensor([0, 2, 1, 2]),
+        ),
+        (nn.NLLLoss(), torch.tensor([0, 2, 1, 2])),
+        (nn.MSELoss(), torch.zeros(4, 3)),
+        (nn.BCEWithLogitsLoss(), torch.ones(4, 3)),
+    ],
+    ids=["ce", "ce-float64-weight", "nll", "mse", "bce"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_columns_and_products_keep_the_outputs_dtype(
+    loss_fn: nn.Module, targets: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """Under a float64 default dtype and with float64 class weights: 16- and 32-bit outputs get columns
+    and Hessian products of their own dtype (what autograd needs to backpropagate them)."""
+    outputs = torch.randn(4, 3).to(dtype)
+    targets = targets.to(dtype) if targets.is_floating_point() else targets
+    curvature = loss_curvature(loss_fn)
+    assert curvature.fisher_columns(outputs, targets).dtype == dtype
+    assert curvature.matvec(outputs, targets, torch.ones_like(outputs)).dtype == dtype
+
+
 @pytest.mark.parametrize(
     ("loss_fn", "message"),
     [
-        (nn.L1Loss(), r"loss_fn L1Loss is not supported \(supported: .*CrossEntropyLoss.*\); add it with "),
+        (
+            nn.L1Loss(),
+            r"loss_fn L1Loss is not supported \(supported: CrossEntropyLoss, NLLLoss, MSELoss, "
+            r"BCEWithLogitsLoss[,)].*; add it with ",
+        ),
         (nn.CrossEntropyLoss(reduction="none"), r"CrossEntropyLoss\(reduction='none'\) is not supported"),
         (F.cross_entropy, r"loss_fn must be a loss module such as nn\.CrossEntropyLoss\(\)"),
     ],
@@ -93,13 +202,21 @@ def test_register_loss_refuses_what_is_not_a_module_class() -> None:
 def test_terms_per_example_are_the_positions_outside_batch_and_class(
     loss_fn: nn.Module, shape: tuple[int, ...], terms: int
 ) -> None:
-    assert loss_curvature(loss_fn).terms_per_example(torch.zeros(shape)) == terms
+    counted = loss_curvature(loss_fn).terms_per_example(torch.zeros(shape))
+    assert counted == terms and type(counted) is int
 
 
 def test_bce_pos_weight_is_refused() -> None:
     fn = loss_curvature(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)))
-    with pytest.raises(ValueError, match="pos_weight"):
-        fn.matvec(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
+    outputs = torch.zeros(2, 3)
+    message = r"BCEWithLogitsLoss\(pos_weight=\.\.\.\) is not supported by the Fisher and GGN curvature"
+    for call in (
+        lambda: fn.matvec(outputs, outputs, torch.ones(2, 3)),
+        lambda: fn.fisher_columns(outputs, outputs),
+        lambda: fn.sample_targets(outputs, outputs, None),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 # ------------------------------------------------------------------------ sampled targets (MC)
@@ -139,6 +256,36 @@ def test_ignored_positions_stay_ignored_when_sampled() -> None:
 )
 def test_sampled_targets_are_refused_where_they_have_no_meaning(loss_fn: nn.Module) -> None:
     with pytest.raises(
-        ValueError, match=r"fisher_type='mc' with CrossEntropyLoss\(weight=... or label_smoothing"
+        ValueError,
+        match=r"fisher_type='mc' with CrossEntropyLoss\(weight=\.\.\. or label_smoothing=\.\.\.\) has no "
+        r"sampled-target form; use fisher_type='type-2' \(exact\) or 'empirical'",
     ):
         loss_curvature(loss_fn).sample_targets(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), None)
+
+
+def test_sampled_regression_and_binary_targets_follow_the_model() -> None:
+    """MSE: outputs + N(0, 1/2) (the gradient's covariance is then H = 2 I); BCE: Bernoulli(sigmoid)
+    draws. Detached from the graph, in the outputs' dtype (float32 under the float64 default),
+    repeatable from the generator."""
+    outputs = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float32).repeat(20_000, 1).requires_grad_()
+    for loss_fn in (nn.MSELoss(), nn.BCEWithLogitsLoss()):
+        curvature = loss_curvature(loss_fn)
+        sampled = curvature.sample_targets(outputs, outputs, torch.Generator().manual_seed(0))
+        again = curvature.sample_targets(outputs, outputs, torch.Generator().manual_seed(0))
+        assert torch.equal(sampled, again)
+        assert not sampled.requires_grad and sampled.dtype == outputs.dtype and sampled.shape == outputs.shape
+        if isinstance(loss_fn, nn.MSELoss):
+            noise = sampled - outputs.detach()
+            torch.testing.assert_close(noise.mean(0), torch.zeros(3, dtype=torch.float32), rtol=0, atol=0.025)
+            torch.testing.assert_close(
+                noise.var(0), torch.full((3,), 0.5, dtype=torch.float32), rtol=0, atol=0.025
+            )
+        else:
+            assert set(sampled.unique().tolist()) <= {0.0, 1.0}
+            torch.testing.assert_close(sampled.mean(0), outputs[0].detach().sigmoid(), rtol=0, atol=0.015)
+
+
+def test_sampled_binary_targets_are_refused_with_element_weights() -> None:
+    loss_fn = nn.BCEWithLogitsLoss(weight=torch.ones(3))
+    with pytest.raises(ValueError, match=r"BCEWithLogitsLoss\(weight=\.\.\.\) has no sampled-target form"):
+        loss_curvature(loss_fn).sample_targets(torch.zeros(2, 3), torch.zeros(2, 3), None)

@@ -55,10 +55,6 @@ class LossCurvature:
         """Columns v_k, stacked on a new dim 0, of the weighted Fisher square root."""
         raise NotImplementedError
 
-    def inner(self, outputs: Tensor, targets: Tensor, u: Tensor, w: Tensor) -> Tensor:
-        """u^T H w."""
-        return (u * self.matvec(outputs, targets, w)).sum()
-
     def terms_per_example(self, outputs: Tensor) -> int:
         """Loss terms (positions) per example: the output's size outside batch and class dims."""
         per_example = outputs[0].numel() if outputs.dim() > 1 else 1
