@@ -33,6 +33,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
         "race_seeds",
         "patch_sampling",
         "step_breakdown",
+        "per_step",
     )
     for name in names:
         module = sys.modules.get(name)
@@ -225,6 +226,48 @@ def test_race_exports_the_same_batches_to_every_optimizer(bench: dict[str, Modul
     first, again = race.batch_indices(work, 5, 0), race.batch_indices(work, 5, 0)
     assert first.shape == (5, work.batch_size) and (first == again).all()
     assert not (race.batch_indices(work, 5, 1) == first).all()
+
+
+def test_per_step_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """Tiny transformer: every run from the same start, evaluated every 3 steps, Adam the yardstick."""
+    argv = ["--quick", "--steps", "6", "--every", "3", "--out", str(tmp_path)]
+    result = bench["per_step"].main(argv)
+    saved = json.loads((tmp_path / "per_step.json").read_text())
+    assert saved["command"] == result["command"] and saved["steps"] == 6
+    (work,) = saved["workloads"]
+    assert [run["optimizer"] for run in work["runs"]] == ["adam", "kfac", "kfac-auto"]
+    assert len({run["losses"][0] for run in work["runs"]}) == 1  # same initialization
+    for run in work["runs"]:
+        assert len(run["losses"]) == 3 and all(math.isfinite(v) for v in run["losses"])
+        assert run["ms_per_step"] > 0
+    adam_row = work["summary"]["rows"][0]
+    assert work["summary"]["target"] == work["runs"][0]["losses"][-1]
+    assert adam_row["advantage"] == adam_row["cost_ratio"] == adam_row["time_ratio"] == 1.0
+    text = (tmp_path / "per_step.md").read_text()
+    assert "## transformer" in text and "| kfac-auto |" in text and "| step 6 |" in text
+
+
+def test_per_step_summary(bench: dict[str, ModuleType]) -> None:
+    """The best Adam run's last loss is the target; advantage, cost and time ratio follow from it."""
+    every = 10
+
+    def run(kind: str, lr: float, losses: list[float], ms: float) -> dict:
+        return {"optimizer": kind, "hparams": {"lr": lr}, "losses": losses, "ms_per_step": ms}
+
+    runs = [
+        run("adam", 1e-3, [9.0, 8.0, 7.0, 6.0, 5.5], 10.0),
+        run("adam", 3e-3, [9.0, 7.0, 6.0, 5.0, 4.0], 12.0),  # the best: target 4.0 at step 40
+        run("kfac", 0.1, [9.0, 5.0, 3.9, 3.0, 2.0], 36.0),  # at the target by step 20
+        run("kfac-auto", 0.0, [9.0, 8.0, 7.0, 6.0, 5.0], 50.0),  # never reaches it
+    ]
+    summary = bench["per_step"].summarize(runs, steps=40, every=every)
+    assert summary["target"] == 4.0 and summary["adam"] == {"lr": 3e-3} and summary["adam_steps"] == 40
+    rows = summary["rows"]
+    assert [r["steps_to_target"] for r in rows] == [None, 40, 20, None]
+    assert rows[2]["advantage"] == 2.0 and rows[2]["cost_ratio"] == 3.0 and rows[2]["time_ratio"] == 1.5
+    assert rows[1]["time_ratio"] == 1.0
+    assert rows[3]["advantage"] is None and rows[3]["time_ratio"] is None
+    assert rows[3]["cost_ratio"] == pytest.approx(50 / 12)
 
 
 def test_initial_damping_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
