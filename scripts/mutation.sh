@@ -15,7 +15,8 @@
 # `mutmut show NAME`, `mutmut run NAME...` (with the tests copied in again after changing them).
 # Needs `pip install mutmut` (3.x). Report of the last run: benchmarks/results/mutation.md, written by
 # scripts/mutation_report.py from the list and the survivors' verdicts (benchmarks/results/mutation-verdicts.tsv);
-# of calibration.py, lowrank.py and utils.py: benchmarks/results/mutation-calibration-lowrank-utils.md.
+# of calibration.py, lowrank.py and utils.py: benchmarks/results/mutation-calibration-lowrank-utils.md;
+# of losses.py and linalg.py: benchmarks/results/mutation-losses-linalg.md.
 set -euo pipefail
 
 MODULES=(

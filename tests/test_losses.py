@@ -209,7 +209,7 @@ def test_terms_per_example_are_the_positions_outside_batch_and_class(
 def test_bce_pos_weight_is_refused() -> None:
     fn = loss_curvature(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)))
     outputs = torch.zeros(2, 3)
-    message = r"BCEWithLogitsLoss\(pos_weight=\.\.\.\) is not supported by the Fisher and GGN curvature"
+    message = r"^BCEWithLogitsLoss\(pos_weight=\.\.\.\) is not supported by the Fisher and GGN curvature$"
     for call in (
         lambda: fn.matvec(outputs, outputs, torch.ones(2, 3)),
         lambda: fn.fisher_columns(outputs, outputs),
@@ -287,5 +287,9 @@ def test_sampled_regression_and_binary_targets_follow_the_model() -> None:
 
 def test_sampled_binary_targets_are_refused_with_element_weights() -> None:
     loss_fn = nn.BCEWithLogitsLoss(weight=torch.ones(3))
-    with pytest.raises(ValueError, match=r"BCEWithLogitsLoss\(weight=\.\.\.\) has no sampled-target form"):
+    message = (
+        r"^fisher_type='mc' with BCEWithLogitsLoss\(weight=\.\.\.\) has no sampled-target form; "
+        r"use fisher_type='type-2' or 'empirical'$"
+    )
+    with pytest.raises(ValueError, match=message):
         loss_curvature(loss_fn).sample_targets(torch.zeros(2, 3), torch.zeros(2, 3), None)
