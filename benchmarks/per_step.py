@@ -213,6 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train every run of every workload, summarize, write per_step.{json,md}."""
     args = parse_args(argv)
+    env = environment(torch.device("cpu"))
     jobs = [
         (name, kind, hparams)
         for name in args.workloads
@@ -223,7 +224,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs = list(pool.map(train, jobs, [args] * len(jobs)))
     else:
         runs = [train(job, args) for job in jobs]
-    env = environment(torch.device("cpu"))
     env["torch_threads"] = 1
     env["flush_denormal"] = True
     env["load_average_at_end"] = os.getloadavg()
