@@ -207,6 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps % args.every:
         parser.error(f"--steps ({args.steps}) must be a multiple of --every ({args.every})")
+    if args.grid is not None and not any(kind == "adam" for kind, _ in args.grid):
+        parser.error("--grid needs an adam run: the best Adam run's final loss is the target")
     return args
 
 

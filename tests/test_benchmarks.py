@@ -247,6 +247,17 @@ def test_per_step_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     assert "## transformer" in text and "| kfac-auto |" in text and "| step 6 |" in text
 
 
+def test_per_step_refuses_a_grid_without_adam(
+    bench: dict[str, ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench["per_step"].parse_args(["--grid", '[["kfac", {"lr": 0.1}]]'])
+    assert "--grid needs an adam run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench["per_step"].parse_args(["--steps", "25", "--every", "10"])
+    assert "must be a multiple of --every" in capsys.readouterr().err
+
+
 def test_per_step_summary(bench: dict[str, ModuleType]) -> None:
     """The best Adam run's last loss is the target; advantage, cost and time ratio follow from it."""
     every = 10
