@@ -31,12 +31,11 @@ from common import (
     command_line,
     environment,
     machine_line,
-    make_trainer,
     median,
     seeded,
     write_results,
 )
-from race import WORKLOADS, batch_indices, get_batch, make_workload
+from race import WORKLOADS, get_batch, prepare_run
 from race import parse_args as race_args
 from time_to_loss import evaluate
 
@@ -76,13 +75,9 @@ QUICK_GRID: list[tuple[str, dict[str, Any]]] = [
 def train(job: tuple[str, str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """One run of `args.steps` steps (in a worker process): held-out losses every `args.every` steps."""
     name, kind, hparams = job
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    work = make_workload(name, race_args(["--quick"] if args.quick else []))
-    with seeded(args.seed):
-        model = work.build()
-    trainer = make_trainer(kind, model, work.loss_fn, hparams)
-    indices = batch_indices(work, args.steps, args.seed)
+    work, model, trainer, indices = prepare_run(
+        name, kind, hparams, race_args(["--quick"] if args.quick else []), args.seed, args.steps
+    )
     losses = [evaluate(model, work.loss_fn, work.eval_set, 1000)]
     step_s: list[float] = []
     with seeded(args.seed):

@@ -39,6 +39,7 @@ from common import (
     FASHION_MNIST_DIR,
     RESULTS_DIR,
     TinyTransformerLM,
+    Trainer,
     autoencoder,
     class_ce,
     command_line,
@@ -194,15 +195,22 @@ def make_clock(kind: str) -> Callable[[], float]:
     return time.process_time if kind == "cpu" else time.perf_counter
 
 
-def train_torch(name: str, kind: str, hparams: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """One torch run of `kind` on workload `name` under the budget (runs in a worker process)."""
+def prepare_run(
+    name: str, kind: str, hparams: dict[str, Any], args: argparse.Namespace, seed: int, steps: int
+) -> tuple[RaceWorkload, nn.Module, Trainer, np.ndarray]:
+    """A worker's run as the race sets it up: one thread, flushed denormals, workload `name` (built
+    with the race's `args`), the model initialized from `seed`, its trainer and `steps` batches."""
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     work = make_workload(name, args)
-    with seeded(args.seed):
+    with seeded(seed):
         model = work.build()
-    trainer = make_trainer(kind, model, work.loss_fn, hparams)
-    indices = batch_indices(work, args.max_steps, args.seed)
+    return work, model, make_trainer(kind, model, work.loss_fn, hparams), batch_indices(work, steps, seed)
+
+
+def train_torch(name: str, kind: str, hparams: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One torch run of `kind` on workload `name` under the budget (runs in a worker process)."""
+    work, model, trainer, indices = prepare_run(name, kind, hparams, args, args.seed, args.max_steps)
     clock = make_clock(args.clock)
     curve: list[dict[str, float]] = []
     initial = evaluate(model, work.loss_fn, work.eval_set, args.eval_chunk)
