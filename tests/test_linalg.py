@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from torch_kfac.linalg import (
     cholesky_damped_inverse,
     damped_inverse,
-    grouped_damped_inverses,
-    newton_schulz_inverse,
     pi_adjustment,
     symmetric_eigh,
     triangular_inverse,
@@ -96,52 +92,6 @@ def test_cholesky_damped_inverse_flags_each_failure_without_raising() -> None:
     inverses, ok = cholesky_damped_inverse(torch.stack([good, bad]), torch.tensor(0.1))
     assert ok.tolist() == [True, False]
     torch.testing.assert_close(inverses[0], exact_inverse(good, 0.1), rtol=1e-12, atol=1e-13)
-
-
-def test_grouped_inverses_equal_one_call_per_matrix() -> None:
-    """Mixed sizes and per-group dampings (convolution groups); every result in its input's place."""
-    matrices = [spd(3, 0), spd(5, 1), spd(3, 2), spd(4, 3, batch=(2,)), spd(5, 4)]
-    dampings = [0.1, torch.tensor(0.2), 0.3, torch.tensor([0.5, 2.0]).reshape(2, 1, 1), 1e-3]
-    got = grouped_damped_inverses(matrices, dampings)
-    for matrix, damping, inverse in zip(matrices, dampings, got, strict=True):
-        torch.testing.assert_close(inverse, exact_inverse(matrix, damping), rtol=1e-11, atol=1e-12)
-    with pytest.raises(ValueError, match="2 matrices and 1 dampings"):
-        grouped_damped_inverses(matrices[:2], dampings[:1])
-
-
-def test_grouped_dampings_take_the_dtype_of_their_matrices() -> None:
-    """float64 factors in a float32 program: a damping given as a number is applied in float64."""
-    matrix = spd(4, 0)
-    expected = exact_inverse(matrix, 0.1)
-    torch.set_default_dtype(torch.float32)  # the float64 fixture restores its default afterwards
-    (inverse,) = grouped_damped_inverses([matrix], [0.1])
-    torch.testing.assert_close(inverse, expected, rtol=1e-13, atol=0)
-
-
-def test_newton_schulz_converges_quadratically_from_the_previous_inverse() -> None:
-    """From the inverse of a running average before one more fold: residual r -> r^2 per iteration."""
-    old, batch = spd(30, 0), spd(30, 1)
-    new = 0.95 * old + 0.05 * batch
-    exact = exact_inverse(new, 0.3)
-    start = exact_inverse(old, 0.3)
-    errors, bounds = [], []
-    for iterations in (1, 2, 3, 4, 5):
-        inverse, bound = newton_schulz_inverse(new, 0.3, start, iterations)
-        residual = torch.linalg.matrix_norm(torch.eye(30) - (new + 0.3 * torch.eye(30)) @ inverse) / 30**0.5
-        assert residual <= bound + 1e-14  # the bound, up to rounding
-        errors.append(float(torch.linalg.matrix_norm(inverse - exact) / torch.linalg.matrix_norm(exact)))
-        bounds.append(float(bound))
-    errors.insert(0, float(torch.linalg.matrix_norm(start - exact) / torch.linalg.matrix_norm(exact)))
-    assert 1e-2 < errors[0] < 0.5
-    assert all(after < 5 * before**2 for before, after in itertools.pairwise(errors[:4])), errors  # quadratic
-    assert errors[-1] < 1e-12
-    assert all(after < before for before, after in itertools.pairwise(bounds[:4])) and bounds[0] < 0.1
-    single, _ = newton_schulz_inverse(new.float(), 0.3, start.float())
-    assert single.dtype == torch.float32  # its own dtype, not the default
-    double, _ = newton_schulz_inverse(new, 0.3, start, 2)  # the default number of iterations
-    assert torch.linalg.matrix_norm(single.double() - double) / torch.linalg.matrix_norm(double) < 1e-6
-    with pytest.raises(ValueError, match="iterations"):
-        newton_schulz_inverse(new, 0.03, start, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

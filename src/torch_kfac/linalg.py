@@ -6,9 +6,6 @@ block that is block-diagonal over convolution groups is handled in one call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -116,55 +113,3 @@ def triangular_inverse(chol: Tensor) -> Tensor:
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
     inverse_factor = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
     return inverse_factor.mT @ inverse_factor
-
-
-def grouped_damped_inverses(matrices: Sequence[Tensor], dampings: Sequence[Tensor | float]) -> list[Tensor]:
-    """`damped_inverse` of many matrices, one batched call per group of equal shape, dtype and device.
-
-    A group's matrices are stacked along a new leading dimension, so k factors of one size cost one
-    factorisation call instead of k (on a GPU, one kernel launch per step of the factorisation).
-    """
-    if len(matrices) != len(dampings):
-        raise ValueError(f"got {len(matrices)} matrices and {len(dampings)} dampings")
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, matrix in enumerate(matrices):
-        groups.setdefault((matrix.shape, matrix.dtype, matrix.device), []).append(i)
-    inverses: list[Tensor] = list(matrices)
-    for members in groups.values():
-        stacked = torch.stack([matrices[i] for i in members])
-        shifts = torch.stack(
-            [
-                torch.as_tensor(dampings[i], dtype=stacked.dtype, device=stacked.device).expand(
-                    *stacked.shape[1:-2], 1, 1
-                )
-                for i in members
-            ]
-        )
-        for i, inverse in zip(members, damped_inverse(stacked, shifts), strict=True):
-            inverses[i] = inverse
-    return inverses
-
-
-def newton_schulz_inverse(
-    matrix: Tensor, damping: Tensor | float, start: Tensor, iterations: int = 2
-) -> tuple[Tensor, Tensor]:
-    """Refine an approximate inverse X of D = M + damping I by Newton-Schulz: X <- X (2 I - D X).
-
-    With the residual R = I - D X, one iteration gives X (I + R), whose residual is R^2: the
-    error falls quadratically once ||R|| < 1, e.g. from the previous inverse of a running
-    average that changed little. Two matrix products per iteration, no factorisation, so on a GPU
-    it is far cheaper than a Cholesky or eigendecomposition. Returns the last iterate and a bound
-    on its relative residual ||I - D X||_F / sqrt(n) (per matrix, no host synchronisation); the
-    iteration diverges where the bound is not below 1 (keep the start or factorise instead).
-    """
-    if iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    target = add_to_diagonal(matrix, damping)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    x = start
-    for _ in range(iterations):
-        residual = eye - target @ x
-        x = x + x @ residual
-    # ||R^2||_F <= ||R||_F^2: a bound on the final residual without another product.
-    bound = torch.linalg.matrix_norm(residual).square() / matrix.shape[-1] ** 0.5
-    return x, bound
