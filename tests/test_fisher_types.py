@@ -74,9 +74,21 @@ def test_type2_of_the_output_layer_is_the_mean_output_hessian() -> None:
     torch.testing.assert_close(g, torch.stack(per_example).mean(0), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+#: Losses whose sampled labels weigh each position as the loss does (`LossCurvature.sampled_loss`).
+WEIGHTED_LOSSES = {
+    "ce-weight-smooth": (
+        lambda: nn.CrossEntropyLoss(
+            weight=torch.tensor([0.5, 2.0, 1.0]), label_smoothing=0.2, ignore_index=1
+        ),
+        LOSSES["ce"][1],
+    ),
+    "bce-weight": (lambda: nn.BCEWithLogitsLoss(weight=torch.tensor([0.5, 2.0, 1.0])), LOSSES["bce"][1]),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES) + list(WEIGHTED_LOSSES))
 def test_mc_fisher_converges_to_type2(loss: str) -> None:
-    make, target = LOSSES[loss]
+    make, target = {**LOSSES, **WEIGHTED_LOSSES}[loss]
     loss_fn = make()
     x = make_data(n=6)[0]
     y = target(6, torch.Generator().manual_seed(2))
@@ -190,7 +202,7 @@ def test_invalid_fisher_options(kwargs: dict, message: str) -> None:
         KFACPreconditioner(make_mlp(), **kwargs)
 
 
-def test_mc_needs_the_batch_and_refuses_explicit_tracking_and_weights() -> None:
+def test_mc_needs_the_batch_and_refuses_explicit_tracking() -> None:
     model = make_mlp()
     pre = KFACPreconditioner(model, fisher_type="mc", loss_fn=nn.CrossEntropyLoss())
     x, y = make_data()
@@ -199,11 +211,6 @@ def test_mc_needs_the_batch_and_refuses_explicit_tracking_and_weights() -> None:
         pre.step()
     with pytest.raises(ValueError, match="tracking"):
         pre.track_forward()
-    weighted = KFACPreconditioner(
-        make_mlp(), fisher_type="mc", loss_fn=nn.CrossEntropyLoss(weight=torch.ones(3))
-    )
-    with pytest.raises(ValueError, match="type-2"):
-        weighted.step(batch=(x, y))
 
 
 def _recording_labels(pre: KFACPreconditioner) -> list[Tensor]:

@@ -22,6 +22,7 @@ def dense_output_hessian(loss_fn: nn.Module, outputs: torch.Tensor, targets: tor
     return hessian(lambda o: loss_fn(o.reshape(shape), targets))(outputs.reshape(-1))
 
 
+CLASS_WEIGHT = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
 CASES = {
     "ce-mean": (nn.CrossEntropyLoss(), (6, 4), "class"),
     "ce-sum": (nn.CrossEntropyLoss(reduction="sum"), (6, 4), "class"),
@@ -33,7 +34,28 @@ CASES = {
         "class",
     ),
     "ce-smooth": (nn.CrossEntropyLoss(label_smoothing=0.1), (6, 4), "class"),
+    # Class weights with label smoothing: the smoothed part weighs every class.
+    "ce-weight-smooth": (nn.CrossEntropyLoss(weight=CLASS_WEIGHT, label_smoothing=0.2), (6, 4), "class"),
+    "ce-seq-weight-smooth-ignore-sum": (
+        nn.CrossEntropyLoss(weight=CLASS_WEIGHT, label_smoothing=0.2, ignore_index=1, reduction="sum"),
+        (3, 4, 5),
+        "class",
+    ),
     "ce-probs": (nn.CrossEntropyLoss(), (6, 4), "probs"),
+    # Probability targets: class weights and smoothing act on them; 'mean' counts positions.
+    "ce-probs-weight": (nn.CrossEntropyLoss(weight=CLASS_WEIGHT), (6, 4), "probs"),
+    "ce-probs-weight-smooth": (
+        nn.CrossEntropyLoss(weight=CLASS_WEIGHT, label_smoothing=0.2),
+        (6, 4),
+        "probs",
+    ),
+    "ce-seq-probs-weight-sum": (
+        nn.CrossEntropyLoss(weight=CLASS_WEIGHT, reduction="sum"),
+        (3, 4, 5),
+        "probs",
+    ),
+    # Soft targets that do not sum to 1 scale each position's Hessian by their sum.
+    "ce-mass": (nn.CrossEntropyLoss(), (6, 4), "mass"),
     "mse-mean": (nn.MSELoss(), (6, 3), "real"),
     "mse-sum": (nn.MSELoss(reduction="sum"), (6, 3), "real"),
     "bce-mean": (nn.BCEWithLogitsLoss(), (6, 3), "binary"),
@@ -66,6 +88,8 @@ def make_targets(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randint(0, shape[1], (shape[0], *shape[2:]))
     if kind == "probs":
         return torch.rand(*shape).softmax(1)
+    if kind == "mass":
+        return 2 * torch.rand(*shape)
     if kind == "binary":
         return torch.randint(0, 2, shape).double()
     return torch.randn(*shape)
@@ -94,20 +118,28 @@ def test_nll_matvec_through_log_softmax_is_the_cross_entropy_hessian(case: str) 
     torch.testing.assert_close(ggn_u.reshape(-1), dense @ u.reshape(-1), rtol=1e-10, atol=1e-12)
 
 
+def unit_hessian(loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The Hessian of the loss summed over its terms without weights (per term: diag(p) - p p^T,
+    2 I, s (1 - s)); it does not depend on class-index targets, which stand in for soft ones."""
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        index = targets.argmax(1) if targets.is_floating_point() else targets.clamp(min=0)
+        return dense_output_hessian(nn.CrossEntropyLoss(reduction="sum"), outputs, index)
+    return dense_output_hessian(type(loss_fn)(reduction="sum"), outputs, targets)
+
+
 def term_weights(loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each loss term's weight w_i in the reduced loss, repeated over the term's outputs."""
-    mean = loss_fn.reduction == "mean"
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):  # a term per (example, position)
-        if targets.is_floating_point():
-            w = torch.ones(outputs.shape[0], *outputs.shape[2:])
-        else:
-            w = (targets != loss_fn.ignore_index).double()
-            if loss_fn.weight is not None:
-                w = w * loss_fn.weight[targets]
-        return (w / w.sum() if mean else w).unsqueeze(1).expand_as(outputs)
-    weight = getattr(loss_fn, "weight", None)
-    w = torch.ones_like(outputs) if weight is None else weight.expand_as(outputs)
-    return w / outputs.numel() if mean else w  # a term per output element
+    """Each loss term's weight w_i in the reduced loss, repeated over the term's outputs: the trace of
+    the loss's own output Hessian over that of `unit_hessian`, per term (a position's classes for
+    the categorical losses, where NLL's weights are those of the cross-entropy of its options)."""
+    if isinstance(loss_fn, nn.NLLLoss):
+        loss_fn = nn.CrossEntropyLoss(
+            weight=loss_fn.weight, ignore_index=loss_fn.ignore_index, reduction=loss_fn.reduction
+        )
+    own = dense_output_hessian(loss_fn, outputs, targets).diagonal().reshape(outputs.shape)
+    unit = unit_hessian(loss_fn, outputs, targets).diagonal().reshape(outputs.shape)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):  # a term per (example, position)
+        return (own.sum(1, keepdim=True) / unit.sum(1, keepdim=True)).expand_as(outputs)
+    return own / unit  # a term per output element
 
 
 def same_position(outputs: torch.Tensor, class_dim: int) -> torch.Tensor:
@@ -130,7 +162,7 @@ def test_fisher_columns_are_a_square_root_of_the_weighted_fisher(case: str) -> N
     else:
         loss_fn, shape, kind = CASES[case]
         outputs, targets = torch.randn(*shape), make_targets(kind, shape)
-        terms = dense_output_hessian(type(loss_fn)(reduction="sum"), outputs, targets)
+        terms = unit_hessian(loss_fn, outputs, targets)
     columns = loss_curvature(loss_fn).fisher_columns(outputs, targets)
     assert columns.shape[1:] == outputs.shape
     flat = columns.reshape(columns.shape[0], -1)
@@ -246,21 +278,52 @@ def test_ignored_positions_stay_ignored_when_sampled() -> None:
     assert torch.equal(sampled, torch.where(targets == -100, targets, labels))
 
 
-@pytest.mark.parametrize(
-    "loss_fn",
-    [
-        nn.CrossEntropyLoss(label_smoothing=0.1),
-        nn.CrossEntropyLoss(weight=torch.ones(5, dtype=torch.float64)),
-    ],
-    ids=["label-smoothing", "weight"],
-)
-def test_sampled_targets_are_refused_where_they_have_no_meaning(loss_fn: nn.Module) -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"fisher_type='mc' with CrossEntropyLoss\(weight=\.\.\. or label_smoothing=\.\.\.\) has no "
-        r"sampled-target form; use fisher_type='type-2' \(exact\) or 'empirical'",
-    ):
-        loss_curvature(loss_fn).sample_targets(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), None)
+def _every_draw(loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> list[tuple]:
+    """(probability per output, sampled targets) for each value a draw can take at every position
+    at once: class k (ignored positions kept) or a 0/1 label."""
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        s = outputs.sigmoid()
+        return [(s, torch.ones_like(outputs)), (1 - s, torch.zeros_like(outputs))]
+    probs = outputs.exp() if isinstance(loss_fn, nn.NLLLoss) else outputs.softmax(1)
+    draws = []
+    for k in range(outputs.shape[1]):
+        index = torch.full(outputs.shape[:1] + outputs.shape[2:], k)
+        if not targets.is_floating_point():
+            index = torch.where(targets == loss_fn.ignore_index, targets, index)
+        draws.append((probs.select(1, k).unsqueeze(1).expand_as(outputs), index))
+    return draws
+
+
+SAMPLED_CASES = [c for c in CASES if not c.startswith("mse")] + list(NLL_CASES)
+
+
+@pytest.mark.parametrize("case", SAMPLED_CASES)
+def test_sampled_loss_gradients_have_the_weighted_fisher_as_second_moment(case: str) -> None:
+    """The MC Fisher's sample: with targets drawn by `sample_targets`, the gradient v of `sampled_loss`
+    in the outputs has E[v v^T] = w_i^2 H_i at each position, as the type-2 columns (class weights,
+    label smoothing, probability targets and ignored positions included). The expectation is exact:
+    a position's block of v depends on its own draw only, so it sums over the values of one draw."""
+    if case in NLL_CASES:
+        loss_fn, _, shape = NLL_CASES[case]
+        outputs, targets = torch.randn(*shape).log_softmax(1), make_targets("class", shape)
+        terms = torch.diag(outputs.exp().reshape(-1))
+    else:
+        loss_fn, shape, kind = CASES[case]
+        outputs, targets = torch.randn(*shape), make_targets(kind, shape)
+        terms = unit_hessian(loss_fn, outputs, targets)
+    curvature = loss_curvature(loss_fn)
+    # A position: an example's classes for the categorical losses, one output for BCE (whose
+    # outputs are drawn independently, all at once here, so only their own squares are exact).
+    categorical = case.startswith(("ce", "nll"))
+    mask = same_position(outputs, 1) if categorical else torch.eye(outputs.numel(), dtype=torch.bool)
+    second_moment = torch.zeros(outputs.numel(), outputs.numel())
+    for prob, sampled in _every_draw(loss_fn, outputs, targets):
+        logits = outputs.clone().requires_grad_()
+        (v,) = torch.autograd.grad(curvature.sampled_loss(logits, targets, sampled), logits)
+        # The draw's probability at a position weighs that position's block of v v^T.
+        second_moment += (prob.reshape(-1, 1) * v.reshape(-1, 1) * v.reshape(1, -1)) * mask
+    weights = term_weights(loss_fn, outputs, targets).reshape(-1, 1)
+    torch.testing.assert_close(second_moment, weights.square() * terms * mask, rtol=1e-10, atol=1e-13)
 
 
 def test_sampled_regression_and_binary_targets_follow_the_model() -> None:
@@ -283,13 +346,3 @@ def test_sampled_regression_and_binary_targets_follow_the_model() -> None:
         else:
             assert set(sampled.unique().tolist()) <= {0.0, 1.0}
             torch.testing.assert_close(sampled.mean(0), outputs[0].detach().sigmoid(), rtol=0, atol=0.015)
-
-
-def test_sampled_binary_targets_are_refused_with_element_weights() -> None:
-    loss_fn = nn.BCEWithLogitsLoss(weight=torch.ones(3))
-    message = (
-        r"^fisher_type='mc' with BCEWithLogitsLoss\(weight=\.\.\.\) has no sampled-target form; "
-        r"use fisher_type='type-2' or 'empirical'$"
-    )
-    with pytest.raises(ValueError, match=message):
-        loss_curvature(loss_fn).sample_targets(torch.zeros(2, 3), torch.zeros(2, 3), None)

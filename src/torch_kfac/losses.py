@@ -8,7 +8,10 @@ a sequence; w_i = 1/count for a mean), `LossCurvature` provides
   weighted by w (for these losses the Hessian of L with respect to the outputs, so
   (J v)^T H (J w) is the generalised Gauss-Newton product used by the quadratic model);
 * `sample_targets(outputs, targets, generator)`: targets drawn from the predictive distribution,
-  for the Monte-Carlo Fisher (the gradient of `loss_fn` on them is a sample of the Fisher);
+  for the Monte-Carlo Fisher, and `sampled_loss(outputs, targets, sampled)`, whose gradient in the
+  outputs is then a sample of the weighted Fisher (`loss_fn` on the drawn targets by default; the
+  terms weighted by w_i explicitly where `loss_fn`'s own gradient on them is not one: class
+  weights, label smoothing);
 * `fisher_columns(outputs, targets)`: vectors v_k, shaped like the outputs, with
   sum_k v_k v_k^T = sum_i w_i^2 H_i: backpropagating each gives the exact (type-2) Fisher in the
   same scaling as backpropagating the gradient of L (the empirical and MC Fisher).
@@ -22,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 def _reduction(loss_fn: nn.Module) -> str:
@@ -51,6 +55,11 @@ class LossCurvature:
         """Targets drawn from the model's predictive distribution."""
         raise NotImplementedError
 
+    def sampled_loss(self, outputs: Tensor, targets: Tensor, sampled: Tensor) -> Tensor:
+        """A scalar whose gradient v in the outputs, for targets `sampled` by `sample_targets`, has
+        E[v v^T] = sum_i w_i^2 H_i per term (as `fisher_columns`): here `loss_fn(outputs, sampled)`."""
+        return self.loss_fn(outputs, sampled)
+
     def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Columns v_k, stacked on a new dim 0, of the weighted Fisher square root."""
         raise NotImplementedError
@@ -70,27 +79,45 @@ class _CategoricalBase(LossCurvature):
     class_dim = 1
 
     def _weights(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-position weight w_i of the reduced loss (shape of the outputs without dim 1)."""
+        """Per-position weight w_i of the reduced loss (shape of the outputs without dim 1).
+
+        Position i's loss is sum_c a_ic (-log p_ic), whose Hessian in the logits is
+        (sum_c a_ic) (diag(p_i) - p_i p_i^T), so w_i = sum_c a_ic over the normaliser of 'mean'
+        (as `F.cross_entropy` computes them): a_ic = w_c t_ic with class weights w (1 without)
+        and targets t (one-hot for class indices), label smoothing eps taking t to
+        (1 - eps) t + eps / C. 'mean' divides by the number of positions for probability
+        targets, by the summed class weights of the valid positions' targets for indices.
+        """
         loss_fn = self.loss_fn
-        if targets.is_floating_point():  # class probabilities: every position counts once
-            weight = torch.ones_like(outputs.select(1, 0))
+        classes = outputs.shape[1]
+        smoothing = float(getattr(loss_fn, "label_smoothing", 0.0))
+        class_weight = getattr(loss_fn, "weight", None)
+        class_weight = None if class_weight is None else class_weight.to(outputs.dtype)
+        if targets.is_floating_point():  # class probabilities
+            probs = targets.to(outputs.dtype)
+            if smoothing:
+                probs = probs * (1.0 - smoothing) + smoothing / classes
+            if class_weight is not None:
+                probs = probs * class_weight.reshape((1, classes) + (1,) * (probs.dim() - 2))
+            weight = probs.sum(1)
+            return weight / weight.numel() if self.reduction == "mean" else weight
+        valid = targets != loss_fn.ignore_index  # type: ignore[union-attr]
+        if class_weight is None:
+            target_weight = valid.to(outputs.dtype)
+            smoothed = target_weight  # (1 - eps) + eps / C * C = 1 per valid position
         else:
-            valid = targets != loss_fn.ignore_index  # type: ignore[union-attr]
-            weight = valid.to(outputs.dtype)
-            if loss_fn.weight is not None:  # type: ignore[union-attr]
-                weight = weight * loss_fn.weight.to(outputs.dtype)[targets.clamp(min=0) * valid]  # type: ignore[union-attr]
-        return weight / weight.sum() if self.reduction == "mean" else weight
+            target_weight = class_weight[targets.clamp(min=0) * valid] * valid
+            smoothed = ((1.0 - smoothing) * target_weight + smoothing / classes * class_weight.sum()) * valid
+        return smoothed / target_weight.sum() if self.reduction == "mean" else smoothed
 
     def _probs(self, outputs: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _log_probs(self, outputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
         """Class indices sampled per position; ignored positions stay ignored."""
-        if getattr(self.loss_fn, "label_smoothing", 0.0) or getattr(self.loss_fn, "weight", None) is not None:
-            raise ValueError(
-                f"fisher_type='mc' with {type(self.loss_fn).__name__}(weight=... or label_smoothing=...) "
-                "has no sampled-target form; use fisher_type='type-2' (exact) or 'empirical'"
-            )
         probs = self._probs(outputs).detach().movedim(1, -1)
         flat = probs.reshape(-1, probs.shape[-1])
         sampled = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
@@ -98,16 +125,40 @@ class _CategoricalBase(LossCurvature):
             sampled = torch.where(targets == self.loss_fn.ignore_index, targets, sampled)  # type: ignore[union-attr]
         return sampled
 
+    def sampled_loss(self, outputs: Tensor, targets: Tensor, sampled: Tensor) -> Tensor:
+        """sum_i w_i (-log p_i[sampled_i]), with the true targets' weights w_i: the gradient
+        w_i (p_i - e_sampled) at each position has E[v v^T] = w_i^2 H_i. `loss_fn` itself where it
+        computes that sum, that is without class weights, label smoothing, probability targets
+        and an `ignore_index` that is a class: it would weigh the drawn class, smooth it, drop
+        the targets' weights or ignore a drawn label equal to `ignore_index`."""
+        loss_fn, classes = self.loss_fn, outputs.shape[1]
+        ignore_index = loss_fn.ignore_index  # type: ignore[union-attr]
+        smoothing, class_weight = getattr(loss_fn, "label_smoothing", 0.0), getattr(loss_fn, "weight", None)
+        if not (
+            smoothing
+            or class_weight is not None
+            or targets.is_floating_point()
+            or 0 <= ignore_index < classes
+        ):
+            return loss_fn(outputs, sampled)
+        # Ignored positions (weight 0) keep ignore_index as their draw, perhaps not a class index.
+        index = sampled.clamp(0, classes - 1).unsqueeze(1)
+        picked = self._log_probs(outputs).gather(1, index).squeeze(1)
+        return -(self._weights(outputs, targets).detach() * picked).sum()
+
 
 class CrossEntropyCurvature(_CategoricalBase):
     """Softmax cross-entropy on logits: per position H = diag(p) - p p^T.
 
-    Label smoothing leaves H unchanged (the loss is linear in the target distribution); class
-    weights scale each position by its weight; `ignore_index` positions contribute nothing.
+    The loss is linear in the target distribution, so targets, class weights and label smoothing
+    only scale each position's H (see `_weights`); `ignore_index` positions contribute nothing.
     """
 
     def _probs(self, outputs: Tensor) -> Tensor:
         return outputs.softmax(dim=1)
+
+    def _log_probs(self, outputs: Tensor) -> Tensor:
+        return outputs.log_softmax(dim=1)
 
     def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         """(diag(p) - p p^T) u per position, times the reduction's weights."""
@@ -135,6 +186,9 @@ class NLLCurvature(_CategoricalBase):
 
     def _probs(self, outputs: Tensor) -> Tensor:
         return outputs.exp()
+
+    def _log_probs(self, outputs: Tensor) -> Tensor:
+        return outputs
 
     def matvec(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         """p * u per position, times the reduction's weights."""
@@ -189,12 +243,15 @@ class BCEWithLogitsCurvature(LossCurvature):
     def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
         """Bernoulli draws with probability sigmoid(output)."""
         self._check()
-        if getattr(self.loss_fn, "weight", None) is not None:
-            raise ValueError(
-                "fisher_type='mc' with BCEWithLogitsLoss(weight=...) has no sampled-target form; "
-                "use fisher_type='type-2' or 'empirical'"
-            )
         return torch.bernoulli(outputs.detach().sigmoid(), generator=generator)
+
+    def sampled_loss(self, outputs: Tensor, targets: Tensor, sampled: Tensor) -> Tensor:
+        """sum_e w_e BCE(output_e, sampled_e): the gradient w_e (s_e - sampled_e) has variance
+        w_e^2 s_e (1 - s_e) (`loss_fn` itself without element weights)."""
+        if getattr(self.loss_fn, "weight", None) is None:
+            return self.loss_fn(outputs, sampled)
+        terms = F.binary_cross_entropy_with_logits(outputs, sampled, reduction="none")
+        return (self._element_weights(outputs) * terms).sum()
 
     def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """sqrt(s (1 - s)) w e_k for each feature k of the last dim."""

@@ -301,7 +301,7 @@ class KFACPreconditioner:
                         sampled = self.distributed.sample_targets(sample, outputs, targets, generator)
                     else:
                         sampled = self.loss_curvature.sample_targets(outputs, targets, generator)
-                    loss = self.loss_fn(outputs, sampled)
+                    loss = self.loss_curvature.sampled_loss(outputs, targets, sampled)
                     torch.autograd.grad(
                         loss, layer_outputs, retain_graph=i + 1 < self.options.mc_samples, allow_unused=True
                     )
