@@ -65,6 +65,39 @@ def train_preset(
 STEPS = 100
 
 
+@pytest.mark.parametrize(
+    ("model_fn", "loss_fn"),
+    [
+        (
+            lambda: nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3)),
+            nn.CrossEntropyLoss(),
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Linear(32, 3)),
+            nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1),
+        ),
+    ],
+    ids=["dropout", "class-weights-label-smoothing"],
+)
+def test_preset_takes_common_training_setups(model_fn: Callable[[], nn.Module], loss_fn: nn.Module) -> None:
+    """A dropout layer (the quadratic model's forward-mode pass draws its mask) and a weighted,
+    smoothed cross-entropy (the MC Fisher's labels weighed as the loss does) train with the preset:
+    every step moves and the loss falls."""
+    torch.manual_seed(0)
+    model, x = model_fn(), torch.randn(64, 5)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    opt = presets.adaptive(model, loss_fn)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step(loss=loss, batch=(x, y))
+        losses.append(loss.item())
+        assert float(opt.last_stats["update_norm"]) > 0
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 @pytest.mark.parametrize("case", list(test_models.CASES))
 def test_preset_trains_every_model_below_tuned_adam(case: str) -> None:
     """No number chosen: the preset ends below Adam's best learning rate after the same steps."""

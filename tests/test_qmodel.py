@@ -258,3 +258,40 @@ def test_gram_through_fused_attention() -> None:
     torch.testing.assert_close(
         gram[0, 0], v @ dense_ggn(model, nn.MSELoss(), x, y) @ v, rtol=1e-8, atol=1e-10
     )
+
+
+def test_gram_of_a_model_with_dropout_uses_one_mask_for_every_direction() -> None:
+    """Dropout in training mode: the forward-mode pass draws one mask, the one a plain forward pass
+    draws from the same random state, for the outputs and both directions, so the Gram matrix is
+    that of the network with that mask (checked against the dense GGN with the mask fixed)."""
+
+    class Masked(nn.Module):
+        def __init__(self, scale: torch.Tensor) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+    x, y = make_data(n=6)
+    masks = []
+    model[1].register_forward_hook(lambda m, inp, out: masks.append(out / inp[0]))
+    torch.manual_seed(7)
+    expected_outputs = model(x).detach()
+    scale = masks[0].detach()
+    assert 0 < int((scale == 0).sum()) < scale.numel()  # a mask that drops some units
+    reference = nn.Sequential(model[0], Masked(scale), model[2], model[3])
+    names = [n for n, _ in model.named_parameters()]
+    directions = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    curvature = ExactCurvature(model, nn.CrossEntropyLoss())
+    torch.manual_seed(7)
+    outputs, _ = curvature.output_directions(x, directions)
+    torch.testing.assert_close(outputs, expected_outputs, rtol=1e-12, atol=1e-14)
+    torch.manual_seed(7)
+    gram = curvature.gram(x, y, directions)
+    v = torch.stack([flat(d, names) for d in directions])
+    torch.testing.assert_close(
+        gram, v @ dense_ggn(reference, nn.CrossEntropyLoss(), x, y) @ v.T, rtol=1e-10, atol=1e-12
+    )

@@ -65,8 +65,10 @@ class ExactCurvature:
             torch.stack([d[n] if n in d else torch.zeros_like(params[n]) for d in directions]) for n in names
         )
         # The math attention kernel: the fused CPU/GPU ones have no forward-mode derivative.
+        # randomness='same': one dropout mask (drawn as a plain forward pass draws it) for the
+        # outputs and every direction, so the products are those of one network.
         with sdpa_kernel(SDPBackend.MATH):
-            outputs, jvps = vmap(lambda *tans: jvp(outputs_of, primals, tans))(*tangents)
+            outputs, jvps = vmap(lambda *tans: jvp(outputs_of, primals, tans), randomness="same")(*tangents)
         return outputs[0], list(jvps.unbind(0))
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
