@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.conftest import make_data
-from torch_kfac import KFAC, KFACPreconditioner
+from torch_kfac import KFAC, KFACPreconditioner, presets
+from torch_kfac.qmodel import ExactCurvature, dot
 
 SCALE = 2.0**12
 
@@ -201,6 +202,43 @@ def test_a_16_bit_model_trains_with_float32_factors(dtype: torch.dtype) -> None:
     state = opt.preconditioner.blocks["0"].state
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
     assert opt.damping.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_preset_trains_a_16_bit_model(dtype: torch.dtype) -> None:
+    """presets.adaptive on a 16-bit model: the calibration's curvature, the quadratic model's products
+    and its inner products run in float32 (pinv has no 16-bit kernel), the step stays 16-bit."""
+    model = mlp(dtype)
+    opt = presets.adaptive(model, nn.CrossEntropyLoss())
+    x, y = batches(1)[0]
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x.to(dtype)), y)
+        loss.backward()
+        opt.step(loss=loss, batch=(x.to(dtype), y))
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert {v.dtype for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)} == {dtype}
+    assert opt.damping.dtype == torch.float32 and torch.isfinite(opt.last_stats["learning_rate"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_quadratic_model_of_a_16_bit_model_is_reduced_in_float32(dtype: torch.dtype) -> None:
+    """Its Gram matrix and inner products come back in float32, close to those of the same weights
+    in float64 (the 16-bit forward-mode pass rounds, the sums do not lose the small terms)."""
+    low, exact = mlp(dtype), mlp(dtype).double()
+    x, y = batches(1)[0]
+    directions = [{n: torch.randn(p.shape).to(dtype) for n, p in low.named_parameters()} for _ in range(2)]
+    gram = ExactCurvature(low, nn.CrossEntropyLoss()).gram(x.to(dtype), y, directions)
+    wide = [{n: v.double() for n, v in d.items()} for d in directions]
+    reference = ExactCurvature(exact, nn.CrossEntropyLoss()).gram(x.double(), y, wide)
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram.double(), reference, rtol=0.05, atol=0.02 * reference.abs().max().item())
+    inner = dot(directions[0], directions[1])
+    assert inner.dtype == torch.float32
+    torch.testing.assert_close(inner.double(), dot(wide[0], wide[1]), rtol=1e-6, atol=1e-6)
 
 
 def test_factor_dtype_option() -> None:

@@ -693,8 +693,10 @@ class KFACPreconditioner:
                 self.examples = 0
                 return None
             self.taken = None
-        if calibrating:  # torch_kfac.calibration
-            self.calibrate(initial_damping(self.blocks, mats))
+        if calibrating:  # torch_kfac.calibration, in the factors' dtype (16-bit models: float32)
+            self.calibrate(
+                initial_damping(self.blocks, {n: m.to(self.damping.dtype) for n, m in mats.items()})
+            )
         return mats
 
     def _follow_model(self) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from torch_kfac.linalg import solver_dtype
 from torch_kfac.losses import loss_curvature
 from torch_kfac.utils import as_args, leading_examples
 
@@ -84,6 +85,9 @@ class ExactCurvature:
     def _gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
         """The Gram matrix on the whole of the given batch."""
         outputs, jvps = self.output_directions(inputs, directions)
+        # A 16-bit model's products are reduced in float32 (LAPACK solves the small system there).
+        dtype = solver_dtype(outputs.dtype)
+        outputs, jvps = outputs.to(dtype), [j.to(dtype) for j in jvps]
         k = len(directions)
         gram = outputs.new_zeros(k, k)
         for i in range(k):
@@ -94,8 +98,10 @@ class ExactCurvature:
 
 
 def dot(u: dict[Any, Tensor], v: dict[Any, Tensor]) -> Tensor:
-    """Inner product of two direction dicts over their shared keys."""
-    terms = [(u[k] * v[k]).sum() for k in u if k in v]
+    """Inner product of two direction dicts over their shared keys (16-bit tensors in float32)."""
+    terms = [
+        (u[k].to(solver_dtype(u[k].dtype)) * v[k].to(solver_dtype(v[k].dtype))).sum() for k in u if k in v
+    ]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
