@@ -65,6 +65,33 @@ def train_preset(
 STEPS = 100
 
 
+def test_preset_slices_dict_inputs_larger_than_its_sub_batches() -> None:
+    """A model taking a tokenizer-style dict, on a batch larger than the Fisher pass's and the
+    quadratic model's sub-batches (64 and 128 examples): both take the dict's first examples."""
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, batch: dict[str, Tensor]) -> Tensor:
+            return self.body(batch["features"] * batch["mask"])
+
+    torch.manual_seed(0)
+    model, x = Keyed(), torch.randn(300, 5)
+    inputs, y = {"features": x, "mask": torch.ones(300, 1)}, (x[:, 0] > 0).long()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    first = None
+    for _ in range(10):
+        opt.zero_grad()
+        loss = loss_fn(model(inputs), y)
+        loss.backward()
+        opt.step(loss=loss, batch=(inputs, y))
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.5 * first
+
+
 @pytest.mark.parametrize(
     ("model_fn", "loss_fn"),
     [

@@ -100,6 +100,32 @@ def test_leading_examples_slices_every_input_tensor() -> None:
     assert torch.equal(single, x[:4])
 
 
+def test_leading_examples_slices_tensors_inside_dicts_and_lists() -> None:
+    """A tokenizer-style dict (also nested in a list) is sliced key by key; shared values stay."""
+    x, y = make_data(n=6)
+    mask, scalar = torch.ones(6, 4), torch.tensor(0.5)
+    batch = {"x": x, "parts": [x + 1, {"mask": mask}], "temperature": 2.0, "name": "a", "none": None}
+    inputs, targets = leading_examples((batch, scalar), y, 3)
+    sliced = inputs[0]
+    assert torch.equal(sliced["x"], x[:3]) and torch.equal(sliced["parts"][0], x[:3] + 1)
+    assert torch.equal(sliced["parts"][1]["mask"], mask[:3]) and isinstance(sliced["parts"], list)
+    assert sliced["temperature"] == 2.0 and sliced["name"] == "a" and sliced["none"] is None
+    assert inputs[1] is scalar and torch.equal(targets, y[:3])
+    with pytest.raises(ValueError, match=r"7 rows there and the targets 6"):
+        leading_examples({"x": x, "positions": torch.zeros(7, 2)}, y, 3)
+
+
+def test_leading_examples_refuses_inputs_it_cannot_slice() -> None:
+    """A packed sequence (a named tuple) or another object: an error naming its type, not targets
+    sliced while the input stays whole."""
+    x, y = make_data(n=6)
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 2), torch.randn(2, 2)])
+    with pytest.raises(ValueError, match=r"an input is a PackedSequence, which they cannot slice"):
+        leading_examples(packed, y, 3)
+    with pytest.raises(ValueError, match=r"an input is a object, which"):
+        leading_examples((x, object()), y, 3)
+
+
 @pytest.mark.parametrize("inputs", ["single", "tuple", "vector"])
 def test_leading_examples_refuses_inputs_that_are_not_batch_first(inputs: str) -> None:
     """Sequence-first inputs (T, N, F) with targets (N,), or a vector of T entries: a clear error,

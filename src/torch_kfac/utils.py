@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -91,24 +91,37 @@ def evaluate_loss(
 
 
 def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Tensor]:
-    """The first `count` examples of a batch: dimension 0 of the targets and of every input tensor.
+    """The first `count` examples of a batch: dimension 0 of the targets and of every input tensor,
+    also inside tuples, lists and dicts (e.g. a tokenizer's encoding); 0-d tensors, numbers,
+    strings and None are shared by all examples and kept. Any other input is an error.
 
     An input tensor whose dimension 0 is not the targets' (sequence-first inputs, e.g. for an
     `nn.LSTM` without `batch_first`) is an error when the batch has more than `count` examples:
     slicing it would take leading positions, not examples.
     """
-    if targets.dim() > 0:
-        size = targets.shape[0]
-        if count >= size:
-            return inputs, targets  # the whole batch, whatever its layout
-        for x in inputs if isinstance(inputs, (tuple, list)) else (inputs,):
-            if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] != size:
+    if targets.dim() == 0 or count >= targets.shape[0]:
+        return inputs, targets  # the whole batch, whatever its layout
+    size = targets.shape[0]
+
+    def leading(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            if x.dim() > 0 and x.shape[0] != size:
                 raise ValueError(
                     f"fisher_batch_size and qmodel_batch_size take the batch's first examples along "
                     f"dimension 0, but an input has {x.shape[0]} rows there and the targets {size}: "
                     "pass batch-first inputs (e.g. nn.LSTM(batch_first=True)) or set these options to None"
                 )
-    if isinstance(inputs, (tuple, list)):
-        inputs = tuple(x[:count] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
-        return inputs, targets[:count]
-    return inputs[:count], targets[:count]
+            return x[:count] if x.dim() > 0 else x
+        if isinstance(x, Mapping):
+            return {key: leading(value) for key, value in x.items()}
+        if type(x) in (tuple, list):
+            return type(x)(leading(value) for value in x)
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise ValueError(
+            f"fisher_batch_size and qmodel_batch_size take the batch's first examples, but an input is a "
+            f"{type(x).__name__}, which they cannot slice: pass tensors (in tuples, lists or dicts) or set "
+            "these options to None"
+        )
+
+    return leading(inputs), targets[:count]
