@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-from torch import nn
+from collections.abc import Callable
 
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from torch_kfac import KFACPreconditioner
 from torch_kfac.blocks import LinearBlock
 from torch_kfac.blocks.tied import TiedBlock
 from torch_kfac.registration import iter_block_params, make_blocks, report
@@ -64,3 +69,33 @@ def test_attention_owns_its_output_projection() -> None:
     with pytest.raises(ValueError, match="part of '0'"):
         make_blocks(model, ["0.out_proj"])
     assert len(list(iter_block_params(blocks))) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "parametrize", [parametrizations.weight_norm, parametrizations.spectral_norm, parametrizations.orthogonal]
+)
+def test_a_parametrized_weight_leaves_its_module_to_the_plain_update(parametrize: Callable) -> None:
+    """torch.nn.utils.parametrize computes the weight on every access (no .grad of its own): the
+    module gets no block (before, the report listed its bias under a LinearBlock whose statistics
+    were recorded and inverted but never used), the report says why for its bias and the
+    underlying parameters, and the bias keeps its plain gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrize(nn.Linear(5, 5)), nn.Tanh(), nn.Linear(5, 3))
+    blocks, reasons = make_blocks(model, ())
+    assert list(blocks) == ["2"]
+    assert reasons["0"].startswith("a parametrized weight (torch.nn.utils.parametrize)")
+    text = report(model, blocks, reasons)
+    for name, _ in model.named_parameters():
+        if name.startswith("0."):
+            assert f"{name}: fallback (a parametrized weight" in text, text
+    for block in blocks.values():
+        block.remove()
+    pre = KFACPreconditioner(model, damping=1e-2, factor_update_steps=1, inverse_update_steps=1)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for _ in range(3):  # the first step has no inverses yet: the later ones precondition
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grad = model[0].bias.grad.clone()
+        pre.step()
+        assert torch.equal(model[0].bias.grad, grad)
+    assert pre.blocks["2"].has_inverses()

@@ -76,6 +76,15 @@ class _Registration:
             self.reasons[name] = str(err)
             return None
         params = block.parameters()
+        if not all(isinstance(p, nn.Parameter) for p in params):
+            # torch.nn.utils.parametrize: the weight is computed from other parameters on every
+            # access and has no .grad; the block could never precondition the module.
+            reason = "a parametrized weight (torch.nn.utils.parametrize), computed from other parameters"
+            self.reasons[name] = reason
+            for tensor_name in getattr(module, "parametrizations", {}):  # where the report looks up theirs
+                self.reasons[".".join(filter(None, (name, "parametrizations", tensor_name)))] = reason
+            block.remove()
+            return None
         if not params or not all(p.requires_grad for p in params):
             self.reasons[name] = "parameters frozen (requires_grad=False)"
             block.remove()
