@@ -65,6 +65,28 @@ def train_preset(
 STEPS = 100
 
 
+def test_preset_trains_a_model_without_forward_mode_derivatives() -> None:
+    """weight_norm (no forward-mode derivative in PyTorch, and a parametrized weight left to the
+    plain update): the quadratic model warns once and uses reverse mode; the loss falls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(5, 32)), nn.ReLU(), nn.Linear(32, 3)
+    )
+    x = torch.randn(64, 5)
+    y, loss_fn = (x[:, 0] > 0).long() + (x[:, 1] > 0).long(), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    losses = []
+    with pytest.warns(RuntimeWarning, match="two reverse-mode passes") as caught:
+        for _ in range(20):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step(loss=loss, batch=(x, y))
+            losses.append(loss.item())
+    assert sum("reverse-mode" in str(w.message) for w in caught) == 1
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_preset_slices_dict_inputs_larger_than_its_sub_batches() -> None:
     """A model taking a tokenizer-style dict, on a batch larger than the Fisher pass's and the
     quadratic model's sub-batches (64 and 128 examples): both take the dict's first examples."""

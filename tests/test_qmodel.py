@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -295,3 +296,41 @@ def test_gram_of_a_model_with_dropout_uses_one_mask_for_every_direction() -> Non
     torch.testing.assert_close(
         gram, v @ dense_ggn(reference, nn.CrossEntropyLoss(), x, y) @ v.T, rtol=1e-10, atol=1e-12
     )
+
+
+def test_reverse_mode_products_equal_the_forward_mode_ones() -> None:
+    """J v from two reverse-mode passes (the path for models without forward-mode derivatives)
+    equals the vectorised forward-mode pass, with dropout's one mask for every direction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+    x, y = make_data(n=6)
+    directions = [
+        {n: torch.randn_like(p) for n, p in model.named_parameters() if n != "3.bias"} for _ in range(2)
+    ]
+    grams = []
+    for forward_mode in (True, False):
+        curvature = ExactCurvature(model, nn.CrossEntropyLoss())
+        curvature.forward_mode = forward_mode
+        torch.manual_seed(7)
+        grams.append(curvature.gram(x, y, directions))
+    torch.testing.assert_close(grams[1], grams[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_without_forward_mode_derivatives_falls_back_to_reverse_mode() -> None:
+    """weight_norm has no forward-mode derivative in PyTorch: the Gram matrix still equals the dense
+    GGN's quadratic forms, with one warning, and the later calls go straight to reverse mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3))
+    x, y = make_data(n=6)
+    names = [n for n, _ in model.named_parameters()]
+    directions = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    curvature = ExactCurvature(model, nn.CrossEntropyLoss())
+    with pytest.warns(RuntimeWarning, match="forward-mode pass failed .*two reverse-mode passes"):
+        gram = curvature.gram(x, y, directions)
+    assert not curvature.forward_mode
+    v = torch.stack([flat(d, names) for d in directions])
+    expected = v @ dense_ggn(model, nn.CrossEntropyLoss(), x, y) @ v.T
+    torch.testing.assert_close(gram, expected, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(curvature.gram(x, y, directions), gram, rtol=0, atol=0)

@@ -13,7 +13,8 @@ primal computation is shared), the largest part of an adaptive step on a large b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ class ExactCurvature:
         self.loss_fn = loss_fn
         self.hessian = loss_curvature(loss_fn)
         self.max_examples = max_examples
+        #: Whether J v comes from one vectorised forward-mode pass (False after it failed once).
+        self.forward_mode = True
 
     def output_directions(
         self, inputs: Any, directions: Sequence[dict[str, Tensor]]
@@ -65,12 +68,25 @@ class ExactCurvature:
         tangents = tuple(
             torch.stack([d[n] if n in d else torch.zeros_like(params[n]) for d in directions]) for n in names
         )
-        # The math attention kernel: the fused CPU/GPU ones have no forward-mode derivative.
-        # randomness='same': one dropout mask (drawn as a plain forward pass draws it) for the
-        # outputs and every direction, so the products are those of one network.
-        with sdpa_kernel(SDPBackend.MATH):
-            outputs, jvps = vmap(lambda *tans: jvp(outputs_of, primals, tans), randomness="same")(*tangents)
-        return outputs[0], list(jvps.unbind(0))
+        if self.forward_mode:
+            try:
+                # The math attention kernel: the fused CPU/GPU ones have no forward-mode derivative.
+                # randomness='same': one dropout mask (drawn as a plain forward pass draws it) for
+                # the outputs and every direction, so the products are those of one network.
+                with sdpa_kernel(SDPBackend.MATH):
+                    outputs, jvps = vmap(lambda *t: jvp(outputs_of, primals, t), randomness="same")(*tangents)
+                return outputs[0], list(jvps.unbind(0))
+            except (NotImplementedError, RuntimeError) as err:
+                # The model's own forward pass ran: the transforms failed (an operation without a
+                # forward-mode derivative, e.g. weight_norm's, or a custom autograd.Function).
+                self.forward_mode = False
+                warnings.warn(
+                    f"K-FAC: the quadratic model's forward-mode pass failed ({str(err).splitlines()[0]}); "
+                    "it uses two reverse-mode passes per direction from now on (the same products, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return reverse_directions(outputs_of, primals, [t.unbind(0) for t in tangents])
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
         """M_ij = v_i^T C v_j for the directions, a (k, k) tensor (on the leading examples, see above)."""
@@ -95,6 +111,29 @@ class ExactCurvature:
             for j in range(i, k):
                 gram[i, j] = gram[j, i] = (jvps[j] * hv).sum()
         return gram
+
+
+def reverse_directions(
+    outputs_of: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence[Sequence[Tensor]]
+) -> tuple[Tensor, list[Tensor]]:
+    """Outputs and J v for each direction (`tangents[n][i]`: parameter n of direction i) by reverse
+    mode only: J v = d/du <J^T u, v>, the pullback J^T u built once with its graph, then one
+    backward pass per direction. One forward pass, so one dropout mask for every direction."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in primals]
+        outputs = outputs_of(*leaves)
+        probe = torch.zeros_like(outputs, requires_grad=True)
+        pulled = torch.autograd.grad(outputs, leaves, probe, create_graph=True, allow_unused=True)
+        jvps = []
+        for i in range(len(tangents[0]) if tangents else 0):
+            inner = [(g * t[i]).sum() for g, t in zip(pulled, tangents, strict=True) if g is not None]
+            jv = None
+            if inner:
+                (jv,) = torch.autograd.grad(
+                    torch.stack(inner).sum(), probe, retain_graph=True, allow_unused=True
+                )
+            jvps.append(torch.zeros_like(outputs) if jv is None else jv.detach())
+    return outputs.detach(), jvps
 
 
 def dot(u: dict[Any, Tensor], v: dict[Any, Tensor]) -> Tensor:
