@@ -393,7 +393,8 @@ class PreconditionerOptions:
             tensor (None: the whole batch). The factors are per-example averages, so a sub-batch
             is an unbiased estimate of the whole batch's statistics that the moving average
             smooths over steps; the pass's forward and backward cost shrink with it (on
-            convolutions, their patch statistics above all). Needs batch-first inputs.
+            convolutions, their patch statistics above all). Needs batch-first inputs (tensors,
+            also in tuples, lists and dicts).
         patches_per_dim: estimate the input factor A (d x d) of each nn.Conv1d/2d/3d from at
             most `patches_per_dim * d` of the pass's patches (examples x output positions), drawn
             uniformly at random with replacement by the block's own generator, seeded per step
