@@ -86,7 +86,8 @@ class ExactCurvature:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        return reverse_directions(outputs_of, primals, [t.unbind(0) for t in tangents])
+        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+            return reverse_directions(outputs_of, primals, [t.unbind(0) for t in tangents])
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
         """M_ij = v_i^T C v_j for the directions, a (k, k) tensor (on the leading examples, see above)."""
