@@ -150,19 +150,24 @@ def same_position(outputs: torch.Tensor, class_dim: int) -> torch.Tensor:
     return position[:, None] == position[None, :]
 
 
+def weighted_fisher_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A case's loss, outputs, targets and unweighted Fisher H (the Hessian of the loss summed
+    without weights; diag(p) for NLL on log-probabilities)."""
+    if case in NLL_CASES:
+        loss_fn, _, shape = NLL_CASES[case]
+        outputs, targets = torch.randn(*shape).log_softmax(1), make_targets("class", shape)
+        return loss_fn, outputs, targets, torch.diag(outputs.exp().reshape(-1))
+    loss_fn, shape, kind = CASES[case]
+    outputs, targets = torch.randn(*shape), make_targets(kind, shape)
+    return loss_fn, outputs, targets, unit_hessian(loss_fn, outputs, targets)
+
+
 @pytest.mark.parametrize("case", list(CASES) + list(NLL_CASES))
 def test_fisher_columns_are_a_square_root_of_the_weighted_fisher(case: str) -> None:
     """At each position, sum_k v_k v_k^T = w_i^2 H_i over its terms i, with H_i the unweighted Fisher
     (the Hessian of the loss summed without weights; diag(p) for NLL on log-probabilities). Products
     across positions do not count: the factors take each position's backpropagated columns apart."""
-    if case in NLL_CASES:
-        loss_fn, _, shape = NLL_CASES[case]
-        outputs, targets = torch.randn(*shape).log_softmax(1), make_targets("class", shape)
-        terms = torch.diag(outputs.exp().reshape(-1))
-    else:
-        loss_fn, shape, kind = CASES[case]
-        outputs, targets = torch.randn(*shape), make_targets(kind, shape)
-        terms = unit_hessian(loss_fn, outputs, targets)
+    loss_fn, outputs, targets, terms = weighted_fisher_case(case)
     columns = loss_curvature(loss_fn).fisher_columns(outputs, targets)
     assert columns.shape[1:] == outputs.shape
     flat = columns.reshape(columns.shape[0], -1)
@@ -303,14 +308,7 @@ def test_sampled_loss_gradients_have_the_weighted_fisher_as_second_moment(case: 
     in the outputs has E[v v^T] = w_i^2 H_i at each position, as the type-2 columns (class weights,
     label smoothing, probability targets and ignored positions included). The expectation is exact:
     a position's block of v depends on its own draw only, so it sums over the values of one draw."""
-    if case in NLL_CASES:
-        loss_fn, _, shape = NLL_CASES[case]
-        outputs, targets = torch.randn(*shape).log_softmax(1), make_targets("class", shape)
-        terms = torch.diag(outputs.exp().reshape(-1))
-    else:
-        loss_fn, shape, kind = CASES[case]
-        outputs, targets = torch.randn(*shape), make_targets(kind, shape)
-        terms = unit_hessian(loss_fn, outputs, targets)
+    loss_fn, outputs, targets, terms = weighted_fisher_case(case)
     curvature = loss_curvature(loss_fn)
     # A position: an example's classes for the categorical losses, one output for BCE (whose
     # outputs are drawn independently, all at once here, so only their own squares are exact).

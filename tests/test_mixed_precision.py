@@ -182,18 +182,27 @@ def test_autocast_factors_are_float32_and_close_to_the_float32_run(dtype: torch.
     torch.testing.assert_close(params(model), params(ref_model), rtol=0.05, atol=0.01)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_16_bit_model_trains_with_float32_factors(dtype: torch.dtype) -> None:
-    model = mlp(dtype)
-    opt = kfac(model)
+def train_16_bit(model: nn.Module, opt: KFAC, dtype: torch.dtype, with_batch: bool) -> list[float]:
+    """15 steps on one batch cast to `dtype` (with the loss and the batch for the preset); the losses."""
     x, y = batches(1)[0]
     losses = []
     for _ in range(15):
         opt.zero_grad()
         loss = F.cross_entropy(model(x.to(dtype)), y)
         loss.backward()
-        opt.step()
+        if with_batch:
+            opt.step(loss=loss, batch=(x.to(dtype), y))
+        else:
+            opt.step()
         losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_trains_with_float32_factors(dtype: torch.dtype) -> None:
+    model = mlp(dtype)
+    opt = kfac(model)
+    losses = train_16_bit(model, opt, dtype, with_batch=False)
     assert losses[-1] < 0.7 * losses[0]
     assert all(p.dtype == dtype for p in model.parameters())
     # The natural gradients come back in the gradients' dtype: so do the momentum buffers.
@@ -210,14 +219,7 @@ def test_the_preset_trains_a_16_bit_model(dtype: torch.dtype) -> None:
     and its inner products run in float32 (pinv has no 16-bit kernel), the step stays 16-bit."""
     model = mlp(dtype)
     opt = presets.adaptive(model, nn.CrossEntropyLoss())
-    x, y = batches(1)[0]
-    losses = []
-    for _ in range(15):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x.to(dtype)), y)
-        loss.backward()
-        opt.step(loss=loss, batch=(x.to(dtype), y))
-        losses.append(loss.item())
+    losses = train_16_bit(model, opt, dtype, with_batch=True)
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(p.dtype == dtype for p in model.parameters())
     assert {v.dtype for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)} == {dtype}

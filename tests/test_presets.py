@@ -65,6 +65,26 @@ def train_preset(
 STEPS = 100
 
 
+def preset_losses(model: nn.Module, loss_fn: nn.Module, inputs: object, y: Tensor, steps: int) -> list[float]:
+    """The training losses of `steps` preset steps on one batch; every step must move."""
+    opt = presets.adaptive(model, loss_fn)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(inputs), y)
+        loss.backward()
+        opt.step(loss=loss, batch=(inputs, y))
+        losses.append(loss.item())
+        assert float(opt.last_stats["update_norm"]) > 0
+    return losses
+
+
+def two_feature_classes(n: int) -> tuple[Tensor, Tensor]:
+    """Inputs (n, 5) and 3 classes from the signs of their first two features."""
+    x = torch.randn(n, 5)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
 def test_preset_trains_a_model_without_forward_mode_derivatives() -> None:
     """weight_norm (no forward-mode derivative in PyTorch, and a parametrized weight left to the
     plain update): the quadratic model warns once and uses reverse mode; the loss falls."""
@@ -72,17 +92,9 @@ def test_preset_trains_a_model_without_forward_mode_derivatives() -> None:
     model = nn.Sequential(
         nn.utils.parametrizations.weight_norm(nn.Linear(5, 32)), nn.ReLU(), nn.Linear(32, 3)
     )
-    x = torch.randn(64, 5)
-    y, loss_fn = (x[:, 0] > 0).long() + (x[:, 1] > 0).long(), nn.CrossEntropyLoss()
-    opt = presets.adaptive(model, loss_fn)
-    losses = []
+    x, y = two_feature_classes(64)
     with pytest.warns(RuntimeWarning, match="two reverse-mode passes") as caught:
-        for _ in range(20):
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step(loss=loss, batch=(x, y))
-            losses.append(loss.item())
+        losses = preset_losses(model, nn.CrossEntropyLoss(), x, y, 20)
     assert sum("reverse-mode" in str(w.message) for w in caught) == 1
     assert losses[-1] < 0.5 * losses[0], losses
 
@@ -100,18 +112,9 @@ def test_preset_slices_dict_inputs_larger_than_its_sub_batches() -> None:
             return self.body(batch["features"] * batch["mask"])
 
     torch.manual_seed(0)
-    model, x = Keyed(), torch.randn(300, 5)
-    inputs, y = {"features": x, "mask": torch.ones(300, 1)}, (x[:, 0] > 0).long()
-    loss_fn = nn.CrossEntropyLoss()
-    opt = presets.adaptive(model, loss_fn)
-    first = None
-    for _ in range(10):
-        opt.zero_grad()
-        loss = loss_fn(model(inputs), y)
-        loss.backward()
-        opt.step(loss=loss, batch=(inputs, y))
-        first = loss.item() if first is None else first
-    assert loss.item() < 0.5 * first
+    x, y = two_feature_classes(300)
+    losses = preset_losses(Keyed(), nn.CrossEntropyLoss(), {"features": x, "mask": torch.ones(300, 1)}, y, 10)
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize(
@@ -133,17 +136,8 @@ def test_preset_takes_common_training_setups(model_fn: Callable[[], nn.Module], 
     smoothed cross-entropy (the MC Fisher's labels weighed as the loss does) train with the preset:
     every step moves and the loss falls."""
     torch.manual_seed(0)
-    model, x = model_fn(), torch.randn(64, 5)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    opt = presets.adaptive(model, loss_fn)
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step(loss=loss, batch=(x, y))
-        losses.append(loss.item())
-        assert float(opt.last_stats["update_norm"]) > 0
+    model = model_fn()
+    losses = preset_losses(model, loss_fn, *two_feature_classes(64), 20)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
