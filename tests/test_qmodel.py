@@ -335,3 +335,20 @@ def test_a_model_without_forward_mode_derivatives_falls_back_to_reverse_mode() -
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(curvature.gram(x, y, directions), gram, rtol=0, atol=0)
+
+
+def test_running_out_of_memory_in_forward_mode_is_not_a_missing_derivative(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An out-of-memory error propagates and forward mode stays on (reverse mode needs more memory)."""
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("out of memory")
+
+    curvature = ExactCurvature(make_mlp(), nn.CrossEntropyLoss())
+    monkeypatch.setattr("torch_kfac.qmodel.vmap", lambda *a, **k: out_of_memory)
+    x, y = make_data(n=4)
+    direction = {n: torch.randn_like(p) for n, p in curvature.model.named_parameters()}
+    with pytest.raises(torch.OutOfMemoryError):
+        curvature.gram(x, y, [direction])
+    assert curvature.forward_mode

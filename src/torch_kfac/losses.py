@@ -11,7 +11,7 @@ a sequence; w_i = 1/count for a mean), `LossCurvature` provides
   for the Monte-Carlo Fisher, and `sampled_loss(outputs, targets, sampled)`, whose gradient in the
   outputs is then a sample of the weighted Fisher (`loss_fn` on the drawn targets by default; the
   terms weighted by w_i explicitly where `loss_fn`'s own gradient on them is not one: class
-  weights, label smoothing);
+  weights, label smoothing, probability targets);
 * `fisher_columns(outputs, targets)`: vectors v_k, shaped like the outputs, with
   sum_k v_k v_k^T = sum_i w_i^2 H_i: backpropagating each gives the exact (type-2) Fisher in the
   same scaling as backpropagating the gradient of L (the empirical and MC Fisher).

@@ -6,6 +6,9 @@ forward-mode pass over all directions: C-products in output space, (J v_i)^T H (
 optimizer minimises q(c) = c^T b + 1/2 c^T (M + lambda V^T V) c over the coefficients of the
 update delta = sum_i c_i v_i (b_i = g^T v_i), which gives learning rate and momentum.
 
+Where a model has an operation without a forward-mode derivative (weight_norm's, a custom
+`autograd.Function`), J v comes from reverse mode instead (`reverse_directions`, one warning).
+
 The Gram matrix may be estimated on the batch's leading examples only (`max_examples`): the
 forward-mode pass costs about five forward passes of those examples for two directions (the
 primal computation is shared), the largest part of an adaptive step on a large batch.
@@ -76,6 +79,8 @@ class ExactCurvature:
                 with sdpa_kernel(SDPBackend.MATH):
                     outputs, jvps = vmap(lambda *t: jvp(outputs_of, primals, t), randomness="same")(*tangents)
                 return outputs[0], list(jvps.unbind(0))
+            except torch.OutOfMemoryError:
+                raise  # not a missing derivative: reverse mode would need more memory still
             except (NotImplementedError, RuntimeError) as err:
                 # The model's own forward pass ran: the transforms failed (an operation without a
                 # forward-mode derivative, e.g. weight_norm's, or a custom autograd.Function).
