@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 
 def _reduction(loss_fn: nn.Module) -> str:
@@ -241,17 +240,10 @@ class BCEWithLogitsCurvature(LossCurvature):
         return s * (1 - s) * u * self._element_weights(outputs)
 
     def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Bernoulli draws with probability sigmoid(output)."""
+        """Bernoulli draws with probability sigmoid(output); `loss_fn` on them weighs each element
+        by its own weight, which does not depend on the target (the default `sampled_loss`)."""
         self._check()
         return torch.bernoulli(outputs.detach().sigmoid(), generator=generator)
-
-    def sampled_loss(self, outputs: Tensor, targets: Tensor, sampled: Tensor) -> Tensor:
-        """sum_e w_e BCE(output_e, sampled_e): the gradient w_e (s_e - sampled_e) has variance
-        w_e^2 s_e (1 - s_e) (`loss_fn` itself without element weights)."""
-        if getattr(self.loss_fn, "weight", None) is None:
-            return self.loss_fn(outputs, sampled)
-        terms = F.binary_cross_entropy_with_logits(outputs, sampled, reduction="none")
-        return (self._element_weights(outputs) * terms).sum()
 
     def fisher_columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """sqrt(s (1 - s)) w e_k for each feature k of the last dim."""
