@@ -293,6 +293,7 @@ def test_gram_of_a_model_with_dropout_uses_one_mask_for_every_direction() -> Non
     torch.testing.assert_close(outputs, expected_outputs, rtol=1e-12, atol=1e-14)
     torch.manual_seed(7)
     gram = curvature.gram(x, y, directions)
+    assert curvature.forward_mode  # the forward-mode pass itself drew the mask
     v = torch.stack([flat(d, names) for d in directions])
     torch.testing.assert_close(
         gram, v @ dense_ggn(reference, nn.CrossEntropyLoss(), x, y) @ v.T, rtol=1e-10, atol=1e-12
@@ -352,3 +353,52 @@ def test_running_out_of_memory_in_forward_mode_is_not_a_missing_derivative(
     with pytest.raises(torch.OutOfMemoryError):
         curvature.gram(x, y, [direction])
     assert curvature.forward_mode
+
+
+def test_reverse_mode_ignores_parameters_the_outputs_do_not_depend_on() -> None:
+    """A layer the forward pass never calls: no pullback in reverse mode, no tangent effect in
+    forward mode; a direction that moves only that layer has J v = 0 in both."""
+
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+            self.spare = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Unused()
+    x, y = make_data(n=6)
+    everything = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    spare_only = {n: torch.randn_like(p) for n, p in model.named_parameters() if n.startswith("spare")}
+    grams, alone = [], []
+    for forward_mode in (True, False):
+        curvature = ExactCurvature(model, nn.CrossEntropyLoss())
+        curvature.forward_mode = forward_mode
+        grams.append(curvature.gram(x, y, [everything, spare_only]))
+        alone.append(curvature.gram(x, y, [spare_only]))  # no parameter the outputs depend on
+    torch.testing.assert_close(grams[1], grams[0], rtol=1e-10, atol=1e-12)
+    assert grams[1][0, 0] > 0 and torch.equal(grams[1][1], torch.zeros(2))
+    assert all(torch.equal(g, torch.zeros(1, 1)) for g in alone)
+
+
+def test_reverse_mode_of_a_piecewise_constant_model_is_zero() -> None:
+    """Outputs rounded: their derivative is 0, and the pullback has no graph to differentiate."""
+
+    class Rounded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.round(self.linear(x))
+
+    torch.manual_seed(0)
+    model, (x, y) = Rounded(), make_data(n=6)
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for forward_mode in (True, False):
+        curvature = ExactCurvature(model, nn.CrossEntropyLoss())
+        curvature.forward_mode = forward_mode
+        assert torch.equal(curvature.gram(x, y, [direction]), torch.zeros(1, 1))

@@ -92,7 +92,7 @@ class ExactCurvature:
                     stacklevel=2,
                 )
         with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-            return reverse_directions(outputs_of, primals, [t.unbind(0) for t in tangents])
+            return reverse_directions(outputs_of, primals, [list(t) for t in zip(*tangents, strict=True)])
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:
         """M_ij = v_i^T C v_j for the directions, a (k, k) tensor (on the leading examples, see above)."""
@@ -120,33 +120,38 @@ class ExactCurvature:
 
 
 def reverse_directions(
-    outputs_of: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence[Sequence[Tensor]]
+    outputs_of: Callable[..., Tensor], primals: Sequence[Tensor], directions: Sequence[Sequence[Tensor]]
 ) -> tuple[Tensor, list[Tensor]]:
-    """Outputs and J v for each direction (`tangents[n][i]`: parameter n of direction i) by reverse
+    """Outputs and J v for each direction (`directions[i][n]`: its part for primal n) by reverse
     mode only: J v = d/du <J^T u, v>, the pullback J^T u built once with its graph, then one
-    backward pass per direction. One forward pass, so one dropout mask for every direction."""
+    backward pass per direction. One forward pass, so one dropout mask for every direction.
+    Parameters the outputs do not depend on contribute nothing."""
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_() for p in primals]
         outputs = outputs_of(*leaves)
+        if not outputs.requires_grad:  # the outputs depend on none of the primals
+            return outputs.detach(), [torch.zeros_like(outputs) for _ in directions]
         probe = torch.zeros_like(outputs, requires_grad=True)
         pulled = torch.autograd.grad(outputs, leaves, probe, create_graph=True, allow_unused=True)
         jvps = []
-        for i in range(len(tangents[0]) if tangents else 0):
-            inner = [(g * t[i]).sum() for g, t in zip(pulled, tangents, strict=True) if g is not None]
-            jv = None
-            if inner:
-                (jv,) = torch.autograd.grad(
-                    torch.stack(inner).sum(), probe, retain_graph=True, allow_unused=True
-                )
-            jvps.append(torch.zeros_like(outputs) if jv is None else jv.detach())
+        for direction in directions:
+            # A pullback without a graph back to u (piecewise-constant outputs) is 0 and constant.
+            inner = [
+                (g * v).sum()
+                for g, v in zip(pulled, direction, strict=True)
+                if g is not None and g.requires_grad
+            ]
+            if not inner:  # no primal reaches the outputs through a derivative
+                jvps.append(torch.zeros_like(outputs))
+                continue
+            (jv,) = torch.autograd.grad(torch.stack(inner).sum(), probe, retain_graph=True)
+            jvps.append(jv.detach())
     return outputs.detach(), jvps
 
 
 def dot(u: dict[Any, Tensor], v: dict[Any, Tensor]) -> Tensor:
     """Inner product of two direction dicts over their shared keys (16-bit tensors in float32)."""
-    terms = [
-        (u[k].to(solver_dtype(u[k].dtype)) * v[k].to(solver_dtype(v[k].dtype))).sum() for k in u if k in v
-    ]
+    terms = [(u[k].to(solver_dtype(u[k].dtype)) * v[k]).sum() for k in u if k in v]  # promotes v
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
