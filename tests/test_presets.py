@@ -39,6 +39,11 @@ def test_adaptive_is_kfac_with_the_preset_and_overrides() -> None:
     assert opt.min_damping == 1e-6
     mean = presets.adaptive(model, nn.CrossEntropyLoss(), reduction="mean_positions")
     assert mean.options.reduction == "mean_positions"
+    # The empirical Fisher runs no own pass: the preset's size for that pass goes with the MC Fisher.
+    empirical = presets.adaptive(model, SumBCE(), fisher_type="EMPIRICAL")
+    assert empirical.options.fisher_type == "empirical" and empirical.options.fisher_batch_size is None
+    with pytest.raises(ValueError, match="fisher_batch_size sets the size of the own pass"):
+        presets.adaptive(model, SumBCE(), fisher_type="empirical", fisher_batch_size=32)
     with pytest.raises(ValueError, match="loss_fn"):
         presets.adaptive(model, F.cross_entropy)  # type: ignore[arg-type]
 

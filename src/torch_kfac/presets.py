@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from torch_kfac.optimizer import KFAC
+from torch_kfac.options import FisherType
 
 #: The adaptive preset's options (any of them can be overridden by a keyword of `adaptive`).
 ADAPTIVE: dict[str, Any] = {
@@ -50,11 +51,16 @@ def adaptive(model: nn.Module, loss_fn: nn.Module, **overrides: Any) -> KFAC:
 
     `reduction` defaults to that of `loss_fn` ('mean' or 'sum'); pass `reduction='mean_positions'`
     for a loss averaged over sequence or spatial positions too (language models). Any other
-    `KFAC` keyword overrides the preset's value.
+    `KFAC` keyword overrides the preset's value; an override that switches a feature off drops the
+    preset's option for it (`adaptive_momentum=False` its `momentum_bounds`,
+    `fisher_type='empirical'` its `fisher_batch_size`) unless that option is given too.
     """
     if not isinstance(loss_fn, nn.Module):
         raise ValueError(f"loss_fn must be a loss module such as nn.CrossEntropyLoss(), got {loss_fn!r}")
     options = {**ADAPTIVE, "reduction": getattr(loss_fn, "reduction", "mean"), **overrides}
     if not options["adaptive_momentum"] and "momentum_bounds" not in overrides:
         del options["momentum_bounds"]  # they bound the adaptive momentum, which is switched off
+    empirical = FisherType.parse("fisher_type", options["fisher_type"]) == FisherType.EMPIRICAL
+    if empirical and "fisher_batch_size" not in overrides:
+        del options["fisher_batch_size"]  # it sizes the MC Fisher's own pass, which is switched off
     return KFAC(model, loss_fn=loss_fn, **options)
