@@ -37,6 +37,26 @@ def dense_ggn(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Te
     return j.T @ h @ j
 
 
+def grams_in_both_modes(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    directions: list[dict[str, torch.Tensor]],
+    seed: int | None = None,
+) -> list[torch.Tensor]:
+    """The Gram matrix from the forward-mode pass and from the reverse-mode fallback (each call
+    from random state `seed` when given, for dropout)."""
+    grams = []
+    for forward_mode in (True, False):
+        curvature = ExactCurvature(model, loss_fn)
+        curvature.forward_mode = forward_mode
+        if seed is not None:
+            torch.manual_seed(seed)
+        grams.append(curvature.gram(x, y, directions))
+    return grams
+
+
 def test_gram_equals_dense_ggn_quadratic_forms() -> None:
     model = make_mlp()
     loss_fn = nn.CrossEntropyLoss()
@@ -257,10 +277,8 @@ def test_gram_through_fused_attention() -> None:
     names = [n for n, _ in model.named_parameters()]
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     expected = flat(direction, names) @ dense_ggn(model, nn.MSELoss(), x, y) @ flat(direction, names)
-    for forward_mode in (True, False):  # reverse mode: the fused kernels have no double backward
-        curvature = ExactCurvature(model, nn.MSELoss())
-        curvature.forward_mode = forward_mode
-        gram = curvature.gram(x, y, [direction])
+    # Both modes: reverse mode's fused kernels have no double backward either.
+    for gram in grams_in_both_modes(model, nn.MSELoss(), x, y, [direction]):
         torch.testing.assert_close(gram[0, 0], expected, rtol=1e-8, atol=1e-10)
 
 
@@ -311,12 +329,7 @@ def test_reverse_mode_products_equal_the_forward_mode_ones() -> None:
     directions = [
         {n: torch.randn_like(p) for n, p in model.named_parameters() if n != "3.bias"} for _ in range(2)
     ]
-    grams = []
-    for forward_mode in (True, False):
-        curvature = ExactCurvature(model, nn.CrossEntropyLoss())
-        curvature.forward_mode = forward_mode
-        torch.manual_seed(7)
-        grams.append(curvature.gram(x, y, directions))
+    grams = grams_in_both_modes(model, nn.CrossEntropyLoss(), x, y, directions, seed=7)
     torch.testing.assert_close(grams[1], grams[0], rtol=1e-10, atol=1e-12)
 
 
@@ -376,12 +389,8 @@ def test_reverse_mode_ignores_parameters_the_outputs_do_not_depend_on() -> None:
     x, y = make_data(n=6)
     everything = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     spare_only = {n: torch.randn_like(p) for n, p in model.named_parameters() if n.startswith("spare")}
-    grams, alone = [], []
-    for forward_mode in (True, False):
-        curvature = ExactCurvature(model, nn.CrossEntropyLoss())
-        curvature.forward_mode = forward_mode
-        grams.append(curvature.gram(x, y, [everything, spare_only]))
-        alone.append(curvature.gram(x, y, [spare_only]))  # no parameter the outputs depend on
+    grams = grams_in_both_modes(model, nn.CrossEntropyLoss(), x, y, [everything, spare_only])
+    alone = grams_in_both_modes(model, nn.CrossEntropyLoss(), x, y, [spare_only])  # none it depends on
     torch.testing.assert_close(grams[1], grams[0], rtol=1e-10, atol=1e-12)
     assert grams[1][0, 0] > 0 and torch.equal(grams[1][1], torch.zeros(2))
     assert all(torch.equal(g, torch.zeros(1, 1)) for g in alone)
@@ -401,7 +410,5 @@ def test_reverse_mode_of_a_piecewise_constant_model_is_zero() -> None:
     torch.manual_seed(0)
     model, (x, y) = Rounded(), make_data(n=6)
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    for forward_mode in (True, False):
-        curvature = ExactCurvature(model, nn.CrossEntropyLoss())
-        curvature.forward_mode = forward_mode
-        assert torch.equal(curvature.gram(x, y, [direction]), torch.zeros(1, 1))
+    for gram in grams_in_both_modes(model, nn.CrossEntropyLoss(), x, y, [direction]):
+        assert torch.equal(gram, torch.zeros(1, 1))
