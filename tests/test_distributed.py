@@ -106,10 +106,12 @@ def train(
     save: Path | None = None,
     standalone: bool = False,
     poisoned_step: int | None = None,
+    bare: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Train on this rank's shards; returns parameters, last update, factors and held inverses.
-    `poisoned_step`: that step's inputs are NaN (the step is skipped)."""
+    `poisoned_step`: that step's inputs are NaN (the step is skipped). `bare`: `opt.step()`, the
+    loss and batch taken from the training pass."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     inner = make_model()
     model: nn.Module = nn.parallel.DistributedDataParallel(inner) if ddp else inner
@@ -150,6 +152,8 @@ def train(
         if standalone:
             pre.step()
             sgd.step()
+        elif bare:
+            opt.step()
         else:
             opt.step(loss=loss, batch=(x, y))
     if not standalone:
@@ -196,6 +200,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
         train("adaptive", 0.25, steps=3, save=out / "ckpt4.pt")
     else:
         results["ddp"] = train("plain", 0.5, ddp=True)
+        results["ddp_bare"] = train("adaptive", 0.5, ddp=True, bare=True)
         results["triangles"] = train("plain", 0.5, reduce_upper_triangle=True)
         results["skipped"] = train("plain", 0.5, poisoned_step=2)
         results["mc_unseeded"] = train("adaptive", 0.5, mc_seed=None)
@@ -332,6 +337,15 @@ def test_preconditioner_in_front_of_sgd_and_upper_triangle_reduction(
         assert max_difference(result["triangles"], reference["plain"]) < TOL
         # On CPUs the default sends whole matrices; the triangles are about half of that.
         assert result["triangles"]["bytes"]["factors"] < 0.6 * result[("plain", 0.5)]["bytes"]["factors"]
+
+
+def test_a_bare_step_under_ddp_takes_each_ranks_batch_from_its_training_pass(
+    runs: dict[Any, Any], reference: dict[str, dict[str, Any]]
+) -> None:
+    """`opt.step()` on a DDP-wrapped model: each rank's shard and loss come from its own pass
+    through the wrapper (torch_kfac.last_batch), and the run is one process's on the whole batch."""
+    for result in runs[2]:
+        assert max_difference(result["ddp_bare"], reference["adaptive"]) < TOL
 
 
 def test_a_skipped_step_leaves_the_averaged_factors_as_one_process_leaves_them(

@@ -883,6 +883,14 @@ def test_module_added_after_construction_is_a_clear_error_naming_its_parameters(
     assert opt.preconditioner.steps == 1
 
 
+#: With loss_fn given, why the step could not take the batch from the user's pass (which called
+#: F.cross_entropy, not the loss_fn module: torch_kfac.last_batch).
+NO_PASS = (
+    "; none could be taken from the last training pass: loss_fn was not called on the model's outputs "
+    "with gradients enabled since the last step"
+)
+
+
 @pytest.mark.parametrize(
     ("options", "given", "message"),
     [
@@ -896,12 +904,12 @@ def test_module_added_after_construction_is_a_clear_error_naming_its_parameters(
             {"adaptive_learning_rate": True, "loss_fn": nn.CrossEntropyLoss()},
             {"loss"},
             "the exact quadratic model (adaptive_learning_rate, adaptive_momentum or "
-            "qmodel_curvature='exact') needs step(batch=(inputs, targets))",
+            f"qmodel_curvature='exact') needs step(batch=(inputs, targets)){NO_PASS}",
         ),
         (
             {"reject_steps": True, "loss_fn": nn.CrossEntropyLoss()},
             {"loss"},
-            "reject_steps=True needs step(batch=(inputs, targets)) or a closure",
+            f"reject_steps=True needs step(batch=(inputs, targets)) or a closure{NO_PASS}",
         ),
         ({}, {"batch"}, "step(batch=...) needs loss_fn=... in the KFAC constructor"),
     ],

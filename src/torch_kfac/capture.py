@@ -31,7 +31,7 @@ _EAGER = (
 )
 
 
-def _outside_compiled_graphs(fn: Callable[..., Any]) -> Callable[..., Any]:
+def outside_compiled_graphs(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`torch.compiler.disable` with K-FAC's reason (older torch versions take no reason)."""
     try:
         return torch.compiler.disable(fn, reason=_EAGER)
@@ -89,11 +89,11 @@ class StatisticsCapture:
             return self._forward_on
         return torch.is_grad_enabled() and self.is_due()
 
-    @_outside_compiled_graphs
+    @outside_compiled_graphs
     def _pre_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         block.before_forward(self._recording(), self._forced)
 
-    @_outside_compiled_graphs
+    @outside_compiled_graphs
     def _forward_hook(
         self, block: CurvatureBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any
     ) -> Any:
@@ -129,7 +129,7 @@ class StatisticsCapture:
         """Whether output gradients arriving now are recorded."""
         return self._forced is not None or not (self._paused or (self.explicit and not self._backward_on))
 
-    @_outside_compiled_graphs
+    @outside_compiled_graphs
     def _grad_hook(self, block: CurvatureBlock, grad: Tensor) -> None:
         if self._backward_recording():
             with _statistics_precision((grad,)):

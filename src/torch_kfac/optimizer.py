@@ -29,9 +29,11 @@ from torch_kfac.calibration import search_damping
 from torch_kfac.damping import levenberg_marquardt, model_change, rejected_damping, step_rejected
 from torch_kfac.distributed import unwrap
 from torch_kfac.forward_ad import forward_ad_context
+from torch_kfac.last_batch import LastBatch, TrainingPass
 from torch_kfac.options import (
     AUTO_DAMPING,
     ORIGINAL_POSITIONAL,
+    FisherType,
     KFACOptions,
     QModelCurvature,
     kfac_options,
@@ -86,6 +88,8 @@ class KFAC(OriginalAPI, Optimizer):
             ExactCurvature(model, opts.loss_fn, opts.qmodel_batch_size) if opts.loss_fn is not None else None
         )
         self.model = model
+        #: The user's last training pass, for a step called without its loss or batch.
+        self._last_batch = LastBatch(model, opts.loss_fn) if opts.loss_fn is not None else None
         self._named_params = dict(model.named_parameters())
         self._param_names = {id(p): n for n, p in self._named_params.items()}
         #: The Levenberg-Marquardt rule's memory: rho, and for the original API's pairing of a
@@ -170,12 +174,17 @@ class KFAC(OriginalAPI, Optimizer):
         Args:
             closure: re-evaluates the loss and its gradients (as for other torch optimizers). If
                 it accepts a `backward` keyword, the optimizer's extra loss evaluations call it
-                with `backward=False` under `torch.no_grad()`.
+                with `backward=False` under `torch.no_grad()`. One that returns None evaluates
+                nothing and counts as none (Lightning's manual optimization passes one).
             loss: the loss of the batch whose gradients are in `.grad` (original API).
             batch: `(inputs, targets)` of that loss, with `loss_fn` given to the constructor: the
                 optimizer then evaluates the loss after the update on the same batch (damping
                 adaptation, step rejection) and the exact curvature (adaptive learning rate and
                 momentum, `qmodel_curvature='exact'`).
+
+        With `loss_fn` given, a loss or batch the options need and the call omits is that of the
+        training pass since the last step, `loss_fn(model(*inputs), targets)` run with gradients
+        enabled (`torch_kfac.last_batch`); without one such pass the step raises, saying why.
 
         Returns the loss (from the closure or as passed). A step whose gradients, statistics or
         loss are not finite changes nothing (decided on the device, no host read) and warns at the
@@ -183,7 +192,25 @@ class KFAC(OriginalAPI, Optimizer):
         """
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                value = closure()
+            if value is None:  # evaluates nothing (Lightning's manual optimization passes one)
+                closure = None
+            else:
+                loss = value
+        if self._last_batch is None:
+            return self._step(closure, loss, batch, None)
+        last = self._last_batch.take()
+        with self._last_batch.pause():
+            return self._step(closure, loss, batch, last)
+
+    def _step(
+        self,
+        closure: Callable[..., Tensor] | None,
+        loss: Tensor | float | None,
+        batch: tuple[Any, Tensor] | None,
+        last: TrainingPass | str | None,
+    ) -> Tensor | None:
+        """`step` after the closure, with the last training pass (`torch_kfac.last_batch`)."""
         pre = self.preconditioner
         self._check_model()
         pre.check_gradients()
@@ -193,7 +220,7 @@ class KFAC(OriginalAPI, Optimizer):
             self._last_stats = {"step": k, "loss": None, "skipped": True, "rejected": False}
             return None if loss is None else torch.as_tensor(loss).detach()
         hyper = self._hyperparameters(k)
-        self._check_step_inputs(loss, batch, closure)
+        loss, batch = self._from_last_pass(loss, batch, closure, last)
         loss_t = None if loss is None else torch.as_tensor(loss).detach().to(pre.damping)
         if loss_t is not None:
             loss_t = pre.average_over_ranks(loss_t)  # DISTRIBUTED: the global batch's loss
@@ -218,6 +245,12 @@ class KFAC(OriginalAPI, Optimizer):
             return loss_t
         self._update(k, mats, params, fallback, hyper, loss_t, batch, closure)
         return loss_t
+
+    def close(self) -> None:
+        """Remove the hooks from the model (and from `loss_fn`)."""
+        super().close()
+        if self._last_batch is not None:
+            self._last_batch.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, and the statistics and example count recorded with them that no step
@@ -477,22 +510,49 @@ class KFAC(OriginalAPI, Optimizer):
         bound = opts.value_at("norm_constraint", step)
         return Hyperparameters(group["lr"], group["momentum"], group["weight_decay"], bound)
 
-    def _check_step_inputs(self, loss: Any, batch: Any, closure: Any) -> None:
-        opts = self.options
-        if (opts.adapt_damping or opts.reject_steps or opts.uses_qmodel) and loss is None:
+    def _from_last_pass(
+        self,
+        loss: Tensor | float | None,
+        batch: tuple[Any, Tensor] | None,
+        closure: Callable[..., Tensor] | None,
+        last: TrainingPass | str | None,
+    ) -> tuple[Tensor | float | None, tuple[Any, Tensor] | None]:
+        """The loss and batch of the step: as passed, else, where the options need them, those of
+        the last training pass (`torch_kfac.last_batch`); an error naming what is missing."""
+        opts, pre = self.options, self.preconditioner
+        mc_pass = opts.fisher_type != FisherType.EMPIRICAL and pre._factor_step()
+        needs_loss = opts.adapt_damping or opts.reject_steps or opts.uses_qmodel
+        needs_batch = opts.uses_exact_curvature or mc_pass or (opts.reject_steps and closure is None)
+        why = ""
+        if isinstance(last, TrainingPass):
+            if needs_loss and loss is None:
+                loss = last.loss
+                # The loss after the step on this batch, not the next step's (as with step(loss)).
+                needs_batch = needs_batch or closure is None
+            if needs_batch and batch is None:
+                batch = (last.inputs, last.targets)
+        elif last is not None:
+            why = f"; none could be taken from the last training pass: {last}"
+        if needs_loss and loss is None:
             raise ValueError(
                 "adapt_damping, reject_steps and the adaptive learning rate/momentum need the loss: "
-                "call step(loss=loss, ...) or pass a closure"
+                f"call step(loss=loss, ...) or pass a closure{why}"
             )
         if opts.uses_exact_curvature and batch is None:
             raise ValueError(
                 "the exact quadratic model (adaptive_learning_rate, adaptive_momentum or "
-                "qmodel_curvature='exact') needs step(batch=(inputs, targets))"
+                f"qmodel_curvature='exact') needs step(batch=(inputs, targets)){why}"
+            )
+        if mc_pass and batch is None:
+            raise ValueError(
+                f"fisher_type={opts.fisher_type.value!r} needs step(batch=(inputs, targets)) on "
+                f"factor-update steps{why}"
             )
         if opts.reject_steps and batch is None and closure is None:
-            raise ValueError("reject_steps=True needs step(batch=(inputs, targets)) or a closure")
+            raise ValueError(f"reject_steps=True needs step(batch=(inputs, targets)) or a closure{why}")
         if batch is not None and self.loss_fn is None:
             raise ValueError("step(batch=...) needs loss_fn=... in the KFAC constructor")
+        return loss, batch
 
     def _evaluate(self, batch: tuple[Any, Tensor] | None, closure: Callable[..., Tensor] | None) -> Tensor:
         """The loss at the current parameters, without recording statistics or keeping gradients."""

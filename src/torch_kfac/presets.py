@@ -3,7 +3,9 @@
 `adaptive(model, loss_fn)` is K-FAC without a number to choose: learning rate and momentum from
 the exact quadratic model each step, Levenberg-Marquardt damping from an initial value calibrated
 on the first batch (`damping='auto'`), curvature from labels sampled from the model (MC Fisher).
-Train with ``opt.step(loss=loss, batch=(inputs, targets))``. The evidence for every value of
+Train with ``opt.step(loss=loss, batch=(inputs, targets))``, or ``opt.step()`` after a training
+pass ``loss_fn(model(inputs), targets)`` that calls this very `loss_fn` (which is how Lightning's
+``opt.step(closure)`` runs it: `torch_kfac.last_batch`). The evidence for every value of
 `ADAPTIVE` is in benchmarks/README.md ("The adaptive preset").
 """
 

@@ -1,0 +1,119 @@
+"""The batch and loss of the user's last training pass, for `KFAC.step()` called without them.
+
+With `loss_fn` given, `KFAC` watches two calls: the model's (its inputs) and `loss_fn`'s (the
+outputs it was given, its targets and its value). A training pass `loss_fn(model(x), y)` run with
+gradients enabled leaves the batch `((x,), y)` and the loss, so `opt.step()`, and Lightning's
+`opt.step(closure)`, can run what needs them: the quadratic model, the MC Fisher's own pass, the
+loss after the step. Anything else (no such pass, several, a loss taken on reshaped outputs) is not
+guessed at: `reason` says why, and the step's error repeats it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_kfac.capture import outside_compiled_graphs
+
+
+@dataclass
+class TrainingPass:
+    """One `loss_fn(model(*inputs), targets)` with gradients enabled: the model's positional
+    arguments, the targets and the loss's value (detached)."""
+
+    inputs: tuple[Any, ...]
+    targets: Tensor
+    loss: Tensor
+
+
+class LastBatch:
+    """Hooks on `model` and `loss_fn` that keep the training passes since the last `take()`."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        self._handles = [
+            model.register_forward_hook(outside_compiled_graphs(self._model_called), with_kwargs=True),
+            loss_fn.register_forward_hook(outside_compiled_graphs(self._loss_called), with_kwargs=True),
+        ]
+        #: Passes are not kept inside (the optimizer's own forward passes and loss evaluations).
+        self.paused = False
+        self._calls = 0
+        # The last model call: its number, positional arguments (None if it had keyword arguments)
+        # and a weak reference to its output (the loss's input must be that very tensor).
+        self._model_call: tuple[int, tuple[Any, ...] | None, weakref.ref[Tensor] | None] | None = None
+        # The last training pass (its model call's number, the pass or why it cannot be one), and
+        # how many passes since the last `take` (only one is kept: a forgotten optimizer holds no
+        # more than one batch).
+        self._last_pass: tuple[int, TrainingPass | str] | None = None
+        self._passes = 0
+        self._loose_loss: str | None = None
+
+    def _recording(self) -> bool:
+        return not self.paused and torch.is_grad_enabled()
+
+    def _model_called(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self._recording():
+            return
+        self._calls += 1
+        ref = weakref.ref(output) if isinstance(output, Tensor) else None
+        self._model_call = (self._calls, None if kwargs else args, ref)
+
+    def _loss_called(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self._recording():
+            return
+        call = self._model_call
+        if len(args) != 2 or kwargs or not isinstance(output, Tensor):
+            found: TrainingPass | str = "loss_fn was called with other arguments than (outputs, targets)"
+        elif call is None or call[2] is None or call[2]() is not args[0]:
+            self._loose_loss = (
+                "loss_fn was called on a tensor that is not the model's output (a reshaped or "
+                "selected output, or a model with several outputs)"
+            )
+            return
+        elif call[1] is None:
+            found = "the model was called with keyword arguments"
+        else:
+            found = TrainingPass(call[1], args[1], output.detach())
+        if self._last_pass is None or self._last_pass[0] != call[0]:
+            self._passes += 1  # a second loss of the same outputs replaces the first
+        self._last_pass = (call[0], found)
+
+    def take(self) -> TrainingPass | str:
+        """The one training pass since the last `take()`, or why there is none; forgets them."""
+        last, passes, loose = self._last_pass, self._passes, self._loose_loss
+        self._last_pass, self._passes, self._loose_loss, self._model_call = None, 0, None, None
+        if passes > 1:
+            return (
+                f"{passes} training passes (loss_fn on the model's outputs) since the last step, "
+                "as with gradient accumulation: which batch the step is for is the caller's choice"
+            )
+        if last is not None:
+            return last[1]
+        return (
+            loose
+            or "loss_fn was not called on the model's outputs with gradients enabled since the last step"
+        )
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        """Keep no pass inside (the optimizer's own passes)."""
+        previous, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = previous
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

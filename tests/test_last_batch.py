@@ -1,0 +1,250 @@
+"""torch_kfac.last_batch: `opt.step()` takes the loss and batch of the user's last training pass.
+
+A step called without them must equal the step given them explicitly, bit for bit; what cannot be
+taken (no pass, several, a loss of reshaped outputs, keyword inputs) is an error naming why.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests.conftest import make_data, make_mlp
+from torch_kfac import KFAC, presets
+
+Step = Callable[[KFAC, nn.Module, nn.Module, Tensor, Tensor], None]
+
+
+def explicit(opt: KFAC, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> None:
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step(loss=loss, batch=(x, y))
+
+
+def bare(opt: KFAC, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> None:
+    opt.zero_grad()
+    outputs = model(x)
+    loss_fn(outputs, y).backward()
+    logged = loss_fn(outputs, y).item()  # the same pass's loss again: still one pass
+    assert logged > 0
+    with torch.no_grad():  # evaluation passes are not training passes
+        loss_fn(model(x[:3]), y[:3])
+    opt.step()
+
+
+def closure(opt: KFAC, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> None:
+    def run() -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(run)
+
+
+def null_closure(opt: KFAC, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Lightning's manual optimization: a closure that evaluates nothing, beside the loss and batch
+    (of a loss the optimizer does not see: they are all it has)."""
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step(lambda: None, loss=loss, batch=(x, y))
+
+
+CONFIGS: dict[str, Callable[[nn.Module, nn.Module], KFAC]] = {
+    "preset": lambda m, f: presets.adaptive(m, f, qmodel_batch_size=8, fisher_batch_size=8),
+    "mc-fixed-lr": lambda m, f: KFAC(m, lr=0.1, damping=1e-2, loss_fn=f, fisher_type="mc"),
+    "adapt-damping": lambda m, f: KFAC(
+        m, lr=0.1, damping=1e-2, loss_fn=f, adapt_damping=True, damping_adaptation_interval=2
+    ),
+}
+#: What a step's statistics must repeat (the loss itself is only taken where the options need it).
+COMPARED = ("new_loss", "damping", "learning_rate", "momentum", "rho")
+
+
+def train(config: str, step: Step, steps: int = 6) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Parameters and per-step statistics after `steps` steps on fresh batches of 16."""
+    torch.manual_seed(0)
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = CONFIGS[config](model, loss_fn)
+    stats = []
+    for i in range(steps):
+        x, y = make_data(seed=i)
+        torch.manual_seed(100 + i)  # the MC Fisher's labels
+        step(opt, model, loss_fn, x, y)
+        stats.append(
+            {
+                k: v
+                for k, v in opt.last_stats.items()
+                if k in ("new_loss", "damping", "learning_rate", "momentum", "rho")
+            }
+        )
+    return [p.detach().clone() for p in model.parameters()], stats
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("step", [bare, closure, null_closure], ids=["step()", "closure", "null-closure"])
+def test_a_step_without_loss_or_batch_equals_the_step_given_them(config: str, step: Step) -> None:
+    expected, expected_stats = train(config, explicit)
+    params, stats = train(config, step)
+    assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
+    assert str(stats) == str(expected_stats)
+    if config != "mc-fixed-lr":  # the loss on the same batch after the step, not the next step's
+        assert any(s["new_loss"] is not None for s in stats)
+
+
+def test_the_optimizers_own_passes_are_not_training_passes() -> None:
+    """The MC Fisher's pass, the quadratic model, the damping search and the loss after the step run
+    the model and loss_fn inside the step: none of them is a batch for the next step."""
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    x, y = make_data()
+    loss_fn(model(x), y).backward()
+    opt.step()
+    assert opt.last_stats["new_loss"] is not None
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(
+        ValueError, match="loss_fn was not called on the model's outputs with gradients enabled"
+    ):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("training_pass", "reason"),
+    [
+        (lambda m, f, x, y: F.cross_entropy(m(x), y), "loss_fn was not called on the model's outputs"),
+        (lambda m, f, x, y: f(m(x)[:, :2], y.clamp(max=1)), "a tensor that is not the model's output"),
+        (lambda m, f, x, y: f(m(x), y) + f(m(x), y), "2 training passes"),
+        (lambda m, f, x, y: f(m(input=x), y), "the model was called with keyword arguments"),
+        (lambda m, f, x, y: f(m(x), target=y), "loss_fn was called with other arguments"),
+    ],
+    ids=["other-loss", "sliced-outputs", "two-passes", "keyword-inputs", "keyword-targets"],
+)
+def test_a_pass_that_gives_no_batch_is_named_in_the_error(
+    training_pass: Callable[[nn.Module, nn.Module, Tensor, Tensor], Tensor], reason: str
+) -> None:
+    model, loss_fn = Keyword(make_mlp()), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    x, y = make_data()
+    training_pass(model, loss_fn, x, y).backward()
+    with pytest.raises(ValueError, match=f"need the loss: call step.*; none could be taken.*{reason}"):
+        opt.step()
+    assert opt.preconditioner.steps == 0
+
+
+def test_fisher_pass_without_a_batch_names_the_reason() -> None:
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = KFAC(model, lr=0.1, loss_fn=loss_fn, fisher_type="mc")
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"fisher_type='mc' needs step.*none could be taken.*was not called"):
+        opt.step()
+
+
+class Keyword(nn.Module):
+    """The MLP, callable as model(x) or model(input=x)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.body(input)
+
+
+def test_the_step_keeps_no_reference_to_the_batch_or_the_outputs() -> None:
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    x, y = make_data()
+    outputs = model(x)
+    loss_fn(outputs, y).backward()
+    refs = [weakref.ref(t) for t in (x, y, outputs)]
+    opt.step()
+    del x, y, outputs
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_an_optimizer_that_never_steps_holds_one_batch_at_most() -> None:
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    presets.adaptive(model, loss_fn)  # replaced, not closed: its hooks stay
+    opt = presets.adaptive(model, loss_fn)
+    refs = []
+    for i in range(3):
+        x, y = make_data(seed=i)
+        refs.append(weakref.ref(x))
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        del x, y
+    assert [r() is None for r in refs] == [True, True, False]
+
+
+def test_close_removes_the_hooks_from_the_model_and_the_loss() -> None:
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    assert model._forward_hooks and loss_fn._forward_hooks
+    opt.close()
+    assert not model._forward_hooks and not loss_fn._forward_hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_lightning_drives_the_preset_in_both_optimization_modes() -> None:
+    """Automatic optimization calls opt.step(closure); manual optimization's opt.step() passes a
+    closure that evaluates nothing. Both train as the explicit loop does, step for step."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = make_data(n=64)
+
+    class Module(L.LightningModule):
+        def __init__(self, automatic: bool) -> None:
+            super().__init__()
+            self.net, self.loss_fn = make_mlp(), nn.CrossEntropyLoss()
+            self.automatic_optimization = automatic
+
+        def forward(self, inputs: Tensor) -> Tensor:
+            return self.net(inputs)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+            inputs, targets = batch
+            torch.manual_seed(batch_idx)  # the MC Fisher's labels
+            loss = self.loss_fn(self(inputs), targets)
+            if self.automatic_optimization:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return None
+
+        def configure_optimizers(self) -> KFAC:
+            return presets.adaptive(self, self.loss_fn)
+
+    def fit(automatic: bool) -> list[Tensor]:
+        module = Module(automatic)
+        trainer = L.Trainer(
+            max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+        return [p.detach() for p in module.net.parameters()]
+
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    for i, (inputs, targets) in enumerate(zip(x.split(16), y.split(16), strict=True)):
+        opt.zero_grad()
+        torch.manual_seed(i)
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        opt.step(loss=loss, batch=(inputs, targets))
+    expected = [p.detach() for p in model.parameters()]
+    for automatic in (True, False):
+        assert all(torch.equal(p, q) for p, q in zip(fit(automatic), expected, strict=True))
