@@ -6,9 +6,14 @@ trainer calls `optimizer.step(closure)`, the closure runs `training_step` and th
 learning-rate scheduler is returned from `configure_optimizers` as for any optimizer.
 Validation runs without gradients, so it never enters K-FAC's statistics.
 
+With `--preset`, the optimizer is `presets.adaptive(self, self.loss_fn)`: no learning rate, no
+schedule. Its step needs the batch and the loss, which it takes from the closure's training pass
+(`self.loss_fn` on the module's outputs), so `training_step` is the same in both modes.
+
     pip install lightning
     python examples/lightning_kfac.py                        # Fashion-MNIST, small CNN
     python examples/lightning_kfac.py --synthetic --steps 50  # no dataset needed
+    python examples/lightning_kfac.py --preset               # the adaptive preset
 """
 
 from __future__ import annotations
@@ -20,23 +25,25 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from data import DEFAULT_DATA_DIRS, load_fashion_mnist
 from example_utils import add_common_arguments, add_image_arguments, image_split, run
 from models import small_cnn
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from torch_kfac import KFAC
+from torch_kfac import KFAC, presets
 
 
 class KFACClassifier(L.LightningModule):
     """An image classifier trained by K-FAC with a cosine learning-rate schedule."""
 
-    def __init__(self, lr: float = 0.1, damping: float = 1e-2, norm_constraint: float = 1e-3) -> None:
+    def __init__(
+        self, lr: float = 0.1, damping: float = 1e-2, norm_constraint: float = 1e-3, preset: bool = False
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = small_cnn(image_size=28, channels=(16, 32), hidden=64)
+        self.loss_fn = torch.nn.CrossEntropyLoss()
         self.train_losses: list[float] = []
         self.val_accuracy: list[float] = []
 
@@ -47,7 +54,7 @@ class KFACClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Mean cross-entropy of one batch (K-FAC's default `reduction='mean'`)."""
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = self.loss_fn(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
         self.train_losses.append(loss.item())
         return loss
@@ -65,8 +72,10 @@ class KFACClassifier(L.LightningModule):
             self.val_accuracy.append(float(acc))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """K-FAC over the whole module, with a cosine schedule stepped every batch."""
+        """K-FAC over the whole module, with a cosine schedule stepped every batch (or the preset)."""
         hp = self.hparams
+        if hp.preset:
+            return {"optimizer": presets.adaptive(self, self.loss_fn)}
         opt = KFAC(self, lr=hp.lr, damping=hp.damping, momentum=0.9, norm_constraint=hp.norm_constraint)
         max_steps = max(self.trainer.max_steps, 1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps)
@@ -84,6 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--norm-constraint", type=float, default=1e-3, help="bound on lr^2 g^T F^-1 g")
     parser.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
+    parser.add_argument("--preset", action="store_true", help="presets.adaptive (--lr, --damping unused)")
     return parser.parse_args(argv)
 
 
@@ -98,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     val_loader = DataLoader(val, batch_size=1000)
 
     accelerator = "auto" if args.device == "auto" else torch.device(args.device).type
-    module = KFACClassifier(args.lr, args.damping, args.norm_constraint)
+    module = KFACClassifier(args.lr, args.damping, args.norm_constraint, args.preset)
     trainer = L.Trainer(
         max_steps=args.steps,
         accelerator=accelerator,

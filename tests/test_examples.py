@@ -191,9 +191,10 @@ def test_preconditioner_adamw(load: Loader) -> None:
     assert np.mean(kfac["losses"][-3:]) < np.mean(plain["losses"][-3:])  # K-FAC helps here
 
 
-def test_lightning_kfac(load: Loader) -> None:
-    """A Lightning Trainer drives KFAC through automatic optimization, with validation."""
-    argv = [
+@pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
+def test_lightning_kfac(load: Loader, preset: bool) -> None:
+    """A Lightning Trainer drives KFAC, and the adaptive preset, through automatic optimization."""
+    argv = ["--preset"] * preset + [
         "--synthetic",
         "--synthetic-size",
         "256",
