@@ -77,6 +77,64 @@ def test_grad_scaler_steps_equal_the_unscaled_steps_and_a_skipped_step_changes_n
     torch.testing.assert_close(params(model), params(ref_model), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_a_grad_scaler_leaves_the_factors_of_the_own_fisher_pass_alone(fisher_type: str) -> None:
+    """The MC and type-2 Fisher's statistics come from the optimizer's own backward passes, which no
+    loss scale multiplies: under a GradScaler their factors are those of the unscaled run (they were
+    divided by the scale squared, 2^24 here)."""
+
+    def train(scaled: bool) -> tuple[KFAC, nn.Module]:
+        model, loss_fn = mlp(), nn.CrossEntropyLoss()
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+        options = {"loss_fn": loss_fn, "fisher_type": fisher_type, "mc_seed": 3}
+        opt = kfac(model, **options, **({"grad_scaler": scaler} if scaled else {}))
+        for x, y in batches(3):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt, batch=(x, y))
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step(batch=(x, y))
+        return opt, model
+
+    (scaled, model), (reference, ref_model) = train(True), train(False)
+    torch.testing.assert_close(
+        factors(scaled.preconditioner), factors(reference.preconditioner), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(params(model), params(ref_model), rtol=1e-5, atol=1e-6)
+
+
+def test_the_preset_under_a_grad_scaler_takes_the_unscaled_steps() -> None:
+    """presets.adaptive with a GradScaler, stepped by scaler.step(opt) alone (the loss and batch of
+    the pass, torch_kfac.last_batch): the unscaled loop's steps, learning rates and damping."""
+
+    def train(scaled: bool) -> tuple[KFAC, nn.Module]:
+        model, loss_fn = mlp(), nn.CrossEntropyLoss()
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+        opt = presets.adaptive(model, loss_fn, **({"grad_scaler": scaler} if scaled else {}))
+        for i, (x, y) in enumerate(batches(5)):
+            torch.manual_seed(i)  # the MC Fisher's labels
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step(loss=loss, batch=(x, y))
+        return opt, model
+
+    (scaled, model), (reference, ref_model) = train(True), train(False)
+    assert scaled.preconditioner.steps == 5
+    for key in ("learning_rate", "momentum", "damping"):
+        torch.testing.assert_close(scaled.last_stats[key], reference.last_stats[key], rtol=1e-4, atol=0)
+    torch.testing.assert_close(params(model), params(ref_model), rtol=1e-4, atol=1e-6)
+
+
 def test_a_float16_model_under_the_default_grad_scaler_takes_the_unscaled_steps() -> None:
     """The default loss scale, 2^16, is inf in float16: the gradients are unscaled in float32, so
     the steps are those of the unscaled loss (with the scale cast to float16 nothing moved)."""

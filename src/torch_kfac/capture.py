@@ -136,10 +136,11 @@ class StatisticsCapture:
                 block.record_output_grad(self.statistics_grad(grad), self.reduction, self.center)
 
     def statistics_grad(self, grad: Tensor) -> Tensor:
-        """An output gradient as statistics take it: in the factor dtype, the loss scale removed."""
+        """An output gradient as statistics take it: in the factor dtype, the loss scale of the
+        user's backward pass removed (the optimizer's own Fisher passes are not scaled)."""
         if self.factor_dtype is not None:
             grad = grad.to(self.factor_dtype)
-        scale = self.loss_scale()
+        scale = None if self._forced is not None else self.loss_scale()
         return grad if scale is None else grad / scale.to(grad.dtype)
 
     @contextmanager
