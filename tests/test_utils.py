@@ -10,15 +10,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import make_data, make_mlp
-from torch_kfac.utils import as_args, evaluate_loss, leading_examples, preserved_buffers
+from torch_kfac.utils import (
+    Arguments,
+    call_arguments,
+    call_model,
+    evaluate_loss,
+    leading_examples,
+    preserved_buffers,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def test_as_args() -> None:
+def test_call_arguments() -> None:
     x = torch.zeros(2)
-    assert as_args(x) == (x,)
-    assert as_args((x, 1)) == (x, 1) and as_args([x]) == (x,)
+    assert call_arguments(x) == ((x,), {})
+    assert call_arguments((x, 1)) == ((x, 1), {}) and call_arguments([x]) == ((x,), {})
+    assert call_arguments({"x": x}) == (({"x": x},), {})  # a dict is one positional argument
+    assert call_arguments(Arguments((x,), {"scale": 2.0})) == ((x,), {"scale": 2.0})
+
+
+def test_call_model_passes_keyword_arguments() -> None:
+    def model(x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return x * scale
+
+    x = torch.ones(2)
+    assert torch.equal(call_model(model, Arguments(kwargs={"x": x, "scale": 3.0})), x * 3)  # type: ignore[arg-type]
+    assert torch.equal(call_model(model, Arguments((x,))), x)  # type: ignore[arg-type]
 
 
 def test_preserved_buffers_restores_batch_norm_statistics() -> None:
@@ -113,6 +131,14 @@ def test_leading_examples_slices_tensors_inside_dicts_and_lists() -> None:
     assert inputs[1] is scalar and torch.equal(targets, y[:3])
     with pytest.raises(ValueError, match=r"7 rows there and the targets 6"):
         leading_examples({"x": x, "positions": torch.zeros(7, 2)}, y, 3)
+
+
+def test_leading_examples_slices_arguments() -> None:
+    x, y = make_data(n=6)
+    mask = torch.ones(6, 4)
+    inputs, _ = leading_examples(Arguments((x,), {"mask": mask, "items": torch.tensor(6)}), y, 2)
+    assert isinstance(inputs, Arguments) and torch.equal(inputs.args[0], x[:2])
+    assert torch.equal(inputs.kwargs["mask"], mask[:2]) and inputs.kwargs["items"] == 6
 
 
 def test_leading_examples_refuses_inputs_it_cannot_slice() -> None:

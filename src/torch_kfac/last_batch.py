@@ -2,7 +2,8 @@
 
 With `loss_fn` given, `KFAC` watches two calls: the model's (its inputs) and `loss_fn`'s (the
 outputs it was given, its targets and its value). A training pass `loss_fn(model(x), y)` run with
-gradients enabled leaves the batch `((x,), y)` and the loss, so `opt.step()`, and Lightning's
+gradients enabled leaves the batch `((x,), y)` and the loss (a model called with keyword arguments,
+`model(**encoding)`, leaves `Arguments(kwargs=encoding)`), so `opt.step()`, and Lightning's
 `opt.step(closure)`, can run what needs them: the quadratic model, the MC Fisher's own pass, the
 loss after the step. Anything else (no such pass, several, a loss taken on reshaped outputs) is not
 guessed at: `reason` says why, and the step's error repeats it.
@@ -20,14 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from torch_kfac.capture import outside_compiled_graphs
+from torch_kfac.utils import Arguments
 
 
 @dataclass
 class TrainingPass:
-    """One `loss_fn(model(*inputs), targets)` with gradients enabled: the model's positional
-    arguments, the targets and the loss's value (detached)."""
+    """One `loss_fn(model(...), targets)` with gradients enabled: the model's arguments (a tuple of
+    positional ones, or `Arguments`), the targets and the loss's value (detached)."""
 
-    inputs: tuple[Any, ...]
+    inputs: tuple[Any, ...] | Arguments
     targets: Tensor
     loss: Tensor
 
@@ -43,9 +45,9 @@ class LastBatch:
         #: Passes are not kept inside (the optimizer's own forward passes and loss evaluations).
         self.paused = False
         self._calls = 0
-        # The last model call: its number, positional arguments (None if it had keyword arguments)
-        # and a weak reference to its output (the loss's input must be that very tensor).
-        self._model_call: tuple[int, tuple[Any, ...] | None, weakref.ref[Tensor] | None] | None = None
+        # The last model call: its number, its inputs and a weak reference to its output (the
+        # loss's input must be that very tensor).
+        self._model_call: tuple[int, Any, weakref.ref[Tensor] | None] | None = None
         # The last training pass (its model call's number, the pass or why it cannot be one), and
         # how many passes since the last `take` (only one is kept: a forgotten optimizer holds no
         # more than one batch).
@@ -63,7 +65,7 @@ class LastBatch:
             return
         self._calls += 1
         ref = weakref.ref(output) if isinstance(output, Tensor) else None
-        self._model_call = (self._calls, None if kwargs else args, ref)
+        self._model_call = (self._calls, Arguments(args, dict(kwargs)) if kwargs else args, ref)
 
     def _loss_called(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -79,8 +81,6 @@ class LastBatch:
                 "selected output, or a model with several outputs)"
             )
             return
-        elif call[1] is None:
-            found = "the model was called with keyword arguments"
         else:
             found = TrainingPass(call[1], args[1], output.detach())
         if self._last_pass is None or self._last_pass[0] != call[0]:

@@ -38,7 +38,7 @@ from torch_kfac.options import (
 )
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
-from torch_kfac.utils import as_args, leading_examples, preserved_buffers
+from torch_kfac.utils import call_model, leading_examples, preserved_buffers
 
 #: 2^64 / golden ratio: spreads per-step seeds (MC labels, drawn patches) over the seed space.
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -286,7 +286,7 @@ class KFACPreconditioner:
         """The forward and backward passes of `fisher_pass` on (a sub-batch of) the batch."""
         assert self.loss_fn is not None and self.loss_curvature is not None
         with self._capture.forced() as layer_outputs, preserved_buffers(self.model), torch.enable_grad():
-            outputs = self.model(*as_args(inputs))
+            outputs = call_model(self.model, inputs)
             if not layer_outputs or (isinstance(outputs, Tensor) and not all_finite([outputs])):
                 return  # nothing to record; non-finite outputs: `prepare` skips the step
             if self.options.fisher_type == FisherType.MC:

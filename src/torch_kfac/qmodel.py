@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_kfac.linalg import solver_dtype
 from torch_kfac.losses import loss_curvature
-from torch_kfac.utils import as_args, leading_examples
+from torch_kfac.utils import call_arguments, leading_examples
 
 
 class ExactCurvature:
@@ -54,7 +54,7 @@ class ExactCurvature:
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         buffers = dict(self.model.named_buffers())
         names = [n for n in params if any(n in d for d in directions)]
-        args = as_args(inputs)
+        args, kwargs = call_arguments(inputs)
 
         def outputs_of(*values: Tensor) -> Tensor:
             # Buffers are cloned inside the transformed function: batch norm may update them
@@ -64,7 +64,7 @@ class ExactCurvature:
                 **{n: b.clone() for n, b in buffers.items()},
                 **dict(zip(names, values, strict=True)),
             }
-            return functional_call(self.model, state, args)
+            return functional_call(self.model, state, args, kwargs)
 
         primals = tuple(params[n] for n in names)
         # All directions in one vectorised forward-mode pass.

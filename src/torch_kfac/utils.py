@@ -6,6 +6,7 @@ import inspect
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,9 +43,27 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def as_args(inputs: Any) -> tuple[Any, ...]:
-    """Model inputs as a tuple of positional arguments."""
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+@dataclass(frozen=True)
+class Arguments:
+    """Model inputs as positional and keyword arguments, `model(*args, **kwargs)`: the inputs of a
+    batch `(Arguments(kwargs=encoding), targets)` for a model called as `model(**encoding)`."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def call_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch's model inputs as `(args, kwargs)`: `Arguments` as they are, a tuple or list as the
+    positional arguments, anything else as the one positional argument."""
+    if isinstance(inputs, Arguments):
+        return tuple(inputs.args), dict(inputs.kwargs)
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """`model` called on a batch's inputs (see `call_arguments`)."""
+    args, kwargs = call_arguments(inputs)
+    return model(*args, **kwargs)
 
 
 @contextmanager
@@ -75,7 +94,7 @@ def evaluate_loss(
         if batch is not None:
             assert loss_fn is not None
             inputs, targets = batch
-            return loss_fn(model(*as_args(inputs)), targets).detach()
+            return loss_fn(call_model(model, inputs), targets).detach()
         assert closure is not None
         if "backward" in inspect.signature(closure).parameters:
             return torch.as_tensor(closure(backward=False)).detach()
@@ -92,7 +111,7 @@ def evaluate_loss(
 
 def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Tensor]:
     """The first `count` examples of a batch: dimension 0 of the targets and of every input tensor,
-    also inside tuples, lists and dicts (e.g. a tokenizer's encoding); 0-d tensors, numbers,
+    also inside tuples, lists, dicts (e.g. a tokenizer's encoding) and `Arguments`; 0-d tensors, numbers,
     strings and None are shared by all examples and kept. Any other input is an error.
 
     An input tensor whose dimension 0 is not the targets' (sequence-first inputs, e.g. for an
@@ -112,6 +131,8 @@ def leading_examples(inputs: Any, targets: Tensor, count: int) -> tuple[Any, Ten
                     "pass batch-first inputs (e.g. nn.LSTM(batch_first=True)) or set these options to None"
                 )
             return x[:count] if x.dim() > 0 else x
+        if isinstance(x, Arguments):
+            return Arguments(leading(x.args), leading(x.kwargs))
         if isinstance(x, Mapping):
             return {key: leading(value) for key, value in x.items()}
         if type(x) in (tuple, list):
