@@ -8,9 +8,16 @@ projections a curvature block; the embeddings, the LayerNorms and the output hea
 token embedding) have theirs already. The trainer's gradient clipping is off: K-FAC's norm
 constraint bounds the step instead.
 
+With `--preset`, the optimizer is `presets.adaptive` (no learning rate, no schedule). Its step
+needs the loss module and the batch: the trainer gets `NextTokenLogits(model)`, whose output is
+what `nn.CrossEntropyLoss` takes, and `compute_loss_func` calls that loss module on it, so the
+trainer's own `optimizer.step()` finds the batch and the loss of its training pass
+(`torch_kfac.last_batch`).
+
     pip install "torch-kfac[hf]"
     python examples/hf_trainer.py               # bf16 autocast on the CPU (or on CUDA with --device cuda)
     python examples/hf_trainer.py --no-bf16 --steps 500
+    python examples/hf_trainer.py --preset
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 import torch
 from char_transformer import generate_text
 from example_utils import add_common_arguments, pick_device, run
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers import (
     GPT2Config,
@@ -33,11 +40,12 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    get_constant_schedule,
     get_cosine_schedule_with_warmup,
 )
 from transformers.pytorch_utils import Conv1D
 
-from torch_kfac import KFAC
+from torch_kfac import KFAC, presets
 from torch_kfac.huggingface import register_transformers_blocks
 
 #: Module types whose parameters should all have a curvature block (or a stated reason not to).
@@ -58,6 +66,19 @@ class CharWindows(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         window = self.ids[self.starts[i] : self.starts[i] + self.context]
         return {"input_ids": window, "labels": window}
+
+
+class NextTokenLogits(nn.Module):
+    """The language model's logits for each position's next token, (N, vocab, T - 1): the layout of
+    `nn.CrossEntropyLoss` over positions, whose targets are the labels from the second token on."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Next-token logits."""
+        return self.lm(input_ids=input_ids).logits[:, :-1].transpose(1, 2)
 
 
 class LossLog(TrainerCallback):
@@ -100,6 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--norm-constraint", type=float, default=1e-3, help="bound on lr^2 g^T F^-1 g")
     parser.add_argument("--warmup", type=int, default=10, help="learning-rate warm-up steps")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32")
+    parser.add_argument("--preset", action="store_true", help="presets.adaptive (--lr etc. unused)")
     return parser.parse_args(argv)
 
 
@@ -124,10 +146,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     model = GPT2LMHeadModel(config)
     register_transformers_blocks()
-    # GPT-2's loss is the mean over the batch's tokens: K-FAC's default reduction='mean' (the
-    # Fisher of each sequence's token-averaged loss).
-    opt = KFAC(model, lr=args.lr, damping=args.damping, momentum=0.9, norm_constraint=args.norm_constraint)
-    scheduler = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    extra: dict[str, Any] = {}
+    if args.preset:
+        # The loss is the mean over every sequence's positions (reduction='mean_positions').
+        loss_fn = nn.CrossEntropyLoss()
+        model = NextTokenLogits(model)
+        opt = presets.adaptive(model, loss_fn, reduction="mean_positions")
+        scheduler = get_constant_schedule(opt)  # the trainer attaches one; the preset's step ignores it
+
+        def next_token_loss(outputs: Tensor, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
+            return loss_fn(outputs, labels[:, 1:])
+
+        extra["compute_loss_func"] = next_token_loss
+    else:
+        # GPT-2's loss is the mean over the batch's tokens: K-FAC's default reduction='mean' (the
+        # Fisher of each sequence's token-averaged loss).
+        opt = KFAC(
+            model, lr=args.lr, damping=args.damping, momentum=0.9, norm_constraint=args.norm_constraint
+        )
+        scheduler = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
     log = LossLog()
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
@@ -137,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bf16=not args.no_bf16,
             use_cpu=device.type == "cpu",
             max_grad_norm=0.0,
+            label_names=["labels"],  # kept for compute_loss_func (NextTokenLogits takes no labels)
             logging_steps=1,
             save_strategy="no",
             report_to="none",
@@ -145,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dataloader_num_workers=0,
         )
         trainer = Trainer(
-            model=model, args=training, train_dataset=data, optimizers=(opt, scheduler), callbacks=[log]
+            model=model,
+            args=training,
+            train_dataset=data,
+            optimizers=(opt, scheduler),
+            callbacks=[log],
+            **extra,
         )
         start = time.perf_counter()
         trainer.train()

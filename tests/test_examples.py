@@ -211,12 +211,16 @@ def test_lightning_kfac(load: Loader, preset: bool) -> None:
     assert len(out["val_accuracy"]) == 2 and 0.0 <= out["val_accuracy"][-1] <= 1.0
 
 
-def test_hf_trainer(load: Loader) -> None:
-    """The Hugging Face Trainer drives KFAC on a GPT-2; every projection, embedding and norm has a block."""
+@pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
+def test_hf_trainer(load: Loader, preset: bool) -> None:
+    """The Hugging Face Trainer drives KFAC, and the adaptive preset (its own optimizer.step() with
+    the batch of the trainer's pass), on a GPT-2; every projection, embedding and norm has a block."""
     argv = ["--steps", "15", "--batch-size", "8", "--context", "16", "--width", "32", "--warmup", "2"]
-    out = load("hf_trainer").main([*argv, *COMMON])  # bfloat16 autocast on the CPU
+    out = load("hf_trainer").main([*argv, *["--preset"] * preset, *COMMON])  # bfloat16 autocast on the CPU
     assert len(out["losses"]) == 15
     assert_learned(out["losses"], factor=0.9)
+    if preset:  # NextTokenLogits holds the language model
+        out["coverage"] = {name.removeprefix("lm."): line for name, line in out["coverage"].items()}
     blocks = out["coverage"]
     # Two embeddings (the output head shares the token embedding's weight), four Conv1D with bias
     # and two LayerNorms per layer (two layers), the final LayerNorm.
