@@ -12,8 +12,7 @@ guessed at: `reason` says why, and the step's error repeats it.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +36,14 @@ class TrainingPass:
 class LastBatch:
     """Hooks on `model` and `loss_fn` that keep the training passes since the last `take()`."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, own_pass: Callable[[], bool]) -> None:
+        #: Whether a pass running now is the optimizer's own (the Fisher pass, the quadratic model,
+        #: a loss evaluation): those are not training passes.
+        self.own_pass = own_pass
         self._handles = [
             model.register_forward_hook(outside_compiled_graphs(self._model_called), with_kwargs=True),
             loss_fn.register_forward_hook(outside_compiled_graphs(self._loss_called), with_kwargs=True),
         ]
-        #: Passes are not kept inside (the optimizer's own forward passes and loss evaluations).
-        self.paused = False
         self._calls = 0
         # The last model call: its number, its inputs and a weak reference to its output (the
         # loss's input must be that very tensor).
@@ -56,7 +56,7 @@ class LastBatch:
         self._loose_loss: str | None = None
 
     def _recording(self) -> bool:
-        return not self.paused and torch.is_grad_enabled()
+        return torch.is_grad_enabled() and not self.own_pass()
 
     def _model_called(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -102,15 +102,6 @@ class LastBatch:
             loose
             or "loss_fn was not called on the model's outputs with gradients enabled since the last step"
         )
-
-    @contextmanager
-    def pause(self) -> Iterator[None]:
-        """Keep no pass inside (the optimizer's own passes)."""
-        previous, self.paused = self.paused, True
-        try:
-            yield
-        finally:
-            self.paused = previous
 
     def remove(self) -> None:
         """Remove the hooks."""

@@ -89,7 +89,9 @@ class KFAC(OriginalAPI, Optimizer):
         )
         self.model = model
         #: The user's last training pass, for a step called without its loss or batch.
-        self._last_batch = LastBatch(model, opts.loss_fn) if opts.loss_fn is not None else None
+        self._last_batch = (
+            LastBatch(model, opts.loss_fn, self.preconditioner.own_pass) if opts.loss_fn is not None else None
+        )
         self._named_params = dict(model.named_parameters())
         self._param_names = {id(p): n for n, p in self._named_params.items()}
         #: The Levenberg-Marquardt rule's memory: rho, and for the original API's pairing of a
@@ -197,20 +199,7 @@ class KFAC(OriginalAPI, Optimizer):
                 closure = None
             else:
                 loss = value
-        if self._last_batch is None:
-            return self._step(closure, loss, batch, None)
-        last = self._last_batch.take()
-        with self._last_batch.pause():
-            return self._step(closure, loss, batch, last)
-
-    def _step(
-        self,
-        closure: Callable[..., Tensor] | None,
-        loss: Tensor | float | None,
-        batch: tuple[Any, Tensor] | None,
-        last: TrainingPass | str | None,
-    ) -> Tensor | None:
-        """`step` after the closure, with the last training pass (`torch_kfac.last_batch`)."""
+        last = None if self._last_batch is None else self._last_batch.take()
         pre = self.preconditioner
         self._check_model()
         pre.check_gradients()

@@ -319,6 +319,10 @@ class KFACPreconditioner:
         """Context: record no statistics (extra forward passes of the optimizer itself)."""
         return self._capture.paused()
 
+    def own_pass(self) -> bool:
+        """Whether the pass running now is the optimizer's own (a Fisher pass, or a paused one)."""
+        return self._capture.own_pass()
+
     def pending_statistics(self) -> list[Tensor]:
         """Statistics recorded since the last fold, for a finiteness check."""
         return [b.pending(k) for b in self.blocks.values() for k in b.FACTORS if b.has_pending(k)]
