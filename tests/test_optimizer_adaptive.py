@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import make_data, make_mlp
@@ -336,10 +337,11 @@ def test_invalid_adaptive_options(kwargs: dict[str, object], message: str) -> No
 
 
 def test_missing_batch_or_loss_is_a_clear_error() -> None:
+    """Without a training pass through `loss_fn` to take them from (torch_kfac.last_batch)."""
     model = make_mlp()
     opt = KFAC(model, damping=1e-2, loss_fn=LOSS, adaptive_learning_rate=True)
     x, y = make_data()
-    loss = LOSS(model(x), y)
+    loss = F.cross_entropy(model(x), y)
     loss.backward()
     with pytest.raises(ValueError, match="batch"):
         opt.step(loss=loss)

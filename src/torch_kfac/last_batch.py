@@ -93,8 +93,9 @@ class LastBatch:
         self._last_pass, self._passes, self._loose_loss, self._model_call = None, 0, None, None
         if passes > 1:
             return (
-                f"{passes} training passes (loss_fn on the model's outputs) since the last step, "
-                "as with gradient accumulation: which batch the step is for is the caller's choice"
+                f"{passes} training passes (loss_fn on the model's outputs with gradients enabled) "
+                "since the last step: with gradient accumulation, which batch the step is for is the "
+                "caller's choice; an evaluation belongs under torch.no_grad()"
             )
         if last is not None:
             return last[1]
