@@ -124,8 +124,13 @@ def test_the_optimizers_own_passes_are_not_training_passes() -> None:
         (lambda m, f, x, y: f(m(x)[:, :2], y.clamp(max=1)), "a tensor that is not the model's output"),
         (lambda m, f, x, y: f(m(x), y) + f(m(x), y), "2 training passes"),
         (lambda m, f, x, y: f(m(x), target=y), "loss_fn was called with other arguments"),
+        (lambda m, f, x, y: f(input=m(x), target=y), "loss_fn was called with other arguments"),
+        (
+            lambda m, f, x, y: f(input=x @ torch.ones(5, 3), target=y) + F.cross_entropy(m(x), y),
+            "not the model's output",
+        ),
     ],
-    ids=["other-loss", "sliced-outputs", "two-passes", "keyword-targets"],
+    ids=["other-loss", "sliced-outputs", "two-passes", "keyword-targets", "keywords", "loss-before-model"],
 )
 def test_a_pass_that_gives_no_batch_is_named_in_the_error(
     training_pass: Callable[[nn.Module, nn.Module, Tensor, Tensor], Tensor], reason: str

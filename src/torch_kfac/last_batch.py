@@ -6,7 +6,7 @@ gradients enabled leaves the batch `((x,), y)` and the loss (a model called with
 `model(**encoding)`, leaves `Arguments(kwargs=encoding)`), so `opt.step()`, and Lightning's
 `opt.step(closure)`, can run what needs them: the quadratic model, the MC Fisher's own pass, the
 loss after the step. Anything else (no such pass, several, a loss taken on reshaped outputs) is not
-guessed at: `reason` says why, and the step's error repeats it.
+guessed at: `LastBatch.take` says why, and the step's error repeats it.
 """
 
 from __future__ import annotations
@@ -73,14 +73,15 @@ class LastBatch:
         if not self._recording():
             return
         call = self._model_call
-        if len(args) != 2 or kwargs or not isinstance(output, Tensor):
-            found: TrainingPass | str = "loss_fn was called with other arguments than (outputs, targets)"
-        elif call is None or call[2] is None or call[2]() is not args[0]:
+        outputs = args[0] if args else kwargs.get("input")
+        if call is None or call[2] is None or outputs is None or call[2]() is not outputs:
             self._loose_loss = (
                 "loss_fn was called on a tensor that is not the model's output (a reshaped or "
                 "selected output, or a model with several outputs)"
             )
             return
+        if len(args) != 2 or kwargs or not isinstance(output, Tensor):
+            found: TrainingPass | str = "loss_fn was called with other arguments than (outputs, targets)"
         else:
             found = TrainingPass(call[1], args[1], output.detach())
         if self._last_pass is None or self._last_pass[0] != call[0]:
