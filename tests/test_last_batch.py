@@ -129,8 +129,17 @@ def test_the_optimizers_own_passes_are_not_training_passes() -> None:
             lambda m, f, x, y: f(input=x @ torch.ones(5, 3), target=y) + F.cross_entropy(m(x), y),
             "not the model's output",
         ),
+        (lambda m, f, x, y: f(m(x, pair=True)[0], y), "not the model's output"),
     ],
-    ids=["other-loss", "sliced-outputs", "two-passes", "keyword-targets", "keywords", "loss-before-model"],
+    ids=[
+        "other-loss",
+        "sliced-outputs",
+        "two-passes",
+        "keyword-targets",
+        "keywords",
+        "loss-before-model",
+        "tuple-outputs",
+    ],
 )
 def test_a_pass_that_gives_no_batch_is_named_in_the_error(
     training_pass: Callable[[nn.Module, nn.Module, Tensor, Tensor], Tensor], reason: str
@@ -176,14 +185,15 @@ def test_fisher_pass_without_a_batch_names_the_reason() -> None:
 
 
 class Keyword(nn.Module):
-    """The MLP, callable as model(x) or model(input=x)."""
+    """The MLP, callable as model(x) or model(input=x); with pair=True its output twice, as a tuple."""
 
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
         self.body = body
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self.body(input)
+    def forward(self, input: Tensor, pair: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        out = self.body(input)
+        return (out, out) if pair else out
 
 
 def test_the_step_keeps_no_reference_to_the_batch_or_the_outputs() -> None:

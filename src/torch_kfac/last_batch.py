@@ -44,14 +44,13 @@ class LastBatch:
             model.register_forward_hook(outside_compiled_graphs(self._model_called), with_kwargs=True),
             loss_fn.register_forward_hook(outside_compiled_graphs(self._loss_called), with_kwargs=True),
         ]
-        self._calls = 0
-        # The last model call: its number, its inputs and a weak reference to its output (the
-        # loss's input must be that very tensor).
-        self._model_call: tuple[int, Any, weakref.ref[Tensor] | None] | None = None
-        # The last training pass (its model call's number, the pass or why it cannot be one), and
-        # how many passes since the last `take` (only one is kept: a forgotten optimizer holds no
-        # more than one batch).
-        self._last_pass: tuple[int, TrainingPass | str] | None = None
+        # The last model call: its inputs and a weak reference to its output (the loss's input must
+        # be that very tensor).
+        self._model_call: tuple[Any, weakref.ref[Tensor] | None] | None = None
+        # The last training pass (its model call, the pass or why it cannot be one), and how many
+        # passes since the last `take` (only one is kept: a forgotten optimizer holds no more than
+        # one batch).
+        self._last_pass: tuple[object, TrainingPass | str] | None = None
         self._passes = 0
         self._loose_loss: str | None = None
 
@@ -63,9 +62,8 @@ class LastBatch:
     ) -> None:
         if not self._recording():
             return
-        self._calls += 1
         ref = weakref.ref(output) if isinstance(output, Tensor) else None
-        self._model_call = (self._calls, Arguments(args, dict(kwargs)) if kwargs else args, ref)
+        self._model_call = (Arguments(args, dict(kwargs)) if kwargs else args, ref)
 
     def _loss_called(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -74,7 +72,7 @@ class LastBatch:
             return
         call = self._model_call
         outputs = args[0] if args else kwargs.get("input")
-        if call is None or call[2] is None or outputs is None or call[2]() is not outputs:
+        if call is None or call[1] is None or outputs is None or call[1]() is not outputs:
             self._loose_loss = (
                 "loss_fn was called on a tensor that is not the model's output (a reshaped or "
                 "selected output, or a model with several outputs)"
@@ -83,10 +81,10 @@ class LastBatch:
         if len(args) != 2 or kwargs or not isinstance(output, Tensor):
             found: TrainingPass | str = "loss_fn was called with other arguments than (outputs, targets)"
         else:
-            found = TrainingPass(call[1], args[1], output.detach())
-        if self._last_pass is None or self._last_pass[0] != call[0]:
+            found = TrainingPass(call[0], args[1], output.detach())
+        if self._last_pass is None or self._last_pass[0] is not call:
             self._passes += 1  # a second loss of the same outputs replaces the first
-        self._last_pass = (call[0], found)
+        self._last_pass = (call, found)
 
     def take(self) -> TrainingPass | str:
         """The one training pass since the last `take()`, or why there is none; forgets them."""
