@@ -100,6 +100,35 @@ def test_a_step_without_loss_or_batch_equals_the_step_given_them(config: str, st
         assert any(s["new_loss"] is not None for s in stats)
 
 
+def test_what_the_options_do_not_need_is_not_taken() -> None:
+    """step(loss=loss) with adapt_damping keeps the original API's rule (the loss change is measured
+    against the next step's loss) although the pass's batch is known; a fixed-lr step takes no loss."""
+
+    def run(given: bool) -> tuple[list[Tensor], Tensor]:
+        model, ce = make_mlp(), nn.CrossEntropyLoss()
+        loss_fn = ce if given else None  # the training pass runs through it
+        opt = KFAC(
+            model, lr=0.1, damping=1e-2, loss_fn=loss_fn, adapt_damping=True, damping_adaptation_interval=1
+        )
+        for i in range(4):
+            x, y = make_data(seed=i)
+            opt.zero_grad()
+            loss = ce(model(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+            assert opt.last_stats["new_loss"] is None  # no evaluation on the same batch
+        return [p.detach() for p in model.parameters()], opt.damping
+
+    (params, damping), (expected, expected_damping) = run(True), run(False)
+    assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
+    assert torch.equal(damping, expected_damping)
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = KFAC(model, lr=0.1, damping=1e-2, loss_fn=loss_fn, fisher_type="mc")
+    x, y = make_data()
+    loss_fn(model(x), y).backward()
+    assert opt.step() is None and opt.last_stats["loss"] is None
+
+
 def test_the_optimizers_own_passes_are_not_training_passes() -> None:
     """The MC Fisher's pass, the quadratic model, the damping search and the loss after the step run
     the model and loss_fn inside the step: none of them is a batch for the next step."""
