@@ -10,9 +10,9 @@ constraint bounds the step instead.
 
 With `--preset`, the optimizer is `presets.adaptive` (no learning rate, no schedule). Its step
 needs the loss module and the batch: the trainer gets `NextTokenLogits(model)`, whose output is
-what `nn.CrossEntropyLoss` takes, and `compute_loss_func` calls that loss module on it, so the
-trainer's own `optimizer.step()` finds the batch and the loss of its training pass
-(`torch_kfac.last_batch`).
+what `nn.CrossEntropyLoss` takes, and `compute_loss_func=next_token_loss(loss_fn)` calls that loss
+module on it (both from `torch_kfac.huggingface`), so the trainer's own `optimizer.step()` finds
+the batch and the loss of its training pass (`torch_kfac.last_batch`).
 
     pip install "torch-kfac[hf]"
     python examples/hf_trainer.py               # bf16 autocast on the CPU (or on CUDA with --device cuda)
@@ -46,7 +46,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from torch_kfac import KFAC, presets
-from torch_kfac.huggingface import register_transformers_blocks
+from torch_kfac.huggingface import NextTokenLogits, next_token_loss, register_transformers_blocks
 
 #: Module types whose parameters should all have a curvature block (or a stated reason not to).
 CURVATURE_TYPES = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.LayerNorm)
@@ -66,19 +66,6 @@ class CharWindows(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         window = self.ids[self.starts[i] : self.starts[i] + self.context]
         return {"input_ids": window, "labels": window}
-
-
-class NextTokenLogits(nn.Module):
-    """The language model's logits for each position's next token, (N, vocab, T - 1): the layout of
-    `nn.CrossEntropyLoss` over positions, whose targets are the labels from the second token on."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Next-token logits."""
-        return self.lm(input_ids=input_ids).logits[:, :-1].transpose(1, 2)
 
 
 class LossLog(TrainerCallback):
@@ -153,11 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = NextTokenLogits(model)
         opt = presets.adaptive(model, loss_fn, reduction="mean_positions")
         scheduler = get_constant_schedule(opt)  # the trainer attaches one; the preset's step ignores it
-
-        def next_token_loss(outputs: Tensor, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
-            return loss_fn(outputs, labels[:, 1:])
-
-        extra["compute_loss_func"] = next_token_loss
+        extra["compute_loss_func"] = next_token_loss(loss_fn)
     else:
         # GPT-2's loss is the mean over the batch's tokens: K-FAC's default reduction='mean' (the
         # Fisher of each sequence's token-averaged loss).

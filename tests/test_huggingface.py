@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from torch_kfac import KFACPreconditioner
 from torch_kfac.blocks import block_type_for
-from torch_kfac.huggingface import Conv1DBlock, register_transformers_blocks
+from torch_kfac.huggingface import Conv1DBlock, NextTokenLogits, next_token_loss, register_transformers_blocks
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -55,3 +55,25 @@ def test_conv1d_block_equals_the_linear_block_of_the_transpose() -> None:
 def test_registration_gives_conv1d_its_block() -> None:
     register_transformers_blocks()
     assert block_type_for(Conv1D(4, 5)) is Conv1DBlock
+
+
+def test_next_token_logits_and_loss_give_the_language_models_own_loss() -> None:
+    """NextTokenLogits + next_token_loss(nn.CrossEntropyLoss()) is GPT-2's own shifted loss, padding
+    (label -100, masked attention) included, and the logits are its logits shifted, vocabulary on dim 1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    lm = GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 11, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    model = NextTokenLogits(lm)
+    logits = model(ids, attention_mask=mask)
+    own = lm(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(logits, own.logits[:, :-1].transpose(1, 2), rtol=0, atol=0)
+    loss = next_token_loss(nn.CrossEntropyLoss())(logits, labels, num_items_in_batch=None)
+    torch.testing.assert_close(loss, own.loss.double(), rtol=1e-6, atol=0)  # its loss runs in float32

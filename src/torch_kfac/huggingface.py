@@ -8,11 +8,29 @@ and `nn.LayerNorm` (and an output head tied to the token embedding) have blocks 
 
     from torch_kfac.huggingface import register_transformers_blocks
     register_transformers_blocks()  # before building KFAC / KFACPreconditioner
+
+The adaptive preset in `Trainer` (which calls `optimizer.step()` without arguments): the trainer
+gets `NextTokenLogits(lm)`, whose output is the loss module's input as it is, and
+`compute_loss_func=next_token_loss(loss_fn)` calls the preset's loss module on it, so the step
+finds the batch and the loss of the trainer's pass (`torch_kfac.last_batch`):
+
+    model = NextTokenLogits(GPT2LMHeadModel(config))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn, reduction="mean_positions")
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(..., max_grad_norm=0.0, label_names=["labels"]),
+        optimizers=(opt, get_constant_schedule(opt)),
+        compute_loss_func=next_token_loss(loss_fn),
+    )
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
 
 from torch_kfac.blocks import LinearBlock, register_block
 
@@ -46,3 +64,28 @@ def register_transformers_blocks() -> None:
             "register_transformers_blocks needs the transformers package: pip install 'torch-kfac[hf]'"
         ) from err
     register_block(Conv1D, Conv1DBlock)
+
+
+class NextTokenLogits(nn.Module):
+    """A causal language model's logits for each position's next token, (N, vocab, T - 1): the
+    layout `nn.CrossEntropyLoss` takes over positions, whose targets are the labels from the second
+    token on (`next_token_loss`)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Next-token logits, vocabulary on dim 1."""
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, :-1].transpose(1, 2)
+
+
+def next_token_loss(loss_fn: nn.Module) -> Callable[..., Tensor]:
+    """`Trainer(compute_loss_func=...)` for `NextTokenLogits`: `loss_fn` on the logits and the labels
+    from the second token on (the model's own loss: ignored positions labelled -100)."""
+
+    def compute_loss(outputs: Tensor, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
+        return loss_fn(outputs, labels[:, 1:])
+
+    return compute_loss
