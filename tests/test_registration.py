@@ -99,3 +99,58 @@ def test_a_parametrized_weight_leaves_its_module_to_the_plain_update(parametrize
         pre.step()
         assert torch.equal(model[0].bias.grad, grad)
     assert pre.blocks["2"].has_inverses()
+
+
+def test_the_report_names_why_an_enclosed_or_nested_module_falls_back() -> None:
+    """A skipped attention's output projection is part of it (not 'no block for this type'); a
+    nested skipped module's reason is found under its own name, not its parent's; a block's
+    refusal (a sparse embedding) is quoted; and the attention's add_bias_kv parameters, which its
+    block leaves to the plain update, say so, at the root of the model too."""
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Embedding(5, 4, sparse=True))
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(4, 2, batch_first=True), "outer": inner})
+    blocks, reasons = make_blocks(model, ["attn", "outer.0"])
+    assert blocks == {}
+    text = report(model, blocks, reasons)
+    assert "attn.out_proj.weight: fallback (part of 'attn': listed in skip_modules)" in text, text
+    assert "outer.0.weight: fallback (listed in skip_modules)" in text, text
+    assert "sparse" in reasons["outer.1"] and f"outer.1.weight: fallback ({reasons['outer.1']})" in text
+    root = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+    blocks, reasons = make_blocks(root, ())
+    assert list(blocks) == [""] and not reasons  # the root module's projection is its own
+    text = report(root, blocks, reasons)
+    assert "bias_k: fallback (add_bias_kv: appended to the keys/values" in text, text
+    assert [line.split(":")[0].strip() for line in text.splitlines() if "fallback" in line] == [
+        "bias_k",
+        "bias_v",
+    ]
+
+
+def test_a_third_module_sharing_a_tied_weight_sends_every_sharer_to_the_fallback_with_the_reason() -> None:
+    """Two Linear layers sharing a weight are tied; a third sharing it too cannot join: the report
+    gives each module the reason (it said 'no curvature block for this module type' for the first
+    two, whose reason was filed under the tied block's name '0+1'); a fourth finds no block left."""
+    layers = [nn.Linear(4, 4) for _ in range(4)]
+    for layer in layers[1:]:
+        layer.weight = layers[0].weight
+    model = nn.Sequential(*layers)
+    blocks, reasons = make_blocks(model, ())
+    assert blocks == {}
+    assert reasons == {
+        "0": "parameter shared with '2' in a way K-FAC cannot handle",
+        "1": "parameter shared with '2' in a way K-FAC cannot handle",
+        "2": "parameter shared with '0+1' in a way K-FAC cannot handle",
+        "3": "parameter shared with '0+1' in a way K-FAC cannot handle",
+    }
+    text = report(model, blocks, reasons)
+    names = ("0.weight", "0.bias", "1.bias", "2.bias", "3.bias")
+    assert all(f"{name}: fallback (parameter shared with" in text for name in names), text
+
+
+def test_a_bias_free_head_tied_to_an_embedding_gets_a_tied_block() -> None:
+    """The head's only parameter is the embedding's weight: a tied block, not 'handled by' it."""
+    model = Tied()
+    model.head = nn.Linear(5, 7, bias=False)
+    model.head.weight = model.embed.weight
+    blocks, reasons = make_blocks(model, ())
+    assert list(blocks) == ["embed+head"] and isinstance(blocks["embed+head"], TiedBlock)
+    assert not reasons

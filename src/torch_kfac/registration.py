@@ -118,9 +118,11 @@ class _Registration:
                 return
         # Sharing we cannot express: both modules use the plain update, not a wrong curvature.
         block.remove()
-        if other in self.blocks:
-            self.blocks.pop(other).remove()
-        self.reasons[other] = f"parameter shared with {name!r} in a way K-FAC cannot handle"
+        if other in self.blocks:  # its modules (a tied block's each) fall back too; else they have
+            dropped = self.blocks.pop(other)
+            dropped.remove()
+            for member in dropped.hooked():
+                self.reasons[member.name] = f"parameter shared with {name!r} in a way K-FAC cannot handle"
         self.reasons[name] = f"parameter shared with {other!r} in a way K-FAC cannot handle"
 
 
