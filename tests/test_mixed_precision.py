@@ -135,6 +135,45 @@ def test_the_preset_under_a_grad_scaler_takes_the_unscaled_steps() -> None:
     torch.testing.assert_close(params(model), params(ref_model), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", ["preset", "fixed", "mc", "ekfac", "preconditioner"])
+def test_a_step_inside_an_autocast_region_is_the_step_outside_it(config: str) -> None:
+    """Lightning's manual optimization steps inside the training step's autocast, and so may a
+    plain loop: the step's own arithmetic and passes run with autocast off, so its parameters equal
+    those of the step called after the region, bit for bit (inside it, the preset's quadratic model
+    raised a dtype error, and the preconditioning ran in bfloat16)."""
+
+    def train(inside: bool) -> list[Tensor]:
+        torch.manual_seed(0)
+        model, loss_fn = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 3)), nn.CrossEntropyLoss()
+        every = {"factor_update_steps": 1, "inverse_update_steps": 1}
+        sgd = None
+        if config == "preset":
+            opt = presets.adaptive(model, loss_fn)
+        elif config == "preconditioner":
+            opt = KFACPreconditioner(model, damping=1e-2, **every)
+            sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        else:
+            options = {"mc": {"loss_fn": loss_fn, "fisher_type": "mc"}, "ekfac": {"approximation": "ekfac"}}
+            opt = kfac(model, **options.get(config, {}))
+        for i, (x, y) in enumerate(batches(4)):
+            torch.manual_seed(i)
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                if inside:
+                    opt.step()
+                    if sgd is not None:
+                        sgd.step()
+            if not inside:
+                opt.step()
+                if sgd is not None:
+                    sgd.step()
+        return list(params(model).values())
+
+    assert all(torch.equal(p, q) for p, q in zip(train(True), train(False), strict=True))
+
+
 def test_a_float16_model_under_the_default_grad_scaler_takes_the_unscaled_steps() -> None:
     """The default loss scale, 2^16, is inf in float16: the gradients are unscaled in float32, so
     the steps are those of the unscaled loss (with the scale cast to float16 nothing moved)."""

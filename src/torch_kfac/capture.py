@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torch_kfac.blocks.base import CurvatureBlock
 from torch_kfac.lowrank import RowCapture
+from torch_kfac.utils import autocast_off
 
 #: Why the hooks run outside a compiled graph (dynamo shows it in its graph-break report, and in the
 #: error of `torch.compile(model, fullgraph=True)`, which cannot work with them).
@@ -210,14 +211,4 @@ def _cast(values: tuple[Any, ...], dtype: torch.dtype | None) -> tuple[Any, ...]
 def _statistics_precision(values: tuple[Any, ...]) -> AbstractContextManager[object]:
     """Autocast off while statistics are computed (they are sums of squares: 16 bits lose them)."""
     tensor = next((v for v in values if isinstance(v, Tensor)), None)
-    if tensor is None or not _autocast_enabled(tensor.device.type):
-        return nullcontext()
-    return torch.autocast(tensor.device.type, enabled=False)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for the device type (older torch versions: CPU or CUDA only)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    return nullcontext() if tensor is None else autocast_off([tensor.device.type])

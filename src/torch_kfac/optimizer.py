@@ -200,6 +200,18 @@ class KFAC(OriginalAPI, Optimizer):
             else:
                 loss = value
         last = None if self._last_batch is None else self._last_batch.take()
+        with self.preconditioner.autocast_off():
+            return self._step(loss, batch, closure, last)
+
+    def _step(
+        self,
+        loss: Tensor | float | None,
+        batch: tuple[Any, Tensor] | None,
+        closure: Callable[..., Tensor] | None,
+        last: TrainingPass | str | None,
+    ) -> Tensor | None:
+        """`step` after the closure, with autocast off (the step's own arithmetic and passes keep
+        their dtypes where the step is called inside an autocast region)."""
         pre = self.preconditioner
         self._check_model()
         pre.check_gradients()

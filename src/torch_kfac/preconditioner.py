@@ -38,7 +38,7 @@ from torch_kfac.options import (
 )
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
-from torch_kfac.utils import call_model, leading_examples, preserved_buffers
+from torch_kfac.utils import autocast_off, call_model, leading_examples, preserved_buffers
 
 #: 2^64 / golden ratio: spreads per-step seeds (MC labels, drawn patches) over the seed space.
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -731,17 +731,23 @@ class KFACPreconditioner:
         non-finite gradient or statistic is skipped: the gradients stay as they were and the
         factors and inverses unchanged. Returns whether the step was taken: a bool after a host
         check in the step, else a 0-d bool tensor (reading it is the host read the step saved).
+        Autocast is off inside, wherever it is called.
         """
-        mats = self.prepare(batch=batch)
-        if mats is None:
-            return False
-        taken = self.taken
-        for param, new_grad in per_parameter(self.blocks, self.precondition_all(mats)):
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            param.grad.copy_(new_grad if taken is None else torch.where(taken, new_grad, param.grad))
-        self.finish_step()
-        return True if taken is None else taken
+        with self.autocast_off():
+            mats = self.prepare(batch=batch)
+            if mats is None:
+                return False
+            taken = self.taken
+            for param, new_grad in per_parameter(self.blocks, self.precondition_all(mats)):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.copy_(new_grad if taken is None else torch.where(taken, new_grad, param.grad))
+            self.finish_step()
+            return True if taken is None else taken
+
+    def autocast_off(self) -> AbstractContextManager[None]:
+        """Context: autocast off on the model's devices (`utils.autocast_off`)."""
+        return autocast_off(p.device.type for p in self.model.parameters())
 
     # --------------------------------------------------------------------- reporting
     def describe(self) -> str:

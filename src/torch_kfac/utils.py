@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,29 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     """`model` called on a batch's inputs (see `call_arguments`)."""
     args, kwargs = call_arguments(inputs)
     return model(*args, **kwargs)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for the device type (older torch versions: CPU or CUDA only; a device
+    type without autocast, such as 'meta': off)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+
+
+@contextmanager
+def autocast_off(device_types: Iterable[str]) -> Iterator[None]:
+    """Autocast switched off inside for those of the device types where it is on (the optimizer's
+    own arithmetic keeps its dtypes in whatever context it is called: Lightning's manual
+    optimization steps inside the training step's autocast)."""
+    with ExitStack() as stack:
+        for device_type in sorted(set(device_types)):
+            if autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 @contextmanager
