@@ -201,6 +201,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
     else:
         results["ddp"] = train("plain", 0.5, ddp=True)
         results["ddp_bare"] = train("adaptive", 0.5, ddp=True, bare=True)
+        results["float32"] = _float32_replica(rank)
         results["triangles"] = train("plain", 0.5, reduce_upper_triangle=True)
         results["skipped"] = train("plain", 0.5, poisoned_step=2)
         results["mc_unseeded"] = train("adaptive", 0.5, mc_seed=None)
@@ -220,6 +221,24 @@ def _worker(rank: int, world: int, folder: str) -> None:
     torch.save(results, out / f"rank{rank}.pt")
     if world == 4:
         dist.destroy_process_group()
+
+
+def _float32_replica(rank: int) -> list[torch.Tensor]:
+    """A float32 MLP under DDP after 4 K-FAC steps with inverses refreshed (and broadcast by their
+    owners) every step, each rank on its half of the batch: this rank's parameters."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 3))
+    model = nn.parallel.DistributedDataParallel(inner)
+    opt = KFAC(model, lr=0.1, damping=1e-2, factor_update_steps=1, inverse_update_steps=1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(64, 20, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(
+            model(x[rank * 32 : (rank + 1) * 32]), y[rank * 32 : (rank + 1) * 32]
+        ).backward()
+        opt.step()
+    return [p.detach().clone() for p in inner.parameters()]
 
 
 def _fsdp_error() -> str:
@@ -337,6 +356,15 @@ def test_preconditioner_in_front_of_sgd_and_upper_triangle_reduction(
         assert max_difference(result["triangles"], reference["plain"]) < TOL
         # On CPUs the default sends whole matrices; the triangles are about half of that.
         assert result["triangles"]["bytes"]["factors"] < 0.6 * result[("plain", 0.5)]["bytes"]["factors"]
+
+
+def test_ranks_keep_bit_identical_float32_parameters(runs: dict[Any, Any]) -> None:
+    """DDP relies on identical replicas. An inverse's owner used its Cholesky inverse in the layout
+    it was computed in (column-major), the ranks it broadcast it to a row-major copy: the products
+    rounded differently and the float32 replicas drifted apart by an ulp a step (float64 and the
+    tolerance of the other tests hid it)."""
+    first, second = (result["float32"] for result in runs[2])
+    assert all(p.dtype == torch.float32 and torch.equal(p, q) for p, q in zip(first, second, strict=True))
 
 
 def test_a_bare_step_under_ddp_takes_each_ranks_batch_from_its_training_pass(
