@@ -313,3 +313,24 @@ def test_lightning_drives_the_preset_in_both_optimization_modes() -> None:
     expected = [p.detach() for p in model.parameters()]
     for automatic in (True, False):
         assert all(torch.equal(p, q) for p, q in zip(fit(automatic), expected, strict=True))
+
+
+def test_a_compiled_model_gives_the_same_bare_steps() -> None:
+    """torch.compile(model): the hooks on the model run outside the graph and see the output the
+    compiled call returns, so the bare steps are the explicit eager ones."""
+    torch._dynamo.reset()
+
+    def run(compiled: bool) -> list[Tensor]:
+        model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+        opt = presets.adaptive(model, loss_fn, qmodel_batch_size=8, fisher_batch_size=8)
+        forward = torch.compile(model, backend="eager") if compiled else model
+        for i in range(4):
+            x, y = make_data(seed=i)
+            torch.manual_seed(i)
+            opt.zero_grad()
+            loss = loss_fn(forward(x), y)
+            loss.backward()
+            opt.step() if compiled else opt.step(loss=loss, batch=(x, y))
+        return [p.detach() for p in model.parameters()]
+
+    assert all(torch.equal(p, q) for p, q in zip(run(True), run(False), strict=True))
