@@ -33,7 +33,6 @@ from torch_kfac.last_batch import LastBatch, TrainingPass
 from torch_kfac.options import (
     AUTO_DAMPING,
     ORIGINAL_POSITIONAL,
-    FisherType,
     KFACOptions,
     QModelCurvature,
     kfac_options,
@@ -521,7 +520,7 @@ class KFAC(OriginalAPI, Optimizer):
         """The loss and batch of the step: as passed, else, where the options need them, those of
         the last training pass (`torch_kfac.last_batch`); an error naming what is missing."""
         opts, pre = self.options, self.preconditioner
-        mc_pass = opts.fisher_type != FisherType.EMPIRICAL and pre._factor_step()
+        mc_pass = pre.fisher_pass_due()
         needs_loss = opts.adapt_damping or opts.reject_steps or opts.uses_qmodel
         needs_batch = opts.uses_exact_curvature or mc_pass or (opts.reject_steps and closure is None)
         why = ""

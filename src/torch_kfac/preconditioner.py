@@ -229,6 +229,11 @@ class KFACPreconditioner:
         """Whether the user's own passes should be recorded now (empirical Fisher only)."""
         return self.options.fisher_type == FisherType.EMPIRICAL and self._factor_step()
 
+    def fisher_pass_due(self) -> bool:
+        """Whether this step runs the own Fisher pass (fisher_type 'mc' or 'type-2' on a
+        factor-update step), which needs the batch."""
+        return self.options.fisher_type != FisherType.EMPIRICAL and self._factor_step()
+
     def _factor_step(self) -> bool:
         if self.options.update_factors_manually or self.steps < self.options.warmup_steps:
             return True
@@ -673,7 +678,7 @@ class KFACPreconditioner:
         Returns the blocks' gradient matrices.
         """
         self._follow_model()
-        if self.options.fisher_type != FisherType.EMPIRICAL and self._factor_step():
+        if self.fisher_pass_due():
             if batch is None:
                 raise ValueError(
                     f"fisher_type={self.options.fisher_type!r} needs step(batch=(inputs, targets)) "
