@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torch_kfac.blocks.base import CurvatureBlock
 from torch_kfac.lowrank import RowCapture
-from torch_kfac.utils import autocast_off
+from torch_kfac.utils import autocast_enabled
 
 #: Why the hooks run outside a compiled graph (dynamo shows it in its graph-break report, and in the
 #: error of `torch.compile(model, fullgraph=True)`, which cannot work with them).
@@ -211,4 +211,6 @@ def _cast(values: tuple[Any, ...], dtype: torch.dtype | None) -> tuple[Any, ...]
 def _statistics_precision(values: tuple[Any, ...]) -> AbstractContextManager[object]:
     """Autocast off while statistics are computed (they are sums of squares: 16 bits lose them)."""
     tensor = next((v for v in values if isinstance(v, Tensor)), None)
-    return nullcontext() if tensor is None else autocast_off([tensor.device.type])
+    if tensor is None or not autocast_enabled(tensor.device.type):
+        return nullcontext()  # the common case, in every hook call: no context stack to build
+    return torch.autocast(tensor.device.type, enabled=False)
