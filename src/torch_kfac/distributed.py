@@ -275,13 +275,12 @@ class DistributedCurvature:
                 self._drop(block, layouts[name])
         shared = [n for n in due if n not in first and n in layouts]
         for name in shared:
-            if self.owners[name] == self.rank and name in blocks:
+            if self.owners[name] == self.rank:
                 # Holders receive row-major copies; an owner preconditioning with its own layout (a
                 # Cholesky inverse comes column-major) would round differently and the ranks drift.
                 state = blocks[name].state
-                for key in layouts[name]:
-                    if key in state:
-                        state[key] = state[key].contiguous()
+                for key in layouts[name]:  # the entries the broadcast below sends
+                    state[key] = state[key].contiguous()
         received = self._broadcast_inverses(blocks, shared, layouts, everyone=False)
         for name, entries in received.items():
             blocks[name].state.update(entries)
