@@ -156,8 +156,9 @@ def test_the_optimizers_own_passes_are_not_training_passes() -> None:
         (lambda m, f, x, y: f(input=m(x), target=y), "loss_fn was called with other arguments"),
         (
             lambda m, f, x, y: f(input=x @ torch.ones(5, 3), target=y) + F.cross_entropy(m(x), y),
-            "not the model's output",
+            "the optimizer's model had not been",
         ),
+        (lambda m, f, x, y: f(m.body(x), y), r"a submodule called directly"),
         (lambda m, f, x, y: f(m(x, pair=True)[0], y), "not the model's output"),
     ],
     ids=[
@@ -167,6 +168,7 @@ def test_the_optimizers_own_passes_are_not_training_passes() -> None:
         "keyword-targets",
         "keywords",
         "loss-before-model",
+        "submodule",
         "tuple-outputs",
     ],
 )

@@ -72,7 +72,14 @@ class LastBatch:
             return
         call = self._model_call
         outputs = args[0] if args else kwargs.get("input")
-        if call is None or call[1] is None or outputs is None or call[1]() is not outputs:
+        if call is None:
+            self._loose_loss = (
+                "loss_fn was called while the optimizer's model had not been since the last step "
+                "(a submodule called directly, such as self.net(x) in a LightningModule? Call the "
+                "model itself, or build the optimizer on that submodule)"
+            )
+            return
+        if call[1] is None or outputs is None or call[1]() is not outputs:
             self._loose_loss = (
                 "loss_fn was called on a tensor that is not the model's output (a reshaped or "
                 "selected output, or a model with several outputs)"
