@@ -1210,6 +1210,36 @@ def test_factors_and_damping_follow_the_model_to_another_device() -> None:
     assert all(t.device.type == "meta" for b in pre.blocks.values() for t in b.state.values())
 
 
+@pytest.mark.parametrize(
+    ("built", "converted"),
+    [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float64, torch.bfloat16)],
+    ids=["up", "down", "to-bf16"],
+)
+def test_a_model_converted_to_another_dtype_after_construction_steps_as_one_built_in_it(
+    built: torch.dtype, converted: torch.dtype
+) -> None:
+    """`model.to(dtype)` between construction and the first pass: that pass's statistics are taken
+    in the new factor dtype (float32 for bfloat16), so the step equals that of a model built in it
+    (up to the initial damping's rounding in the construction dtype)."""
+    grads, factors = [], []
+    for convert_after in (True, False):
+        model = make_mlp().to(built)  # the same weights in both runs
+        if not convert_after:
+            model.to(converted)
+        pre = KFACPreconditioner(model, damping=1e-2, warmup_steps=0)
+        model.to(converted)  # (a no-op for the model built in it)
+        x, y = make_data()
+        model.zero_grad()
+        F.cross_entropy(model(x.to(converted)), y).backward()
+        pre.step()
+        grads.append([p.grad for p in model.parameters()])
+        factors.append([t for b in pre.blocks.values() for k, t in b.state.items() if k.endswith("_ema")])
+    assert all(t.dtype == (torch.float32 if converted == torch.bfloat16 else converted) for t in factors[0])
+    assert all(torch.equal(a, b) for a, b in zip(*factors, strict=True))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_flags_live_on_the_models_device_not_on_the_default_device() -> None:
     """Skip and inverse flags are made on the damping's device, also where no tensor decides them (a
     diagonal block's refresh computes nothing; a step whose blocks are all frozen): the meta default

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_kfac.blocks.base import CurvatureBlock
+from torch_kfac.linalg import solver_dtype
 from torch_kfac.lowrank import RowCapture
 from torch_kfac.utils import autocast_enabled
 
@@ -66,7 +67,8 @@ class StatisticsCapture:
         self._paused = False
         self._forced: list[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
-        #: dtype in which statistics are computed (None: the activations' and gradients' own).
+        #: dtype in which statistics are computed (None: the activations' and gradients' own, float32
+        #: for 16-bit ones; so a pass after `model.to(dtype)` is recorded in the new dtype).
         self.factor_dtype: torch.dtype | None = None
         #: The loss scale of the backward pass now running (a GradScaler's, on the device), or None.
         self.loss_scale: Callable[[], Tensor | None] = _no_scale
@@ -139,8 +141,7 @@ class StatisticsCapture:
     def statistics_grad(self, grad: Tensor) -> Tensor:
         """An output gradient as statistics take it: in the factor dtype, the loss scale of the
         user's backward pass removed (the optimizer's own Fisher passes are not scaled)."""
-        if self.factor_dtype is not None:
-            grad = grad.to(self.factor_dtype)
+        grad = grad.to(self.factor_dtype or solver_dtype(grad.dtype))
         scale = None if self._forced is not None else self.loss_scale()
         return grad if scale is None else grad / scale.to(grad.dtype)
 
@@ -202,10 +203,11 @@ def _no_scale() -> None:
 
 
 def _cast(values: tuple[Any, ...], dtype: torch.dtype | None) -> tuple[Any, ...]:
-    """Floating-point tensors among `values` in `dtype` (all unchanged when dtype is None)."""
-    if dtype is None:
-        return values
-    return tuple(v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for v in values)
+    """Floating-point tensors among `values` in `dtype` (None: their own, float32 for 16-bit ones)."""
+    return tuple(
+        v.to(dtype or solver_dtype(v.dtype)) if isinstance(v, Tensor) and v.is_floating_point() else v
+        for v in values
+    )
 
 
 def _statistics_precision(values: tuple[Any, ...]) -> AbstractContextManager[object]:

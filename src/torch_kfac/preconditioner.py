@@ -125,7 +125,7 @@ class KFACPreconditioner:
         #: The initial damping damping='auto' chose (`torch_kfac.calibration`); None until then.
         self.calibrated_damping: float | None = None
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
-        self._capture.factor_dtype = factor_dtype(opts, dtype)
+        self._capture.factor_dtype = opts.factor_dtype
         # The rows are one process's (in distributed runs the gradient is the ranks' average), and
         # only Cholesky inverses precondition from them (eigenbases scale the rotated gradient).
         self.keep_gradient_rows(
@@ -714,7 +714,6 @@ class KFACPreconditioner:
             return
         w = next(iter(self.blocks.values())).parameters()[0]
         dtype = factor_dtype(self.options, w.dtype)
-        self._capture.factor_dtype = dtype
         for block in self.blocks.values():
             block.follow_weight(dtype)
         damping = self.global_state["damping"]
