@@ -107,14 +107,18 @@ def train(
     standalone: bool = False,
     poisoned_step: int | None = None,
     bare: bool = False,
+    find_unused: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Train on this rank's shards; returns parameters, last update, factors and held inverses.
     `poisoned_step`: that step's inputs are NaN (the step is skipped). `bare`: `opt.step()`, the
-    loss and batch taken from the training pass."""
+    loss and batch taken from the training pass. `find_unused`: DDP's `find_unused_parameters`
+    (its outputs are then new tensors, not the wrapped module's)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     inner = make_model()
-    model: nn.Module = nn.parallel.DistributedDataParallel(inner) if ddp else inner
+    model: nn.Module = (
+        nn.parallel.DistributedDataParallel(inner, find_unused_parameters=find_unused) if ddp else inner
+    )
     loss_fn = nn.CrossEntropyLoss()
     kwargs = {**CONFIGS[config], **options, "grad_worker_fraction": fraction}
     if standalone:  # KFACPreconditioner in front of SGD
@@ -201,6 +205,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
     else:
         results["ddp"] = train("plain", 0.5, ddp=True)
         results["ddp_bare"] = train("adaptive", 0.5, ddp=True, bare=True)
+        results["ddp_bare_unused"] = train("adaptive", 0.5, ddp=True, bare=True, find_unused=True)
         results["float32"] = _float32_replica(rank)
         results["triangles"] = train("plain", 0.5, reduce_upper_triangle=True)
         results["skipped"] = train("plain", 0.5, poisoned_step=2)
@@ -371,9 +376,12 @@ def test_a_bare_step_under_ddp_takes_each_ranks_batch_from_its_training_pass(
     runs: dict[Any, Any], reference: dict[str, dict[str, Any]]
 ) -> None:
     """`opt.step()` on a DDP-wrapped model: each rank's shard and loss come from its own pass
-    through the wrapper (torch_kfac.last_batch), and the run is one process's on the whole batch."""
+    through the wrapper (torch_kfac.last_batch), and the run is one process's on the whole batch.
+    With `find_unused_parameters` the wrapper returns new tensors, so the pass is watched on the
+    wrapper, not on the module inside it."""
     for result in runs[2]:
         assert max_difference(result["ddp_bare"], reference["adaptive"]) < TOL
+        assert max_difference(result["ddp_bare_unused"], reference["adaptive"]) < TOL
 
 
 def test_a_skipped_step_leaves_the_averaged_factors_as_one_process_leaves_them(

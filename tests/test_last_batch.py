@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.conftest import make_data, make_mlp
-from torch_kfac import KFAC, presets
+from torch_kfac import KFAC, KFACPreconditioner, presets
 
 Step = Callable[[KFAC, nn.Module, nn.Module, Tensor, Tensor], None]
 
@@ -213,6 +213,79 @@ def test_fisher_pass_without_a_batch_names_the_reason() -> None:
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(ValueError, match=r"fisher_type='mc' needs step.*none could be taken.*was not called"):
         opt.step()
+
+
+def precondition_and_step(bare: bool, fisher_type: str, steps: int = 4) -> list[Tensor]:
+    """`KFACPreconditioner` in front of SGD, its Fisher batch given or taken from the pass."""
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    pre = KFACPreconditioner(model, damping=1e-2, loss_fn=loss_fn, fisher_type=fisher_type, warmup_steps=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(steps):
+        x, y = make_data(seed=i)
+        torch.manual_seed(100 + i)  # the MC Fisher's labels
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        pre.step() if bare else pre.step(batch=(x, y))
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_the_preconditioner_takes_its_fisher_batch_from_the_training_pass(fisher_type: str) -> None:
+    bare, explicit = precondition_and_step(True, fisher_type), precondition_and_step(False, fisher_type)
+    assert all(torch.equal(p, q) for p, q in zip(bare, explicit, strict=True))
+
+
+def test_the_preconditioner_names_why_no_fisher_batch_was_taken() -> None:
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    pre = KFACPreconditioner(model, loss_fn=loss_fn, fisher_type="mc")
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"fisher_type='mc' needs step.*none could be taken.*was not called"):
+        pre.step()
+    pre.close()
+    assert not model._forward_hooks and not loss_fn._forward_hooks
+
+
+def test_lightning_runs_the_preconditioner_in_a_hook_without_the_batch() -> None:
+    """Automatic optimization with `pre.step()` in `on_before_optimizer_step` (after the closure's
+    backward pass, before the optimizer's step): the MC Fisher's batch is the training step's."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.loss_fn = make_mlp(), nn.CrossEntropyLoss()
+            self.pre = KFACPreconditioner(
+                self, damping=1e-2, loss_fn=self.loss_fn, fisher_type="mc", warmup_steps=0
+            )
+
+        def forward(self, inputs: Tensor) -> Tensor:
+            return self.net(inputs)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            torch.manual_seed(100 + batch_idx)  # the MC Fisher's labels
+            return self.loss_fn(self(batch[0]), batch[1])
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            self.pre.step()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = (
+        torch.cat([make_data(seed=i)[0] for i in range(4)]),
+        torch.cat([make_data(seed=i)[1] for i in range(4)]),
+    )
+    module = Module()
+    trainer = L.Trainer(
+        max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+    expected = precondition_and_step(False, "mc")
+    assert all(torch.equal(p, q) for p, q in zip(module.net.parameters(), expected, strict=True))
 
 
 class Keyword(nn.Module):

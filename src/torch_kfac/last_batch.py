@@ -1,12 +1,13 @@
-"""The batch and loss of the user's last training pass, for `KFAC.step()` called without them.
+"""The batch and loss of the user's last training pass, for a step called without them.
 
-With `loss_fn` given, `KFAC` watches two calls: the model's (its inputs) and `loss_fn`'s (the
+With `loss_fn` given, `KFACPreconditioner` (and so `KFAC`) watches two calls: the model's (its
+inputs; a DistributedDataParallel wrapper's, whose outputs may be new tensors) and `loss_fn`'s (the
 outputs it was given, its targets and its value). A training pass `loss_fn(model(x), y)` run with
 gradients enabled leaves the batch `((x,), y)` and the loss (a model called with keyword arguments,
-`model(**encoding)`, leaves `Arguments(kwargs=encoding)`), so `opt.step()`, and Lightning's
-`opt.step(closure)`, can run what needs them: the quadratic model, the MC Fisher's own pass, the
-loss after the step. Anything else (no such pass, several, a loss taken on reshaped outputs) is not
-guessed at: `LastBatch.take` says why, and the step's error repeats it.
+`model(**encoding)`, leaves `Arguments(kwargs=encoding)`), so `opt.step()`, Lightning's
+`opt.step(closure)` and `pre.step()` can run what needs them: the quadratic model, the MC Fisher's
+own pass, the loss after the step. Anything else (no such pass, several, a loss taken on reshaped
+outputs) is not guessed at: `LastBatch.take` says why, and the step's error repeats it.
 """
 
 from __future__ import annotations
@@ -115,3 +116,8 @@ class LastBatch:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def unavailable(last: TrainingPass | str | None) -> str:
+    """The tail of the error of a step missing a loss or batch: why the last pass gave none."""
+    return f"; none could be taken from the last training pass: {last}" if isinstance(last, str) else ""

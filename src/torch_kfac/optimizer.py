@@ -29,7 +29,7 @@ from torch_kfac.calibration import search_damping
 from torch_kfac.damping import levenberg_marquardt, model_change, rejected_damping, step_rejected
 from torch_kfac.distributed import unwrap
 from torch_kfac.forward_ad import forward_ad_context
-from torch_kfac.last_batch import LastBatch, TrainingPass
+from torch_kfac.last_batch import TrainingPass, unavailable
 from torch_kfac.options import (
     AUTO_DAMPING,
     ORIGINAL_POSITIONAL,
@@ -87,10 +87,6 @@ class KFAC(OriginalAPI, Optimizer):
             ExactCurvature(model, opts.loss_fn, opts.qmodel_batch_size) if opts.loss_fn is not None else None
         )
         self.model = model
-        #: The user's last training pass, for a step called without its loss or batch.
-        self._last_batch = (
-            LastBatch(model, opts.loss_fn, self.preconditioner.own_pass) if opts.loss_fn is not None else None
-        )
         self._named_params = dict(model.named_parameters())
         self._param_names = {id(p): n for n, p in self._named_params.items()}
         #: The Levenberg-Marquardt rule's memory: rho, and for the original API's pairing of a
@@ -198,7 +194,8 @@ class KFAC(OriginalAPI, Optimizer):
                 closure = None
             else:
                 loss = value
-        last = None if self._last_batch is None else self._last_batch.take()
+        last_batch = self.preconditioner.last_batch
+        last = None if last_batch is None else last_batch.take()
         with self.preconditioner.autocast_off():
             return self._step(loss, batch, closure, last)
 
@@ -245,12 +242,6 @@ class KFAC(OriginalAPI, Optimizer):
             return loss_t
         self._update(k, mats, params, fallback, hyper, loss_t, batch, closure)
         return loss_t
-
-    def close(self) -> None:
-        """Remove the hooks from the model (and from `loss_fn`)."""
-        super().close()
-        if self._last_batch is not None:
-            self._last_batch.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, and the statistics and example count recorded with them that no step
@@ -523,7 +514,7 @@ class KFAC(OriginalAPI, Optimizer):
         mc_pass = pre.fisher_pass_due()
         needs_loss = opts.adapt_damping or opts.reject_steps or opts.uses_qmodel
         needs_batch = opts.uses_exact_curvature or mc_pass or (opts.reject_steps and closure is None)
-        why = ""
+        why = unavailable(last)
         if isinstance(last, TrainingPass):
             if needs_loss and loss is None:
                 loss = last.loss
@@ -531,8 +522,6 @@ class KFAC(OriginalAPI, Optimizer):
                 needs_batch = needs_batch or closure is None
             if needs_batch and batch is None:
                 batch = (last.inputs, last.targets)
-        elif last is not None:
-            why = f"; none could be taken from the last training pass: {last}"
         if needs_loss and loss is None:
             raise ValueError(
                 "adapt_damping, reject_steps and the adaptive learning rate/momentum need the loss: "
@@ -544,10 +533,7 @@ class KFAC(OriginalAPI, Optimizer):
                 f"qmodel_curvature='exact') needs step(batch=(inputs, targets)){why}"
             )
         if mc_pass and batch is None:
-            raise ValueError(
-                f"fisher_type={opts.fisher_type.value!r} needs step(batch=(inputs, targets)) on "
-                f"factor-update steps{why}"
-            )
+            raise pre.fisher_batch_error(why)
         if opts.reject_steps and batch is None and closure is None:
             raise ValueError(f"reject_steps=True needs step(batch=(inputs, targets)) or a closure{why}")
         if batch is not None and self.loss_fn is None:

@@ -385,8 +385,9 @@ class PreconditionerOptions:
         fisher_type: 'empirical' (gradients of the loss on the data labels, recorded from your
             own backward pass), 'mc' (labels sampled from the model's predictive distribution,
             `mc_samples` of them) or 'type-2' (the exact Fisher/GGN, one backward pass per output
-            class). 'mc' and 'type-2' need `loss_fn` and `step(batch=(inputs, targets))`: on
-            factor-update steps the preconditioner runs its own forward and backward passes.
+            class). 'mc' and 'type-2' need `loss_fn` and the batch, `step(batch=(inputs, targets))`
+            or the training pass's (`torch_kfac.last_batch`): on factor-update steps the
+            preconditioner runs its own forward and backward passes.
         mc_samples: number of sampled labels per example for fisher_type='mc'.
         fisher_batch_size: run the own pass of fisher_type 'mc' or 'type-2' on at most this many
             examples, the batch's first ones along dimension 0 of the targets and of every input

@@ -23,6 +23,7 @@ from torch_kfac.blocks.kronecker import KroneckerFactors
 from torch_kfac.calibration import initial_damping
 from torch_kfac.capture import StatisticsCapture
 from torch_kfac.distributed import LAYOUT_KEY, DistributedCurvature, check_model, is_distributed, unwrap
+from torch_kfac.last_batch import LastBatch, TrainingPass, unavailable
 from torch_kfac.linalg import LOW_PRECISION
 from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.lowrank import GradientRows, RowCapture, verified_rows
@@ -73,6 +74,9 @@ class KFACPreconditioner:
             raise TypeError("pass either options=... or the options as keywords, not both")
         self.options = opts = PreconditionerOptions(**kwargs) if options is None else options
         check_model(model)
+        #: The user's last training pass, for a step called without the batch or loss it needs
+        #: (hooks on the model as given: a DistributedDataParallel wrapper's own output).
+        self.last_batch = LastBatch(model, opts.loss_fn, self.own_pass) if opts.loss_fn is not None else None
         model = unwrap(model)  # DistributedDataParallel: blocks named without `module.`
         #: Communication with the other ranks (None on a single process; torch_kfac.distributed).
         self.distributed = (
@@ -233,6 +237,13 @@ class KFACPreconditioner:
         """Whether this step runs the own Fisher pass (fisher_type 'mc' or 'type-2' on a
         factor-update step), which needs the batch."""
         return self.options.fisher_type != FisherType.EMPIRICAL and self._factor_step()
+
+    def fisher_batch_error(self, why: str = "") -> ValueError:
+        """The error of a Fisher pass due without its batch (`why`: why no training pass gave one)."""
+        return ValueError(
+            f"fisher_type={self.options.fisher_type.value!r} needs step(batch=(inputs, targets)) on "
+            f"factor-update steps{why}"
+        )
 
     def _factor_step(self) -> bool:
         if self.options.update_factors_manually or self.steps < self.options.warmup_steps:
@@ -680,10 +691,7 @@ class KFACPreconditioner:
         self._follow_model()
         if self.fisher_pass_due():
             if batch is None:
-                raise ValueError(
-                    f"fisher_type={self.options.fisher_type!r} needs step(batch=(inputs, targets)) "
-                    "on factor-update steps"
-                )
+                raise self.fisher_batch_error()
             self.fisher_pass(batch)
         mats = self.gradient_matrices()
         stats = self._statistics()
@@ -731,13 +739,21 @@ class KFACPreconditioner:
     def step(self, batch: tuple[Any, Tensor] | None = None) -> bool | Tensor:
         """Replace the `.grad` of each block's parameters by the preconditioned gradient.
 
-        `batch=(inputs, targets)` is needed by fisher_type 'mc' and 'type-2'. A step with a
+        `batch=(inputs, targets)` is needed by fisher_type 'mc' and 'type-2'; omitted, it is that
+        of the training pass since the last step, `loss_fn(model(*inputs), targets)` run with
+        gradients enabled (`torch_kfac.last_batch`), and without one the step raises, saying why.
+        A step with a
         non-finite gradient or statistic is skipped: the gradients stay as they were and the
         factors and inverses unchanged. Returns whether the step was taken: a bool after a host
         check in the step, else a 0-d bool tensor (reading it is the host read the step saved).
         Autocast is off inside, wherever it is called.
         """
+        last = None if self.last_batch is None else self.last_batch.take()
         with self.autocast_off():
+            if batch is None and self.fisher_pass_due():
+                if not isinstance(last, TrainingPass):
+                    raise self.fisher_batch_error(unavailable(last))
+                batch = (last.inputs, last.targets)
             mats = self.prepare(batch=batch)
             if mats is None:
                 return False
@@ -835,8 +851,10 @@ class KFACPreconditioner:
             self.distributed.after_load(self.blocks, self.global_state.get(LAYOUT_KEY, {}))
 
     def close(self) -> None:
-        """Remove the hooks from the model."""
+        """Remove the hooks from the model (and from `loss_fn`)."""
         self._capture.remove()
+        if self.last_batch is not None:
+            self.last_batch.remove()
         if self._root_hook is not None:
             self._root_hook.remove()
             self._root_hook = None
