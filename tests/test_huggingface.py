@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from torch_kfac import KFACPreconditioner
+from torch_kfac import Arguments, KFACPreconditioner
 from torch_kfac.blocks import block_type_for
-from torch_kfac.huggingface import Conv1DBlock, NextTokenLogits, next_token_loss, register_transformers_blocks
+from torch_kfac.huggingface import (
+    Conv1DBlock,
+    NextTokenLogits,
+    next_token_loss,
+    preconditioner_callback,
+    register_transformers_blocks,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -77,3 +85,74 @@ def test_next_token_logits_and_loss_give_the_language_models_own_loss() -> None:
     torch.testing.assert_close(logits, own.logits[:, :-1].transpose(1, 2), rtol=0, atol=0)
     loss = next_token_loss(nn.CrossEntropyLoss())(logits, labels, num_items_in_batch=None)
     torch.testing.assert_close(loss, own.loss.double(), rtol=1e-6, atol=0)  # its loss runs in float32
+
+
+class Rows(torch.utils.data.Dataset):
+    """Examples for the trainer as keyword inputs: {"inputs": x_i, "labels": y_i}."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"inputs": self.x[i], "labels": self.y[i]}
+
+
+class Net(nn.Module):
+    """The trainer calls model(inputs=...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.body(inputs)
+
+
+def test_the_preconditioner_callback_preconditions_each_of_the_trainers_steps(tmp_path: Path) -> None:
+    """`Trainer` with SGD and `preconditioner_callback(pre)` (the MC Fisher, its batch taken from
+    the trainer's pass) trains as the explicit loop on the batches the trainer drew."""
+    from transformers import Trainer, TrainingArguments, get_constant_schedule
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 5, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+
+    def build() -> tuple[Net, nn.Module, KFACPreconditioner, torch.optim.SGD]:
+        model, loss_fn = Net(), nn.CrossEntropyLoss()
+        pre = KFACPreconditioner(
+            model, damping=1e-2, loss_fn=loss_fn, fisher_type="mc", mc_seed=5, warmup_steps=0
+        )
+        return model, loss_fn, pre, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    model, loss_fn, pre, sgd = build()
+    batches: list[torch.Tensor] = []
+    model.register_forward_hook(
+        lambda m, args, kwargs, out: None if pre.own_pass() else batches.append(kwargs["inputs"]),
+        with_kwargs=True,
+    )
+    Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=16, use_cpu=True,
+            max_grad_norm=0.0, label_names=["labels"], save_strategy="no", report_to="none",
+            disable_tqdm=True, dataloader_num_workers=0, seed=3,
+        ),
+        train_dataset=Rows(x, y),
+        optimizers=(sgd, get_constant_schedule(sgd)),
+        callbacks=[preconditioner_callback(pre)],
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: loss_fn(outputs, labels),
+    ).train()  # fmt: skip
+    assert pre.steps == 4 and len(batches) == 4
+
+    expected, loss_fn, explicit, sgd = build()
+    targets = {tuple(row.tolist()): label for row, label in zip(x, y, strict=True)}
+    for inputs in batches:
+        labels = torch.stack([targets[tuple(row.tolist())] for row in inputs])
+        sgd.zero_grad()
+        loss_fn(expected(inputs=inputs), labels).backward()
+        explicit.step(batch=(Arguments(kwargs={"inputs": inputs}), labels))
+        sgd.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected.parameters(), strict=True))

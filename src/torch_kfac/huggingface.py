@@ -23,6 +23,13 @@ finds the batch and the loss of the trainer's pass (`torch_kfac.last_batch`):
         optimizers=(opt, get_constant_schedule(opt)),
         compute_loss_func=next_token_loss(loss_fn),
     )
+
+`KFACPreconditioner` in front of the trainer's own optimizer (AdamW and its schedule as they
+are): `preconditioner_callback(pre)` runs `pre.step()` between the backward pass and each
+optimizer step; with `fisher_type='mc'` the batch is that of the trainer's pass, as above.
+
+    pre = KFACPreconditioner(model, loss_fn=loss_fn, fisher_type="mc", reduction="mean_positions")
+    trainer = Trainer(..., callbacks=[preconditioner_callback(pre)], compute_loss_func=...)
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from torch_kfac.blocks import LinearBlock, register_block
+from torch_kfac.preconditioner import KFACPreconditioner
 
 
 class Conv1DBlock(LinearBlock):
@@ -89,3 +97,29 @@ def next_token_loss(loss_fn: nn.Module) -> Callable[..., Tensor]:
         return loss_fn(outputs, labels[:, 1:])
 
     return compute_loss
+
+
+def preconditioner_callback(pre: KFACPreconditioner) -> Any:
+    """A `transformers.TrainerCallback` whose `on_pre_optimizer_step` runs `pre.step()`: the
+    gradients the trainer's optimizer steps on are preconditioned. The trainer clips gradients
+    before this event; turn its clipping off (`max_grad_norm=0.0`) to leave the step's size to the
+    optimizer."""
+    try:
+        from transformers import TrainerCallback
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "preconditioner_callback needs the transformers package: pip install 'torch-kfac[hf]'"
+        ) from err
+    if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - old transformers
+        raise ImportError(
+            "preconditioner_callback needs a transformers Trainer with the on_pre_optimizer_step event: "
+            "this version would never call it; upgrade transformers"
+        )
+
+    class PreconditionGradients(TrainerCallback):  # type: ignore[misc]
+        """Runs `KFACPreconditioner.step()` before each optimizer step."""
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            pre.step()
+
+    return PreconditionGradients()
