@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,3 +157,62 @@ def test_the_preconditioner_callback_preconditions_each_of_the_trainers_steps(tm
         explicit.step(batch=(Arguments(kwargs={"inputs": inputs}), labels))
         sgd.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected.parameters(), strict=True))
+
+
+def test_next_token_loss_is_the_whole_batchs_loss_under_gradient_accumulation(tmp_path: Path) -> None:
+    """The trainer sums its micro-batches' `compute_loss_func` losses and divides by nothing (it
+    takes them as normalised by `num_items_in_batch`): two accumulated micro-batches of 8 must step
+    as one batch of 16 does."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, get_constant_schedule
+
+    config = GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    ids = torch.randint(0, 11, (32, 8), generator=torch.Generator().manual_seed(0))
+    ids[3, 5:] = -100  # padding: the micro-batches hold different numbers of tokens
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": ids[i].clamp(min=0), "labels": ids[i]}
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss_fn's value, the trainer's loss)
+
+    def train(batch_size: int, accumulate: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = NextTokenLogits(GPT2LMHeadModel(config))
+        sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss_fn, values = nn.CrossEntropyLoss(), []
+        loss_fn.register_forward_hook(lambda m, args, out: values.append(out))
+        compute = next_token_loss(loss_fn)
+
+        def logged(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = compute(*args, **kwargs)
+            pairs.append((values[-1], loss))
+            return loss
+
+        Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulate, use_cpu=True, max_grad_norm=0.0,
+                label_names=["labels"], save_strategy="no", report_to="none", disable_tqdm=True,
+                dataloader_num_workers=0, seed=3,
+            ),
+            train_dataset=Windows(),
+            optimizers=(sgd, get_constant_schedule(sgd)),
+            compute_loss_func=logged,
+        ).train()  # fmt: skip
+        return [p.detach() for p in model.parameters()]
+
+    accumulated = train(8, 2)
+    assert all(not torch.equal(value, loss) for value, loss in pairs)  # each micro-batch: its share
+    pairs.clear()
+    for p, q in zip(accumulated, train(16, 1), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    # One pass per step: the trainer counts the tokens the loss counts (NextTokenLogits.loss_type),
+    # so the loss K-FAC sees from loss_fn is the loss the trainer back-propagates, bit for bit.
+    assert len(pairs) == 2 and all(torch.equal(value, loss) for value, loss in pairs)

@@ -79,6 +79,10 @@ class NextTokenLogits(nn.Module):
     layout `nn.CrossEntropyLoss` takes over positions, whose targets are the labels from the second
     token on (`next_token_loss`)."""
 
+    #: Tells the trainer that the loss shifts the labels, so its `num_items_in_batch` counts the
+    #: labelled tokens from the second on, as `next_token_loss` does.
+    loss_type = "ForCausalLM"
+
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
@@ -91,10 +95,27 @@ class NextTokenLogits(nn.Module):
 
 def next_token_loss(loss_fn: nn.Module) -> Callable[..., Tensor]:
     """`Trainer(compute_loss_func=...)` for `NextTokenLogits`: `loss_fn` on the logits and the labels
-    from the second token on (the model's own loss: ignored positions labelled -100)."""
+    from the second token on (the model's own loss: ignored positions labelled -100).
+
+    The trainer adds up the losses of its accumulated micro-batches (and of its devices) as they
+    are: it takes them as divided by `num_items_in_batch`, the labelled tokens of the whole batch.
+    So a mean over a micro-batch's tokens (reduction 'mean') is weighted by the micro-batch's share
+    of them, and the step's loss and gradient are those of the whole batch; a sum needs nothing.
+    A whole batch in one pass has a share of exactly 1: the loss is `loss_fn`'s, bit for bit. (With
+    class weights the share is still counted in tokens, as the trainer counts them; a trainer that
+    counts the labels unshifted, unlike `NextTokenLogits.loss_type` asks, gives shares of about
+    (T - 1) / T.)
+    """
+    reduction = getattr(loss_fn, "reduction", "mean")
+    ignore_index = getattr(loss_fn, "ignore_index", -100)
 
     def compute_loss(outputs: Tensor, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
-        return loss_fn(outputs, labels[:, 1:])
+        targets = labels[:, 1:]
+        loss = loss_fn(outputs, targets)
+        if num_items_in_batch is None or reduction != "mean":
+            return loss
+        counted = (targets != ignore_index).sum()
+        return loss * (counted / num_items_in_batch).to(loss.dtype)
 
     return compute_loss
 
