@@ -176,3 +176,53 @@ def test_statistics_in_the_factor_dtype_with_the_loss_scale_removed() -> None:
         got = pending["bf16-scaled"][key]
         assert got.dtype == torch.float32, key
         torch.testing.assert_close(got, expected, rtol=0.05, atol=1e-3 * expected.abs().max().item())
+
+
+class Checkpointed(torch.nn.Module):
+    """The 5-8-3 MLP with its middle (Linear, Tanh) under activation checkpointing (`mode`), or not."""
+
+    def __init__(self, mode: str | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        self.a = torch.nn.Linear(5, 8)
+        self.b = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+        self.c = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.a(x))
+        if self.mode is None:
+            return self.c(self.b(hidden))
+        reentrant = self.mode == "reentrant"
+        return self.c(torch.utils.checkpoint.checkpoint(self.b, hidden, use_reentrant=reentrant))
+
+
+def _train_checkpointed(mode: str | None, preset: bool) -> list[torch.Tensor]:
+    from torch_kfac import presets
+
+    model, loss_fn = Checkpointed(mode), torch.nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn) if preset else KFAC(model, lr=0.1, damping=1e-2)
+    for i in range(3):
+        x, y = make_data(seed=i)
+        torch.manual_seed(100 + i)  # the MC Fisher's labels
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
+def test_activation_checkpointing_records_each_pass_once(preset: bool) -> None:
+    """Non-reentrant checkpointing recomputes the middle layer's forward pass during the backward
+    pass: its statistics are those of one pass, and the preset's own passes run through it, so
+    training is bit for bit that without checkpointing."""
+    expected = _train_checkpointed(None, preset)
+    checkpointed = _train_checkpointed("non-reentrant", preset)
+    assert all(torch.equal(p, q) for p, q in zip(checkpointed, expected, strict=True))
+
+
+def test_reentrant_checkpointing_names_the_feature_that_needs_autograd_grad() -> None:
+    """Reentrant checkpointing refuses `torch.autograd.grad`, which the MC Fisher's own pass uses:
+    the error names K-FAC's pass and the non-reentrant mode, not the user's code."""
+    with pytest.raises(RuntimeError, match=r"K-FAC: the 'mc' Fisher's own pass .* use_reentrant=False"):
+        _train_checkpointed("reentrant", preset=True)

@@ -39,7 +39,7 @@ from torch_kfac.options import (
 )
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
-from torch_kfac.utils import autocast_off, call_model, leading_examples, preserved_buffers
+from torch_kfac.utils import autocast_off, call_model, leading_examples, own_backward, preserved_buffers
 
 #: 2^64 / golden ratio: spreads per-step seeds (MC labels, drawn patches) over the seed space.
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -293,7 +293,8 @@ class KFACPreconditioner:
             inputs, targets = leading_examples(inputs, targets, self.options.fisher_batch_size)
         sizes = [(block, block.batch_size) for block in self._capture.hooked]
         try:
-            self._own_pass(inputs, targets)
+            with own_backward(f"the {self.options.fisher_type.value!r} Fisher's own pass"):
+                self._own_pass(inputs, targets)
         finally:  # the batch size of the user's pass (reduction='sum' reads it), not the sub-batch's
             for block, size in sizes:
                 block.batch_size = size

@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_kfac.linalg import solver_dtype
 from torch_kfac.losses import loss_curvature
-from torch_kfac.utils import call_arguments, leading_examples
+from torch_kfac.utils import call_arguments, leading_examples, own_backward
 
 
 class ExactCurvature:
@@ -91,7 +91,8 @@ class ExactCurvature:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+        # Fused attention kernels have no double backward.
+        with sdpa_kernel(SDPBackend.MATH), own_backward("the exact quadratic model's reverse-mode pass"):
             return reverse_directions(outputs_of, primals, [list(t) for t in zip(*tangents, strict=True)])
 
     def gram(self, inputs: Any, targets: Tensor, directions: Sequence[dict[str, Tensor]]) -> Tensor:

@@ -90,6 +90,24 @@ def autocast_off(device_types: Iterable[str]) -> Iterator[None]:
 
 
 @contextmanager
+def own_backward(what: str) -> Iterator[None]:
+    """Context of a backward pass of the optimizer's own that stops at chosen tensors
+    (`torch.autograd.grad`): reentrant activation checkpointing refuses those, which its error
+    blames on the user's code; this one names the K-FAC feature and the ways out."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "use_reentrant=True" not in str(err):
+            raise
+        raise RuntimeError(
+            f"K-FAC: {what} back-propagates with torch.autograd.grad, which activation checkpointing "
+            "with use_reentrant=True does not support; checkpoint with use_reentrant=False "
+            "(torch.utils.checkpoint's recommended mode; transformers: "
+            "gradient_checkpointing_kwargs={'use_reentrant': False})"
+        ) from err
+
+
+@contextmanager
 def preserved_buffers(model: nn.Module) -> Iterator[None]:
     """Restore the model's buffers (e.g. batch-norm running statistics) after extra passes."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
