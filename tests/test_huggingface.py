@@ -15,7 +15,9 @@ from torch_kfac import Arguments, KFACPreconditioner
 from torch_kfac.blocks import block_type_for
 from torch_kfac.huggingface import (
     Conv1DBlock,
+    Logits,
     NextTokenLogits,
+    logits_loss,
     next_token_loss,
     preconditioner_callback,
     register_transformers_blocks,
@@ -216,3 +218,75 @@ def test_next_token_loss_is_the_whole_batchs_loss_under_gradient_accumulation(tm
     # One pass per step: the trainer counts the tokens the loss counts (NextTokenLogits.loss_type),
     # so the loss K-FAC sees from loss_fn is the loss the trainer back-propagates, bit for bit.
     assert len(pairs) == 2 and all(torch.equal(value, loss) for value, loss in pairs)
+
+
+def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(tmp_path: Path) -> None:
+    """`Logits(BertForSequenceClassification)` and `logits_loss`: the trainer's own
+    `optimizer.step()` takes the batch and loss of its pass, so the preset's run equals the explicit
+    loop on the batches the trainer drew, bit for bit; the accumulated loss is the batch's share."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+        get_constant_schedule,
+    )
+
+    from torch_kfac import presets
+
+    config = BertConfig(
+        vocab_size=13, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 13, (24, 6), generator=gen), torch.randint(0, 3, (24,), generator=gen)
+
+    class Sentences(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {
+                "input_ids": ids[i],
+                "attention_mask": torch.ones(6, dtype=torch.long),
+                "labels": labels[i],
+            }
+
+    def build() -> tuple[Logits, nn.Module, Any]:
+        torch.manual_seed(0)
+        model, loss_fn = Logits(BertForSequenceClassification(config)), nn.CrossEntropyLoss()
+        return model, loss_fn, presets.adaptive(model, loss_fn, mc_seed=7)
+
+    model, loss_fn, opt = build()
+    batches: list[dict[str, torch.Tensor]] = []
+    model.register_forward_hook(
+        lambda m, args, kwargs, out: None if opt.preconditioner.own_pass() else batches.append(dict(kwargs)),
+        with_kwargs=True,
+    )
+    Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, use_cpu=True,
+            max_grad_norm=0.0, label_names=["labels"], save_strategy="no", report_to="none",
+            disable_tqdm=True, dataloader_num_workers=0, seed=3, remove_unused_columns=False,
+        ),
+        train_dataset=Sentences(),
+        optimizers=(opt, get_constant_schedule(opt)),
+        compute_loss_func=logits_loss(loss_fn),
+    ).train()  # fmt: skip
+    assert opt.preconditioner.steps == 3 and len(batches) == 3 and "num_items_in_batch" not in batches[0]
+
+    expected, loss_fn, explicit = build()
+    rows = {tuple(row.tolist()): label for row, label in zip(ids, labels, strict=True)}
+    for kwargs in batches:
+        targets = torch.stack([rows[tuple(row.tolist())] for row in kwargs["input_ids"]])
+        explicit.zero_grad()
+        loss = loss_fn(expected(**kwargs), targets)
+        loss.backward()
+        explicit.step(loss=loss, batch=(Arguments(kwargs=kwargs), targets))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected.parameters(), strict=True))
+
+    logits = torch.randn(4, 3, generator=gen)
+    targets = torch.tensor([0, 2, -100, 1])  # three labelled of the batch's 12
+    share = logits_loss(loss_fn)(logits, targets, num_items_in_batch=torch.tensor(12))
+    torch.testing.assert_close(share, loss_fn(logits, targets) * 3 / 12, rtol=1e-15, atol=0)

@@ -9,7 +9,8 @@ and `nn.LayerNorm` (and an output head tied to the token embedding) have blocks 
     from torch_kfac.huggingface import register_transformers_blocks
     register_transformers_blocks()  # before building KFAC / KFACPreconditioner
 
-The adaptive preset in `Trainer` (which calls `optimizer.step()` without arguments): the trainer
+The adaptive preset in `Trainer` (which calls `optimizer.step()` without arguments; for a
+classifier, `Logits(model)` and `logits_loss(loss_fn)` in the same places): the trainer
 gets `NextTokenLogits(lm)`, whose output is the loss module's input as it is, and
 `compute_loss_func=next_token_loss(loss_fn)` calls the preset's loss module on it, so the step
 finds the batch and the loss of the trainer's pass (`torch_kfac.last_batch`):
@@ -95,29 +96,64 @@ class NextTokenLogits(nn.Module):
 
 def next_token_loss(loss_fn: nn.Module) -> Callable[..., Tensor]:
     """`Trainer(compute_loss_func=...)` for `NextTokenLogits`: `loss_fn` on the logits and the labels
-    from the second token on (the model's own loss: ignored positions labelled -100).
-
-    The trainer adds up the losses of its accumulated micro-batches (and of its devices) as they
-    are: it takes them as divided by `num_items_in_batch`, the labelled tokens of the whole batch.
-    So a mean over a micro-batch's tokens (reduction 'mean') is weighted by the micro-batch's share
-    of them, and the step's loss and gradient are those of the whole batch; a sum needs nothing.
-    A whole batch in one pass has a share of exactly 1: the loss is `loss_fn`'s, bit for bit. (With
-    class weights the share is still counted in tokens, as the trainer counts them; a trainer that
-    counts the labels unshifted, unlike `NextTokenLogits.loss_type` asks, gives shares of about
-    (T - 1) / T.)
-    """
-    reduction = getattr(loss_fn, "reduction", "mean")
-    ignore_index = getattr(loss_fn, "ignore_index", -100)
+    from the second token on (the model's own loss: ignored positions labelled -100), weighted by
+    the micro-batch's share of the batch (`batch_share`). (A trainer that counts the labels
+    unshifted, unlike `NextTokenLogits.loss_type` asks, gives shares of about (T - 1) / T.)"""
 
     def compute_loss(outputs: Tensor, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
         targets = labels[:, 1:]
-        loss = loss_fn(outputs, targets)
-        if num_items_in_batch is None or reduction != "mean":
-            return loss
-        counted = (targets != ignore_index).sum()
-        return loss * (counted / num_items_in_batch).to(loss.dtype)
+        return batch_share(loss_fn, loss_fn(outputs, targets), targets, num_items_in_batch)
 
     return compute_loss
+
+
+class Logits(nn.Module):
+    """A Hugging Face model's `logits` alone (sequence classification: (N, classes)), the tensor a
+    loss module takes as it is; the arguments go to the model unchanged (`logits_loss`). Its
+    `forward(*args, **kwargs)` names no column, so the trainer needs
+    `TrainingArguments(remove_unused_columns=False)` to pass the batch's columns on."""
+
+    #: `num_items_in_batch` goes to `compute_loss_func`, not to the wrapped model.
+    accepts_loss_kwargs = False
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The model's `logits`."""
+        if not args and not kwargs:
+            raise ValueError(
+                "Logits got no inputs: a Trainer drops the columns its model's forward does not name; "
+                "pass TrainingArguments(remove_unused_columns=False)"
+            )
+        return self.model(*args, **kwargs).logits
+
+
+def logits_loss(loss_fn: nn.Module) -> Callable[..., Tensor]:
+    """`Trainer(compute_loss_func=...)` for `Logits`: `loss_fn` on the logits and the labels,
+    weighted by the micro-batch's share of the batch (`batch_share`)."""
+
+    def compute_loss(outputs: Tensor, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
+        return batch_share(loss_fn, loss_fn(outputs, labels), labels, num_items_in_batch)
+
+    return compute_loss
+
+
+def batch_share(loss_fn: nn.Module, loss: Tensor, targets: Tensor, num_items_in_batch: Any) -> Tensor:
+    """A micro-batch's `loss` as the trainer adds it up.
+
+    The trainer sums the losses of its accumulated micro-batches (and of its devices) as they are:
+    it takes them as divided by `num_items_in_batch`, the labelled targets of the whole batch. So a
+    mean over a micro-batch's targets (reduction 'mean') is weighted by its share of them, and the
+    step's loss and gradient are those of the whole batch; a sum needs nothing. A whole batch in
+    one pass has a share of exactly 1: the loss is `loss_fn`'s, bit for bit. (With class weights
+    the share is still counted in targets, as the trainer counts them.)
+    """
+    if num_items_in_batch is None or getattr(loss_fn, "reduction", "mean") != "mean":
+        return loss
+    counted = (targets != getattr(loss_fn, "ignore_index", -100)).sum()
+    return loss * (counted / num_items_in_batch).to(loss.dtype)
 
 
 def preconditioner_callback(pre: KFACPreconditioner) -> Any:
