@@ -108,16 +108,20 @@ def train(
     poisoned_step: int | None = None,
     bare: bool = False,
     find_unused: bool = False,
+    wrap_after: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Train on this rank's shards; returns parameters, last update, factors and held inverses.
     `poisoned_step`: that step's inputs are NaN (the step is skipped). `bare`: `opt.step()`, the
     loss and batch taken from the training pass. `find_unused`: DDP's `find_unused_parameters`
-    (its outputs are then new tensors, not the wrapped module's)."""
+    (its outputs are then new tensors, not the wrapped module's). `wrap_after`: the optimizer is
+    built on the module, which is wrapped after it (the Hugging Face Trainer's order)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     inner = make_model()
     model: nn.Module = (
-        nn.parallel.DistributedDataParallel(inner, find_unused_parameters=find_unused) if ddp else inner
+        nn.parallel.DistributedDataParallel(inner, find_unused_parameters=find_unused)
+        if ddp and not wrap_after
+        else inner
     )
     loss_fn = nn.CrossEntropyLoss()
     kwargs = {**CONFIGS[config], **options, "grad_worker_fraction": fraction}
@@ -127,6 +131,8 @@ def train(
         sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     else:
         opt = KFAC(model, loss_fn=loss_fn, **kwargs)
+    if wrap_after:
+        model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=find_unused)
     if load is not None:
         saved = torch.load(load, weights_only=False)
         inner.load_state_dict(saved["model"])
@@ -206,6 +212,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
         results["ddp"] = train("plain", 0.5, ddp=True)
         results["ddp_bare"] = train("adaptive", 0.5, ddp=True, bare=True)
         results["ddp_bare_unused"] = train("adaptive", 0.5, ddp=True, bare=True, find_unused=True)
+        results["ddp_bare_after"] = train(
+            "adaptive", 0.5, ddp=True, bare=True, find_unused=True, wrap_after=True
+        )
         results["float32"] = _float32_replica(rank)
         results["triangles"] = train("plain", 0.5, reduce_upper_triangle=True)
         results["skipped"] = train("plain", 0.5, poisoned_step=2)
@@ -377,11 +386,12 @@ def test_a_bare_step_under_ddp_takes_each_ranks_batch_from_its_training_pass(
 ) -> None:
     """`opt.step()` on a DDP-wrapped model: each rank's shard and loss come from its own pass
     through the wrapper (torch_kfac.last_batch), and the run is one process's on the whole batch.
-    With `find_unused_parameters` the wrapper returns new tensors, so the pass is watched on the
-    wrapper, not on the module inside it."""
+    With `find_unused_parameters` the wrapper returns copies of the module's outputs: the pass is
+    watched on the wrapper, or, when the wrapper came after the optimizer, the copy is recognised
+    by the mark its original left in the autograd graph."""
     for result in runs[2]:
-        assert max_difference(result["ddp_bare"], reference["adaptive"]) < TOL
-        assert max_difference(result["ddp_bare_unused"], reference["adaptive"]) < TOL
+        for run in ("ddp_bare", "ddp_bare_unused", "ddp_bare_after"):
+            assert max_difference(result[run], reference["adaptive"]) < TOL, run
 
 
 def test_a_skipped_step_leaves_the_averaged_factors_as_one_process_leaves_them(

@@ -23,6 +23,21 @@ from torch import Tensor, nn
 from torch_kfac.capture import outside_compiled_graphs
 from torch_kfac.utils import Arguments
 
+#: Key of the mark a model call leaves on its output's autograd node (`ModelCall.mark`).
+_MARK = "torch_kfac.last_batch"
+
+
+@dataclass
+class ModelCall:
+    """One model call with gradients enabled: its arguments, a weak reference to its output
+    tensor, and the output's shape and mark (a token in its autograd node's metadata, by which a
+    DistributedDataParallel wrapper's copy of a freed output is still recognised)."""
+
+    inputs: tuple[Any, ...] | Arguments
+    output: weakref.ref[Tensor] | None
+    shape: torch.Size | None
+    mark: object
+
 
 @dataclass
 class TrainingPass:
@@ -45,9 +60,8 @@ class LastBatch:
             model.register_forward_hook(outside_compiled_graphs(self._model_called), with_kwargs=True),
             loss_fn.register_forward_hook(outside_compiled_graphs(self._loss_called), with_kwargs=True),
         ]
-        # The last model call: its inputs and a weak reference to its output (the loss's input must
-        # be that very tensor).
-        self._model_call: tuple[Any, weakref.ref[Tensor] | None] | None = None
+        # The last model call (the loss's input must be its output tensor).
+        self._model_call: ModelCall | None = None
         # The last training pass (its model call, the pass or why it cannot be one), and how many
         # passes since the last `take` (only one is kept: a forgotten optimizer holds no more than
         # one batch).
@@ -63,8 +77,14 @@ class LastBatch:
     ) -> None:
         if not self._recording():
             return
-        ref = weakref.ref(output) if isinstance(output, Tensor) else None
-        self._model_call = (Arguments(args, dict(kwargs)) if kwargs else args, ref)
+        inputs = Arguments(args, dict(kwargs)) if kwargs else args
+        if not isinstance(output, Tensor):
+            self._model_call = ModelCall(inputs, None, None, None)
+            return
+        mark = object()
+        if output.grad_fn is not None:
+            output.grad_fn.metadata[_MARK] = mark
+        self._model_call = ModelCall(inputs, weakref.ref(output), output.shape, mark)
 
     def _loss_called(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -80,7 +100,7 @@ class LastBatch:
                 "model itself, or build the optimizer on that submodule)"
             )
             return
-        if call[1] is None or outputs is None or call[1]() is not outputs:
+        if not isinstance(outputs, Tensor) or not _is_output(outputs, call):
             self._loose_loss = (
                 "loss_fn was called on a tensor that is not the model's output (a reshaped or "
                 "selected output, or a model with several outputs)"
@@ -89,7 +109,7 @@ class LastBatch:
         if len(args) != 2 or kwargs or not isinstance(output, Tensor):
             found: TrainingPass | str = "loss_fn was called with other arguments than (outputs, targets)"
         else:
-            found = TrainingPass(call[0], args[1], output.detach())
+            found = TrainingPass(call.inputs, args[1], output.detach())
         if self._last_pass is None or self._last_pass[0] is not call:
             self._passes += 1  # a second loss of the same outputs replaces the first
         self._last_pass = (call, found)
@@ -116,6 +136,28 @@ class LastBatch:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _is_output(tensor: Tensor, call: ModelCall) -> bool:
+    """Whether `tensor` is the output of the model `call`: that tensor, or the copy a
+    DistributedDataParallel wrapper returns in its place (`_DDPSink`: with find_unused_parameters,
+    or a static graph's first step), which the model's hook cannot see when the wrapper came after
+    the optimizer (the Hugging Face Trainer's and accelerate's order). The original output is
+    freed by then; its autograd node, a parent of the copy's, still bears the call's mark."""
+    if call.output is None:
+        return False
+    if tensor is call.output():
+        return True
+    node = tensor.grad_fn
+    return (
+        node is not None
+        and type(node).__name__ == "_DDPSinkBackward"
+        and tensor.shape == call.shape
+        and any(
+            parent is not None and parent.metadata.get(_MARK) is call.mark
+            for parent, _ in node.next_functions
+        )
+    )
 
 
 def unavailable(last: TrainingPass | str | None) -> str:
