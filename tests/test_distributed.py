@@ -109,15 +109,17 @@ def train(
     bare: bool = False,
     find_unused: bool = False,
     wrap_after: bool = False,
+    built: tuple[nn.Module, KFAC] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train on this rank's shards; returns parameters, last update, factors and held inverses.
     `poisoned_step`: that step's inputs are NaN (the step is skipped). `bare`: `opt.step()`, the
     loss and batch taken from the training pass. `find_unused`: DDP's `find_unused_parameters`
     (its outputs are then new tensors, not the wrapped module's). `wrap_after`: the optimizer is
-    built on the module, which is wrapped after it (the Hugging Face Trainer's order)."""
+    built on the module, which is wrapped after it (the Hugging Face Trainer's order). `built`: a
+    model and its optimizer built before the process group was initialized."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    inner = make_model()
+    inner = make_model() if built is None else built[0]
     model: nn.Module = (
         nn.parallel.DistributedDataParallel(inner, find_unused_parameters=find_unused)
         if ddp and not wrap_after
@@ -129,6 +131,8 @@ def train(
         lr = kwargs.pop("lr")
         pre = KFACPreconditioner(model, **kwargs)
         sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    elif built is not None:
+        opt = built[1]
     else:
         opt = KFAC(model, loss_fn=loss_fn, **kwargs)
     if wrap_after:
@@ -195,6 +199,16 @@ def fractions(world: int) -> list[float]:
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     out = Path(folder)
+    # Built before the process group exists (the Hugging Face Trainer initializes it afterwards).
+    early = make_model()
+    config = {**CONFIGS["adaptive"], "mc_seed": None, "grad_worker_fraction": 0.5}
+    early_opt = KFAC(early, loss_fn=nn.CrossEntropyLoss(), **config)
+    # ... and one that stepped before it.
+    late = make_model()
+    late_opt = KFAC(late, lr=0.1)
+    x, y = shard(global_batch(0), rank, world)
+    nn.functional.cross_entropy(late(x), y).backward()
+    late_opt.step()
     dist.init_process_group(
         "gloo",
         init_method=f"file://{out / 'rendezvous'}",
@@ -219,6 +233,11 @@ def _worker(rank: int, world: int, folder: str) -> None:
         results["triangles"] = train("plain", 0.5, reduce_upper_triangle=True)
         results["skipped"] = train("plain", 0.5, poisoned_step=2)
         results["mc_unseeded"] = train("adaptive", 0.5, mc_seed=None)
+        results["built_before_init"] = train("adaptive", 0.5, mc_seed=None, built=(early, early_opt))
+        nn.functional.cross_entropy(late(x), y).backward()
+        with pytest.raises(RuntimeError, match="initialized after the optimizer's first step") as err:
+            late_opt.step()
+        results["stepped_before_init"] = str(err.value)
         results["preconditioner"] = train("plain", 0.5, standalone=True)
         results["ddp_no_sync"] = train("plain", 1.0, ddp=True, accumulate=True)
         results["resumed"] = train(
@@ -411,6 +430,20 @@ def test_mc_fisher_without_a_seed_draws_with_rank_0s_seed_on_every_rank(runs: di
     alone = train("adaptive", mc_seed=0)
     for result in runs[2]:
         assert max_difference(result["mc_unseeded"], alone) < TOL
+
+
+def test_an_optimizer_built_before_the_process_group_joins_the_ranks_at_its_first_step(
+    runs: dict[Any, Any],
+) -> None:
+    """The Hugging Face Trainer initializes torch.distributed after the user built the optimizer:
+    the first step joins the ranks (averaged statistics, owners, the shared MC seed), so the run
+    is still one process's on the whole batch. Before, each rank kept its own factors and the
+    replicas drifted apart."""
+    alone = train("adaptive", mc_seed=0)
+    for result in runs[2]:
+        assert max_difference(result["built_before_init"], alone) < TOL
+        # One that stepped alone first has factors of its own rank's: an error, not drifting replicas.
+        assert "Initialize the process group before the first step" in result["stepped_before_init"]
 
 
 def test_ddp_wrapped_model_and_no_sync_accumulation(

@@ -100,10 +100,7 @@ class KFAC(OriginalAPI, Optimizer):
         # (with reject_steps in the rejection's read instead).
         self.preconditioner.check_in_step = (opts.adapt_damping or opts.uses_qmodel) and not opts.reject_steps
         self._fixed_step = self._fixed_update
-        if opts.compile_step and self.preconditioner.distributed is not None:
-            raise ValueError(
-                "compile_step is not supported in distributed runs (the preconditioning broadcasts)"
-            )
+        self._check_compile_step()
         if opts.compile_step:
             backend = "inductor" if opts.compile_step is True else opts.compile_step
             self._fixed_step = torch.compile(self._fixed_update, backend=backend, fullgraph=True)
@@ -209,6 +206,8 @@ class KFAC(OriginalAPI, Optimizer):
         """`step` after the closure, with autocast off (the step's own arithmetic and passes keep
         their dtypes where the step is called inside an autocast region)."""
         pre = self.preconditioner
+        pre.join_ranks()  # before the loss is averaged over ranks, in a process group begun late
+        self._check_compile_step()
         self._check_model()
         pre.check_gradients()
         k = pre.steps
@@ -242,6 +241,12 @@ class KFAC(OriginalAPI, Optimizer):
             return loss_t
         self._update(k, mats, params, fallback, hyper, loss_t, batch, closure)
         return loss_t
+
+    def _check_compile_step(self) -> None:
+        if self.options.compile_step and self.preconditioner.distributed is not None:
+            raise ValueError(
+                "compile_step is not supported in distributed runs (the preconditioning broadcasts)"
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, and the statistics and example count recorded with them that no step

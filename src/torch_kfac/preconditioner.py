@@ -79,14 +79,8 @@ class KFACPreconditioner:
         self.last_batch = LastBatch(model, opts.loss_fn, self.own_pass) if opts.loss_fn is not None else None
         model = unwrap(model)  # DistributedDataParallel: blocks named without `module.`
         #: Communication with the other ranks (None on a single process; torch_kfac.distributed).
-        self.distributed = (
-            DistributedCurvature(opts.grad_worker_fraction, opts.reduce_upper_triangle)
-            if is_distributed()
-            else None
-        )
+        self.distributed: DistributedCurvature | None = None
         self.mc_seed = opts.mc_seed
-        if self.distributed is not None and self.mc_seed is None and opts.fisher_type == FisherType.MC:
-            self.mc_seed = self.distributed.shared_seed()
         self.loss_fn = opts.loss_fn
         self.loss_curvature: LossCurvature | None = (
             None if opts.loss_fn is None else loss_curvature(opts.loss_fn)
@@ -130,13 +124,9 @@ class KFACPreconditioner:
         self.calibrated_damping: float | None = None
         self._capture = StatisticsCapture(self.blocks, self._factors_due, opts.reduction.value, opts.center)
         self._capture.factor_dtype = opts.factor_dtype
-        # The rows are one process's (in distributed runs the gradient is the ranks' average), and
-        # only Cholesky inverses precondition from them (eigenbases scale the rotated gradient).
-        self.keep_gradient_rows(
-            opts.low_rank_gradients
-            and self.distributed is None
-            and opts.inverse_method == InverseMethod.CHOLESKY
-        )
+        # Only Cholesky inverses precondition from the rows (eigenbases scale the rotated gradient).
+        self.keep_gradient_rows(opts.low_rank_gradients and opts.inverse_method == InverseMethod.CHOLESKY)
+        self.join_ranks()
         #: This step's gradient matrices that low-rank preconditioning may take from their rows.
         self._low_rank: dict[CurvatureBlock, GradientRows] = {}
         self._probe: torch.Generator | None = None
@@ -232,6 +222,29 @@ class KFACPreconditioner:
     def _factors_due(self) -> bool:
         """Whether the user's own passes should be recorded now (empirical Fisher only)."""
         return self.options.fisher_type == FisherType.EMPIRICAL and self._factor_step()
+
+    def join_ranks(self) -> None:
+        """Communicate with the other ranks once `torch.distributed` runs with more than one:
+        called at construction and at every step, which is the first chance where the process
+        group is initialized after the optimizer was built (the Hugging Face Trainer does it in
+        `TrainingArguments`). Collective: every rank joins at the same step."""
+        if self.distributed is not None or not is_distributed():
+            return
+        if self.steps > 0:
+            raise RuntimeError(
+                "K-FAC: torch.distributed was initialized after the optimizer's first step; the "
+                "ranks' factors were estimated apart and would precondition differently. Initialize "
+                "the process group before the first step (the optimizer may be built before it)"
+            )
+        opts = self.options
+        self.distributed = DistributedCurvature(opts.grad_worker_fraction, opts.reduce_upper_triangle)
+        if self.mc_seed is None and opts.fisher_type == FisherType.MC:
+            self.mc_seed = self.distributed.shared_seed()
+        # The rows are one process's; in distributed runs the gradient is the ranks' average.
+        self.keep_gradient_rows(False)
+        layouts = self.global_state.get(LAYOUT_KEY)
+        if layouts:  # a checkpoint loaded before: owners, and only this rank's inverses
+            self.distributed.after_load(self.blocks, layouts)
 
     def fisher_pass_due(self) -> bool:
         """Whether this step runs the own Fisher pass (fisher_type 'mc' or 'type-2' on a
@@ -690,6 +703,7 @@ class KFACPreconditioner:
         Returns the blocks' gradient matrices.
         """
         self._follow_model()
+        self.join_ranks()
         if self.fisher_pass_due():
             if batch is None:
                 raise self.fisher_batch_error()
