@@ -46,6 +46,11 @@ def test_adaptive_is_kfac_with_the_preset_and_overrides() -> None:
         presets.adaptive(model, SumBCE(), fisher_type="empirical", fisher_batch_size=32)
     with pytest.raises(ValueError, match="loss_fn"):
         presets.adaptive(model, F.cross_entropy)  # type: ignore[arg-type]
+    # A loss reduced otherwise is named as the loss's problem, not as K-FAC's reduction option.
+    with pytest.raises(ValueError, match=r"CrossEntropyLoss\(reduction='none'\) is not supported"):
+        presets.adaptive(model, nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(ValueError, match="loss_fn KLDivLoss is not supported"):
+        presets.adaptive(model, nn.KLDivLoss(reduction="batchmean"))
 
 
 def train_preset(

@@ -59,7 +59,9 @@ def adaptive(model: nn.Module, loss_fn: nn.Module, **overrides: Any) -> KFAC:
     """
     if not isinstance(loss_fn, nn.Module):
         raise ValueError(f"loss_fn must be a loss module such as nn.CrossEntropyLoss(), got {loss_fn!r}")
-    options = {**ADAPTIVE, "reduction": getattr(loss_fn, "reduction", "mean"), **overrides}
+    # Another reduction of the loss ('none', 'batchmean') is KFAC's loss check to report.
+    reduction = getattr(loss_fn, "reduction", "mean")
+    options = {**ADAPTIVE, "reduction": reduction if reduction in ("mean", "sum") else "mean", **overrides}
     if not options["adaptive_momentum"] and "momentum_bounds" not in overrides:
         del options["momentum_bounds"]  # they bound the adaptive momentum, which is switched off
     empirical = FisherType.parse("fisher_type", options["fisher_type"]) == FisherType.EMPIRICAL
