@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -1151,3 +1152,43 @@ def test_an_adaptive_run_continues_after_a_skipped_step_as_if_it_never_came(
     (clean, clean_damping, clean_steps), (skipped, skipped_damping, skipped_steps) = runs
     assert all(torch.equal(p, q) for p, q in zip(clean, skipped, strict=True))
     assert torch.equal(clean_damping, skipped_damping) and clean_steps == skipped_steps == 3
+
+
+class _Bag(nn.Module):
+    """Mean of token embeddings, then a Linear layer."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8, sparse=sparse)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
+def test_a_sparse_embedding_gets_the_plain_update_its_report_names(preset: bool) -> None:
+    """`nn.Embedding(sparse=True)` falls back to the plain update (the registration report says
+    so): the run equals that of a dense embedding left to the fallback by `skip_modules`, and the
+    sparse `.grad` is left as it was. Before, the element-wise update raised on sparse tensors."""
+    from torch_kfac import presets
+
+    gen = torch.Generator().manual_seed(1)
+    ids, targets = torch.randint(0, 20, (16, 5), generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    runs = []
+    for sparse in (True, False):
+        model = _Bag(sparse)
+        opts: dict[str, Any] = {} if sparse else {"skip_modules": ["embed"]}
+        opt = (
+            presets.adaptive(model, loss_fn, **opts) if preset else KFAC(model, lr=0.1, momentum=0.9, **opts)
+        )
+        for step in range(3):
+            torch.manual_seed(step)  # the MC Fisher's labels
+            opt.zero_grad()
+            loss_fn(model(ids), targets).backward()
+            opt.step()
+        assert model.embed.weight.grad.is_sparse == sparse
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs, strict=True))

@@ -44,7 +44,7 @@ from torch_kfac.preconditioner import KFACPreconditioner
 from torch_kfac.qmodel import ExactCurvature, choose_coefficients, combine, dot, overlaps
 from torch_kfac.registration import iter_block_params
 from torch_kfac.update import block_updates, parameter_change, per_parameter, velocity
-from torch_kfac.utils import evaluate_loss
+from torch_kfac.utils import dense_grad, evaluate_loss
 
 #: Keys of the per-parameter `state` that belong to the optimizer (the rest of an old state
 #: dict's entry of a block's first parameter belonged to the block).
@@ -224,7 +224,7 @@ class KFAC(OriginalAPI, Optimizer):
         # Frozen parameters never move, whatever gradient they still hold.
         params = {n: p for n, p in self._named_params.items() if p.grad is not None and p.requires_grad}
         fallback = {n: p for n, p in params.items() if id(p) not in block_params}
-        extra = [p.grad for p in fallback.values()] + ([loss_t] if loss_t is not None else [])
+        extra = [dense_grad(p) for p in fallback.values()] + ([loss_t] if loss_t is not None else [])
         stats = self._last_stats = {"step": k, "loss": loss_t, "skipped": True, "rejected": False}
         mats = pre.prepare(extra, batch)
         if mats is None:
@@ -336,7 +336,7 @@ class KFAC(OriginalAPI, Optimizer):
         pre, opts = self.preconditioner, self.options
         # Gradients and losses on the mean-loss scale (reduction='sum' divides by the batch size).
         scale = pre.grad_scale() if pre.blocks else 1.0
-        grads = {n: (p.grad * scale if scale != 1.0 else p.grad) for n, p in params.items()}
+        grads = {n: (dense_grad(p) * scale if scale != 1.0 else dense_grad(p)) for n, p in params.items()}
         loss = None if loss is None else loss * scale
         damping_due = opts.adapt_damping and k % opts.damping_adaptation_interval == 0
         same_batch = batch is not None or closure is not None

@@ -52,6 +52,14 @@ class Arguments:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+def dense_grad(param: Tensor) -> Tensor:
+    """A parameter's gradient, dense (a sparse embedding's, which gets the plain update, as a copy;
+    the `.grad` itself is left as it is)."""
+    grad = param.grad
+    assert grad is not None
+    return grad.to_dense() if grad.is_sparse else grad
+
+
 def call_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A batch's model inputs as `(args, kwargs)`: `Arguments` as they are, a tuple or list as the
     positional arguments, anything else as the one positional argument."""
