@@ -290,3 +290,47 @@ def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(
     targets = torch.tensor([0, 2, -100, 1])  # three labelled of the batch's 12
     share = logits_loss(loss_fn)(logits, targets, num_items_in_batch=torch.tensor(12))
     torch.testing.assert_close(share, loss_fn(logits, targets) * 3 / 12, rtol=1e-15, atol=0)
+
+
+def test_the_trainer_saves_and_resumes_the_preset_on_a_tied_gpt2(tmp_path: Path) -> None:
+    """The trainer saves a model that is not a `PreTrainedModel` with safetensors, which refused
+    `NextTokenLogits`' tied head and token embedding; now a run resumed from its step-2 checkpoint
+    (model and K-FAC state) ends where the uninterrupted run does, bit for bit."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, get_constant_schedule
+
+    from torch_kfac import presets
+
+    ids = torch.randint(0, 11, (16, 8), generator=torch.Generator().manual_seed(0))
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    def train(steps: int, out: Path, resume: Path | None = None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        config = GPT2Config(
+            vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        model, loss_fn = NextTokenLogits(GPT2LMHeadModel(config)), nn.CrossEntropyLoss()
+        opt = presets.adaptive(model, loss_fn, reduction="mean_positions", mc_seed=3)
+        Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, use_cpu=True,
+                max_grad_norm=0.0, label_names=["labels"], save_strategy="steps", save_steps=2,
+                report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=3,
+            ),
+            train_dataset=Windows(),
+            optimizers=(opt, get_constant_schedule(opt)),
+            compute_loss_func=next_token_loss(loss_fn),
+        ).train(resume_from_checkpoint=None if resume is None else str(resume))  # fmt: skip
+        return [p.detach().clone() for p in model.parameters()]
+
+    uninterrupted = train(4, tmp_path / "whole")
+    train(2, tmp_path / "part")
+    resumed = train(4, tmp_path / "part", resume=tmp_path / "part" / "checkpoint-2")
+    assert all(torch.equal(p, q) for p, q in zip(resumed, uninterrupted, strict=True))

@@ -75,7 +75,26 @@ def register_transformers_blocks() -> None:
     register_block(Conv1D, Conv1DBlock)
 
 
-class NextTokenLogits(nn.Module):
+class _OutputWrapper(nn.Module):
+    """A module around a Hugging Face model whose `state_dict` the Trainer can save."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's state, a weight shared by several names (GPT-2's output head and
+        token embedding) copied for each name after the first: the Trainer saves a model that is
+        not a `PreTrainedModel` with safetensors, which refuses tensors sharing memory. Loading
+        writes the same values into the shared weight once per name."""
+        state = super().state_dict(*args, **kwargs)
+        seen: set[int] = set()
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.device.type != "meta":
+                storage = value.untyped_storage().data_ptr()
+                if storage in seen:
+                    state[key] = value.detach().clone()
+                seen.add(storage)
+        return state
+
+
+class NextTokenLogits(_OutputWrapper):
     """A causal language model's logits for each position's next token, (N, vocab, T - 1): the
     layout `nn.CrossEntropyLoss` takes over positions, whose targets are the labels from the second
     token on (`next_token_loss`)."""
@@ -107,7 +126,7 @@ def next_token_loss(loss_fn: nn.Module) -> Callable[..., Tensor]:
     return compute_loss
 
 
-class Logits(nn.Module):
+class Logits(_OutputWrapper):
     """A Hugging Face model's `logits` alone (sequence classification: (N, classes)), the tensor a
     loss module takes as it is; the arguments go to the model unchanged (`logits_loss`). Its
     `forward(*args, **kwargs)` names no column, so the trainer needs
