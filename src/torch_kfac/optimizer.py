@@ -243,6 +243,8 @@ class KFAC(OriginalAPI, Optimizer):
         return loss_t
 
     def _check_compile_step(self) -> None:
+        """compile_step refused in distributed runs: at construction, and at a step that joined the
+        ranks of a process group begun after it."""
         if self.options.compile_step and self.preconditioner.distributed is not None:
             raise ValueError(
                 "compile_step is not supported in distributed runs (the preconditioning broadcasts)"
@@ -336,7 +338,7 @@ class KFAC(OriginalAPI, Optimizer):
         pre, opts = self.preconditioner, self.options
         # Gradients and losses on the mean-loss scale (reduction='sum' divides by the batch size).
         scale = pre.grad_scale() if pre.blocks else 1.0
-        grads = {n: (dense_grad(p) * scale if scale != 1.0 else dense_grad(p)) for n, p in params.items()}
+        grads = {n: dense_grad(p) * scale if scale != 1.0 else dense_grad(p) for n, p in params.items()}
         loss = None if loss is None else loss * scale
         damping_due = opts.adapt_damping and k % opts.damping_adaptation_interval == 0
         same_batch = batch is not None or closure is not None

@@ -757,11 +757,10 @@ class KFACPreconditioner:
         `batch=(inputs, targets)` is needed by fisher_type 'mc' and 'type-2'; omitted, it is that
         of the training pass since the last step, `loss_fn(model(*inputs), targets)` run with
         gradients enabled (`torch_kfac.last_batch`), and without one the step raises, saying why.
-        A step with a
-        non-finite gradient or statistic is skipped: the gradients stay as they were and the
-        factors and inverses unchanged. Returns whether the step was taken: a bool after a host
-        check in the step, else a 0-d bool tensor (reading it is the host read the step saved).
-        Autocast is off inside, wherever it is called.
+        A step with a non-finite gradient or statistic is skipped: the gradients stay as they were
+        and the factors and inverses unchanged. Returns whether the step was taken: a bool after a
+        host check in the step, else a 0-d bool tensor (reading it is the host read the step
+        saved). Autocast is off inside, wherever it is called.
         """
         last = None if self.last_batch is None else self.last_batch.take()
         with self.autocast_off():
