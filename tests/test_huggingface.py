@@ -334,3 +334,46 @@ def test_the_trainer_saves_and_resumes_the_preset_on_a_tied_gpt2(tmp_path: Path)
     train(2, tmp_path / "part")
     resumed = train(4, tmp_path / "part", resume=tmp_path / "part" / "checkpoint-2")
     assert all(torch.equal(p, q) for p, q in zip(resumed, uninterrupted, strict=True))
+
+
+def test_the_trainer_switches_gradient_checkpointing_on_through_the_wrapper(tmp_path: Path) -> None:
+    """`TrainingArguments(gradient_checkpointing=True)` calls the model's
+    `gradient_checkpointing_enable`, which the wrappers pass on (before: AttributeError); the
+    recomputed (non-reentrant) passes leave the preset's run as it is without (to rounding)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, get_constant_schedule
+
+    from torch_kfac import presets
+
+    ids = torch.randint(0, 11, (16, 8), generator=torch.Generator().manual_seed(0))
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    def train(checkpointing: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        config = GPT2Config(
+            vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        model, loss_fn = NextTokenLogits(GPT2LMHeadModel(config)), nn.CrossEntropyLoss()
+        opt = presets.adaptive(model, loss_fn, reduction="mean_positions", mc_seed=3)
+        Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
+                max_grad_norm=0.0, label_names=["labels"], save_strategy="no", report_to="none",
+                disable_tqdm=True, dataloader_num_workers=0, seed=3, gradient_checkpointing=checkpointing,
+            ),
+            train_dataset=Windows(),
+            optimizers=(opt, get_constant_schedule(opt)),
+            compute_loss_func=next_token_loss(loss_fn),
+        ).train()  # fmt: skip
+        assert model.lm.is_gradient_checkpointing == checkpointing
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(train(True), train(False), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)  # float64: the recomputation rounds apart

@@ -76,7 +76,18 @@ def register_transformers_blocks() -> None:
 
 
 class _OutputWrapper(nn.Module):
-    """A module around a Hugging Face model whose `state_dict` the Trainer can save."""
+    """A module around a Hugging Face model (`self.model`) that the Trainer can checkpoint, save
+    and switch gradient checkpointing on."""
+
+    model: nn.Module
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """The wrapped model's (`TrainingArguments(gradient_checkpointing=True)` calls it)."""
+        self.model.gradient_checkpointing_enable(**kwargs)  # type: ignore[operator]
+
+    def gradient_checkpointing_disable(self) -> None:
+        """The wrapped model's."""
+        self.model.gradient_checkpointing_disable()  # type: ignore[operator]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's state, a weight shared by several names (GPT-2's output head and
@@ -106,6 +117,11 @@ class NextTokenLogits(_OutputWrapper):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
+
+    @property
+    def model(self) -> nn.Module:  # type: ignore[override]
+        """The language model (parameters named `lm.*`)."""
+        return self.lm
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits, vocabulary on dim 1."""
