@@ -27,6 +27,7 @@ EXAMPLES = (
     "lightning_kfac",
     "original_api",
     "hf_trainer",
+    "hf_classifier",
 )
 
 
@@ -56,6 +57,7 @@ def test_help(load: Loader, name: str, capsys: pytest.CaptureFixture[str]) -> No
         "char_transformer",
         "lstm_sequence",
         "hf_trainer",
+        "hf_classifier",
     )  # these make their data
 
 
@@ -228,6 +230,18 @@ def test_hf_trainer(load: Loader, preset: bool) -> None:
     assert all(not line.startswith("fallback") for line in blocks.values()), blocks
     assert sum("Conv1DBlock" in line for line in blocks.values()) == 2 * 4 * 2
     assert "TiedBlock" in blocks["transformer.wte.weight"] and "lm_head" in blocks["transformer.wte.weight"]
+
+
+@pytest.mark.parametrize("optimizer", ["preset", "kfac", "adamw"])
+def test_hf_classifier(load: Loader, optimizer: str) -> None:
+    """A BERT classifier fine-tuned by the Trainer: the preset through `Logits`/`logits_loss` and
+    the trainer's own `optimizer.step()`, fixed K-FAC, and the trainer's AdamW."""
+    argv = ["--steps", "30", "--batch-size", "64", "--train-size", "960", "--test-size", "128"]
+    lr = ["--lr", "3e-3"] if optimizer == "adamw" else []
+    out = load("hf_classifier").main([*argv, "--optimizer", optimizer, *lr, *COMMON])
+    assert len(out["losses"]) == 30
+    assert_learned(out["losses"], factor=0.8)
+    assert 0.0 <= out["test_accuracy"] <= 1.0 and math.isfinite(out["test_loss"])
 
 
 @pytest.mark.parametrize("loop", ["tracked", "manual-mc"])
