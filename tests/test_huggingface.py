@@ -377,3 +377,40 @@ def test_the_trainer_switches_gradient_checkpointing_on_through_the_wrapper(tmp_
 
     for p, q in zip(train(True), train(False), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)  # float64: the recomputation rounds apart
+
+
+def test_batch_share_counts_the_targets_of_the_loss_modules_own_ignore_index() -> None:
+    """A mean is weighted by its share of the batch's labelled targets, counted with the loss's
+    own `ignore_index` (next-token labels from the second on); a sum, the whole batch's already,
+    is left as it is; a loss module without `reduction` is taken as a mean."""
+    gen = torch.Generator().manual_seed(0)
+    logits, total = torch.randn(4, 3, generator=gen), torch.tensor(12)
+    targets = torch.tensor([0, 2, -1, 1])  # three labelled targets of the batch's 12
+    mean, summed = nn.CrossEntropyLoss(ignore_index=-1), nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
+    torch.testing.assert_close(
+        logits_loss(mean)(logits, targets, num_items_in_batch=total), mean(logits, targets) * 3 / 12
+    )
+    assert torch.equal(
+        logits_loss(summed)(logits, targets, num_items_in_batch=total), summed(logits, targets)
+    )
+
+    class Plain(nn.Module):  # no `reduction` attribute
+        def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(outputs, targets)
+
+    full = torch.tensor([0, 2, 1, 1])
+    torch.testing.assert_close(
+        logits_loss(Plain())(logits, full, num_items_in_batch=total), Plain()(logits, full) / 3
+    )
+    sequence = torch.randn(2, 3, 4, generator=gen)  # (N, vocab, T - 1) next-token logits
+    labels = torch.tensor([[5, 0, 1, -1, -1], [5, 2, 2, 1, 0]])  # the first label of each is dropped
+    torch.testing.assert_close(
+        next_token_loss(mean)(sequence, labels, num_items_in_batch=total),
+        mean(sequence, labels[:, 1:]) * 6 / 12,
+    )
+
+
+def test_logits_without_inputs_names_remove_unused_columns() -> None:
+    """A trainer that dropped every column (`remove_unused_columns`) calls the wrapper with nothing."""
+    with pytest.raises(ValueError, match=r"remove_unused_columns=False"):
+        Logits(nn.Linear(2, 2))()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from tests.conftest import make_data, make_mlp
 from torch_kfac import KFAC, KFACPreconditioner, presets
+from torch_kfac.last_batch import TrainingPass
 
 Step = Callable[[KFAC, nn.Module, nn.Module, Tensor, Tensor], None]
 
@@ -409,3 +410,30 @@ def test_a_compiled_model_gives_the_same_bare_steps() -> None:
         return [p.detach() for p in model.parameters()]
 
     assert all(torch.equal(p, q) for p, q in zip(run(True), run(False), strict=True))
+
+
+def test_a_ddp_copy_of_the_freed_output_is_recognised_by_its_mark_alone() -> None:
+    """DDP (find_unused_parameters) returns `_DDPSink` copies of the module's outputs and the
+    originals are freed: a loss on the copy of the model's output is a training pass, a loss on a
+    copy of anything else is not (single-process stand-in for the distributed test)."""
+    from torch.nn.parallel.distributed import _DDPSink
+
+    class Owner:
+        _ddp_sink_clone = True  # what the sink reads from its DDP module
+
+    owner = Owner()
+
+    def sink(tensor: Tensor) -> Tensor:
+        return _DDPSink.apply(weakref.ref(owner), tensor)[0]
+
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    x, y = make_data()
+    copy = sink(model(x))  # the module's own output is gone once the sink holds its copy
+    assert type(copy.grad_fn).__name__ == "_DDPSinkBackward"
+    loss_fn(copy, y)
+    found = opt.preconditioner.last_batch.take()
+    assert isinstance(found, TrainingPass) and found.inputs[0] is x and found.targets is y
+
+    loss_fn(sink(model(x) * 2), y)  # a copy of another tensor, whose parent bears no mark
+    assert "not the model's output" in str(opt.preconditioner.last_batch.take())
