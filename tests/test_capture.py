@@ -226,3 +226,38 @@ def test_reentrant_checkpointing_names_the_feature_that_needs_autograd_grad() ->
     the error names K-FAC's pass and the non-reentrant mode, not the user's code."""
     with pytest.raises(RuntimeError, match=r"K-FAC: the 'mc' Fisher's own pass .* use_reentrant=False"):
         _train_checkpointed("reentrant", preset=True)
+
+
+@pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
+def test_copies_of_the_model_do_not_inherit_the_optimizers_hooks(preset: bool) -> None:
+    """`copy.deepcopy(model)` (an EMA of the weights, a teacher) and `torch.save(model)` carry inert
+    hooks, not copies of the optimizer's state behind them: a copy's grad-enabled pass records
+    nothing, the pickle holds the model alone, and the preset's model pickles at all (before, a
+    PicklingError)."""
+    import copy
+    import io
+
+    from torch_kfac import presets
+    from torch_kfac.capture import ModuleHook, _inert_hook
+
+    model, loss_fn = make_mlp(), torch.nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn) if preset else KFAC(model, lr=0.1, damping=1e-2)
+    x, y = make_data()
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()
+    hooks = [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    assert hooks and all(isinstance(h, ModuleHook) for h in hooks)
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        copied_hooks = [
+            h for m in copied.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        ]
+        assert len(copied_hooks) == len(hooks) and all(h is _inert_hook for h in copied_hooks)
+        loss_fn(copied(x), y).backward()  # records nothing anywhere
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+    assert not any(b.has_pending(k) for b in opt.preconditioner.blocks.values() for k in b.FACTORS)

@@ -41,6 +41,39 @@ def outside_compiled_graphs(fn: Callable[..., Any]) -> Callable[..., Any]:
         return torch.compiler.disable(fn)
 
 
+def _inert_hook(*args: Any, **kwargs: Any) -> None:
+    """What a copied or unpickled module holds in place of a `ModuleHook`: nothing to do."""
+
+
+def _inert() -> Callable[..., None]:
+    """`_inert_hook`, as unpickling rebuilds a `ModuleHook`."""
+    return _inert_hook
+
+
+class ModuleHook:
+    """A hook of K-FAC's on a module that copies of the module do not inherit.
+
+    `copy.deepcopy(model)` (an EMA of the weights, a teacher network) and `torch.save(model)` would
+    otherwise copy the hook with the optimizer's whole state behind it (its factors), and the
+    copy's passes would go on recording statistics nobody folds; the preset's hooks could not be
+    pickled at all. The copy gets `_inert_hook` in its place.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _inert_hook
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return _inert, ()
+
+
 class StatisticsCapture:
     """Decides when statistics are recorded and routes them to the blocks.
 
@@ -80,8 +113,11 @@ class StatisticsCapture:
             block.backward_gate = self._backward_recording
             block.statistics_grad = self.statistics_grad
             if type(block).before_forward is not CurvatureBlock.before_forward:
-                self._handles.append(block.module.register_forward_pre_hook(partial(self._pre_hook, block)))
-            self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block)))
+                hook = ModuleHook(partial(self._pre_hook, block))
+                self._handles.append(block.module.register_forward_pre_hook(hook))
+            self._handles.append(
+                block.module.register_forward_hook(ModuleHook(partial(self._forward_hook, block)))
+            )
 
     def _recording(self) -> bool:
         if self._forced is not None:

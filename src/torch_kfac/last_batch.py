@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.capture import outside_compiled_graphs
+from torch_kfac.capture import ModuleHook, outside_compiled_graphs
 from torch_kfac.utils import Arguments
 
 #: Key of the mark a model call leaves on its output's autograd node (`ModelCall.mark`).
@@ -57,8 +57,12 @@ class LastBatch:
         #: a loss evaluation): those are not training passes.
         self.own_pass = own_pass
         self._handles = [
-            model.register_forward_hook(outside_compiled_graphs(self._model_called), with_kwargs=True),
-            loss_fn.register_forward_hook(outside_compiled_graphs(self._loss_called), with_kwargs=True),
+            model.register_forward_hook(
+                ModuleHook(outside_compiled_graphs(self._model_called)), with_kwargs=True
+            ),
+            loss_fn.register_forward_hook(
+                ModuleHook(outside_compiled_graphs(self._loss_called)), with_kwargs=True
+            ),
         ]
         # The last model call (the loss's input must be its output tensor).
         self._model_call: ModelCall | None = None

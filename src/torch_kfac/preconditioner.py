@@ -21,7 +21,7 @@ from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.blocks.conv import ConvBlock
 from torch_kfac.blocks.kronecker import KroneckerFactors
 from torch_kfac.calibration import initial_damping
-from torch_kfac.capture import StatisticsCapture
+from torch_kfac.capture import ModuleHook, StatisticsCapture
 from torch_kfac.distributed import LAYOUT_KEY, DistributedCurvature, check_model, is_distributed, unwrap
 from torch_kfac.last_batch import LastBatch, TrainingPass, unavailable
 from torch_kfac.linalg import LOW_PRECISION
@@ -146,7 +146,7 @@ class KFACPreconditioner:
         if opts.grad_scaler is not None:
             self._capture.loss_scale = partial(loss_scale, opts.grad_scaler)
         self._root_hook = (
-            model.register_forward_hook(self._observe_outputs)
+            model.register_forward_hook(ModuleHook(self._observe_outputs))
             if opts.reduction in (Reduction.MEAN_POSITIONS, Reduction.SUM)
             else None
         )
