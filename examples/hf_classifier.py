@@ -20,21 +20,17 @@ batch and loss of the trainer's own pass (`torch_kfac.last_batch`), inside the t
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from example_utils import add_common_arguments, pick_device, run
-from hf_trainer import LossLog
+from hf_trainer import fit
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    Trainer,
-    TrainingArguments,
     get_constant_schedule,
 )
 
@@ -122,38 +118,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     elif args.optimizer == "kfac":
         opt = KFAC(model, lr=args.lr or 0.1, damping=1e-2, momentum=0.9)
         extra["optimizers"] = (opt, get_constant_schedule(opt))
-    log = LossLog()
-    with tempfile.TemporaryDirectory() as out:
-        training = TrainingArguments(
-            output_dir=out,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr or 1e-3,  # the trainer's AdamW (--optimizer adamw)
-            lr_scheduler_type="constant",
-            use_cpu=device.type == "cpu",
-            max_grad_norm=0.0,
-            label_names=["labels"],  # kept for compute_loss_func
-            remove_unused_columns=False,  # Logits.forward names no column
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=args.no_progress,
-            seed=args.seed,
-            dataloader_num_workers=0,
-        )
-        trainer = Trainer(
-            model=model,
-            args=training,
-            train_dataset=Sentences(train_ids, train_labels),
-            callbacks=[log],
-            compute_loss_func=logits_loss(loss_fn),
-            **extra,
-        )
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+    training = {
+        "learning_rate": args.lr or 1e-3,  # the trainer's AdamW (--optimizer adamw)
+        "lr_scheduler_type": "constant",
+        "remove_unused_columns": False,  # Logits.forward names no column
+    }
+    data = Sentences(train_ids, train_labels)
+    losses, seconds = fit(
+        args, device, model, data, training, compute_loss_func=logits_loss(loss_fn), **extra
+    )
     test_loss, test_accuracy = evaluate(model, test_ids, test_labels, device)
-    losses = log.losses
     print(
         f"{args.optimizer}: {len(losses)} steps in {seconds:.1f}s, training loss {losses[0]:.3f} -> "
         f"{losses[-1]:.3f}; held-out loss {test_loss:.3f}, accuracy {test_accuracy:.3f}"

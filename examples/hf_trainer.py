@@ -81,6 +81,41 @@ class LossLog(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
+def fit(
+    args: argparse.Namespace,
+    device: torch.device,
+    model: nn.Module,
+    data: Dataset,
+    training: dict[str, Any],
+    **trainer: Any,
+) -> tuple[list[float], float]:
+    """Train `model` on `data` with `Trainer` for `--steps` steps of `--batch-size`, logging every
+    step's loss: (the losses, the seconds). `training`: more `TrainingArguments`; `trainer`: more
+    `Trainer` arguments (optimizers, compute_loss_func). Gradient clipping is off (K-FAC bounds the
+    step with its norm constraint) and the labels stay for `compute_loss_func`."""
+    log = LossLog()
+    with tempfile.TemporaryDirectory() as out:
+        arguments = TrainingArguments(
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            use_cpu=device.type == "cpu",
+            max_grad_norm=0.0,
+            label_names=["labels"],
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=args.no_progress,
+            seed=args.seed,
+            dataloader_num_workers=0,
+            **training,
+        )
+        job = Trainer(model=model, args=arguments, train_dataset=data, callbacks=[log], **trainer)
+        start = time.perf_counter()
+        job.train()
+        return log.losses, time.perf_counter() - start
+
+
 def coverage(opt: KFAC, model: torch.nn.Module) -> dict[str, str]:
     """Each parameter of a Linear/Conv1D/Embedding/LayerNorm -> its line of the registration report."""
     report = dict(line.strip().split(": ", 1) for line in opt.preconditioner.describe().splitlines()[1:])
@@ -148,35 +183,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model, lr=args.lr, damping=args.damping, momentum=0.9, norm_constraint=args.norm_constraint
         )
         scheduler = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
-    log = LossLog()
-    with tempfile.TemporaryDirectory() as out:
-        training = TrainingArguments(
-            output_dir=out,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size,
-            bf16=not args.no_bf16,
-            use_cpu=device.type == "cpu",
-            max_grad_norm=0.0,
-            label_names=["labels"],  # kept for compute_loss_func (NextTokenLogits takes no labels)
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=args.no_progress,
-            seed=args.seed,
-            dataloader_num_workers=0,
-        )
-        trainer = Trainer(
-            model=model,
-            args=training,
-            train_dataset=data,
-            optimizers=(opt, scheduler),
-            callbacks=[log],
-            **extra,
-        )
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-    losses = log.losses
+    # GPT-2's labels are its inputs; bf16 autocast on the CPU unless --no-bf16.
+    losses, seconds = fit(
+        args, device, model, data, {"bf16": not args.no_bf16}, optimizers=(opt, scheduler), **extra
+    )
     print(
         f"{len(losses)} steps in {seconds:.1f}s ({'float32' if args.no_bf16 else 'bf16 autocast'}): "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f} nats/char (uniform: {math.log(len(chars)):.3f})"
