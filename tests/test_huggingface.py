@@ -26,6 +26,66 @@ from torch_kfac.huggingface import (
 pytestmark = pytest.mark.usefixtures("float64")
 
 
+def trainer_arguments(out: Path, **arguments: Any) -> Any:
+    """The tests' `TrainingArguments`: on the CPU, no gradient clipping, the labels kept for
+    `compute_loss_func`, no checkpoints, reports or progress bar, seed 3; `arguments` add or
+    override."""
+    from transformers import TrainingArguments
+
+    common: dict[str, Any] = {
+        "output_dir": str(out), "use_cpu": True, "max_grad_norm": 0.0, "label_names": ["labels"],
+        "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "dataloader_num_workers": 0,
+        "seed": 3,
+    }  # fmt: skip
+    return TrainingArguments(**{**common, **arguments})
+
+
+def tiny_gpt2(layers: int = 1) -> Any:
+    """A GPT-2 of 11 tokens, 8 positions and width 8, without dropout; the same weights at every
+    call (seeded)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=layers, n_head=2, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+class Windows(torch.utils.data.Dataset):
+    """Token windows as causal-LM examples: the labels are the ids (-100 marks padding), the inputs
+    the ids with padding as token 0."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i].clamp(min=0), "labels": self.ids[i]}
+
+
+def train_tiny_gpt2_preset(out: Path, layers: int = 1, resume: Path | None = None, **arguments: Any) -> Any:
+    """`NextTokenLogits(tiny_gpt2(layers))` trained by the preset through the trainer (batches of
+    4 of 16 seeded windows; `arguments`: more `TrainingArguments`); returns the model."""
+    from transformers import Trainer, get_constant_schedule
+
+    from torch_kfac import presets
+
+    model, loss_fn = NextTokenLogits(tiny_gpt2(layers)), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn, reduction="mean_positions", mc_seed=3)
+    Trainer(
+        model=model,
+        args=trainer_arguments(out, per_device_train_batch_size=4, **arguments),
+        train_dataset=Windows(torch.randint(0, 11, (16, 8), generator=torch.Generator().manual_seed(0))),
+        optimizers=(opt, get_constant_schedule(opt)),
+        compute_loss_func=next_token_loss(loss_fn),
+    ).train(resume_from_checkpoint=None if resume is None else str(resume))
+    return model
+
+
 def pair() -> tuple[nn.Sequential, nn.Sequential]:
     """A Conv1D network and the same network built from nn.Linear (weights transposed)."""
     linear = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -71,13 +131,7 @@ def test_registration_gives_conv1d_its_block() -> None:
 def test_next_token_logits_and_loss_give_the_language_models_own_loss() -> None:
     """NextTokenLogits + next_token_loss(nn.CrossEntropyLoss()) is GPT-2's own shifted loss, padding
     (label -100, masked attention) included, and the logits are its logits shifted, vocabulary on dim 1."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
-    )
-    lm = GPT2LMHeadModel(config).double().eval()
+    lm = tiny_gpt2().double().eval()
     ids = torch.randint(0, 11, (3, 8))
     mask = torch.ones(3, 8, dtype=torch.long)
     mask[1, 5:] = 0
@@ -118,7 +172,7 @@ class Net(nn.Module):
 def test_the_preconditioner_callback_preconditions_each_of_the_trainers_steps(tmp_path: Path) -> None:
     """`Trainer` with SGD and `preconditioner_callback(pre)` (the MC Fisher, its batch taken from
     the trainer's pass) trains as the explicit loop on the batches the trainer drew."""
-    from transformers import Trainer, TrainingArguments, get_constant_schedule
+    from transformers import Trainer, get_constant_schedule
 
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 5, generator=gen), torch.randint(0, 3, (64,), generator=gen)
@@ -138,11 +192,7 @@ def test_the_preconditioner_callback_preconditions_each_of_the_trainers_steps(tm
     )
     Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=16, use_cpu=True,
-            max_grad_norm=0.0, label_names=["labels"], save_strategy="no", report_to="none",
-            disable_tqdm=True, dataloader_num_workers=0, seed=3,
-        ),
+        args=trainer_arguments(tmp_path, max_steps=4, per_device_train_batch_size=16),
         train_dataset=Rows(x, y),
         optimizers=(sgd, get_constant_schedule(sgd)),
         callbacks=[preconditioner_callback(pre)],
@@ -165,27 +215,15 @@ def test_next_token_loss_is_the_whole_batchs_loss_under_gradient_accumulation(tm
     """The trainer sums its micro-batches' `compute_loss_func` losses and divides by nothing (it
     takes them as normalised by `num_items_in_batch`): two accumulated micro-batches of 8 must step
     as one batch of 16 does."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, get_constant_schedule
+    from transformers import Trainer, get_constant_schedule
 
-    config = GPT2Config(
-        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
     ids = torch.randint(0, 11, (32, 8), generator=torch.Generator().manual_seed(0))
     ids[3, 5:] = -100  # padding: the micro-batches hold different numbers of tokens
-
-    class Windows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(ids)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": ids[i].clamp(min=0), "labels": ids[i]}
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss_fn's value, the trainer's loss)
 
     def train(batch_size: int, accumulate: int) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = NextTokenLogits(GPT2LMHeadModel(config))
+        model = NextTokenLogits(tiny_gpt2())
         sgd = torch.optim.SGD(model.parameters(), lr=0.5)
         loss_fn, values = nn.CrossEntropyLoss(), []
         loss_fn.register_forward_hook(lambda m, args, out: values.append(out))
@@ -198,13 +236,11 @@ def test_next_token_loss_is_the_whole_batchs_loss_under_gradient_accumulation(tm
 
         Trainer(
             model=model,
-            args=TrainingArguments(
-                output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=batch_size,
-                gradient_accumulation_steps=accumulate, use_cpu=True, max_grad_norm=0.0,
-                label_names=["labels"], save_strategy="no", report_to="none", disable_tqdm=True,
-                dataloader_num_workers=0, seed=3,
+            args=trainer_arguments(
+                tmp_path, max_steps=2, per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulate,
             ),
-            train_dataset=Windows(),
+            train_dataset=Windows(ids),
             optimizers=(sgd, get_constant_schedule(sgd)),
             compute_loss_func=logged,
         ).train()  # fmt: skip
@@ -224,13 +260,7 @@ def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(
     """`Logits(BertForSequenceClassification)` and `logits_loss`: the trainer's own
     `optimizer.step()` takes the batch and loss of its pass, so the preset's run equals the explicit
     loop on the batches the trainer drew, bit for bit; the accumulated loss is the batch's share."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        Trainer,
-        TrainingArguments,
-        get_constant_schedule,
-    )
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, get_constant_schedule
 
     from torch_kfac import presets
 
@@ -265,10 +295,8 @@ def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(
     )
     Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, use_cpu=True,
-            max_grad_norm=0.0, label_names=["labels"], save_strategy="no", report_to="none",
-            disable_tqdm=True, dataloader_num_workers=0, seed=3, remove_unused_columns=False,
+        args=trainer_arguments(
+            tmp_path, max_steps=3, per_device_train_batch_size=8, remove_unused_columns=False
         ),
         train_dataset=Sentences(),
         optimizers=(opt, get_constant_schedule(opt)),
@@ -296,86 +324,29 @@ def test_the_trainer_saves_and_resumes_the_preset_on_a_tied_gpt2(tmp_path: Path)
     """The trainer saves a model that is not a `PreTrainedModel` with safetensors, which refused
     `NextTokenLogits`' tied head and token embedding; now a run resumed from its step-2 checkpoint
     (model and K-FAC state) ends where the uninterrupted run does, bit for bit."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, get_constant_schedule
-
-    from torch_kfac import presets
-
-    ids = torch.randint(0, 11, (16, 8), generator=torch.Generator().manual_seed(0))
-
-    class Windows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(ids)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": ids[i], "labels": ids[i]}
-
-    def train(steps: int, out: Path, resume: Path | None = None) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        config = GPT2Config(
-            vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        model, loss_fn = NextTokenLogits(GPT2LMHeadModel(config)), nn.CrossEntropyLoss()
-        opt = presets.adaptive(model, loss_fn, reduction="mean_positions", mc_seed=3)
-        Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, use_cpu=True,
-                max_grad_norm=0.0, label_names=["labels"], save_strategy="steps", save_steps=2,
-                report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=3,
-            ),
-            train_dataset=Windows(),
-            optimizers=(opt, get_constant_schedule(opt)),
-            compute_loss_func=next_token_loss(loss_fn),
-        ).train(resume_from_checkpoint=None if resume is None else str(resume))  # fmt: skip
-        return [p.detach().clone() for p in model.parameters()]
-
-    uninterrupted = train(4, tmp_path / "whole")
-    train(2, tmp_path / "part")
-    resumed = train(4, tmp_path / "part", resume=tmp_path / "part" / "checkpoint-2")
-    assert all(torch.equal(p, q) for p, q in zip(resumed, uninterrupted, strict=True))
+    saving = {"save_strategy": "steps", "save_steps": 2}
+    uninterrupted = train_tiny_gpt2_preset(tmp_path / "whole", max_steps=4, **saving)
+    train_tiny_gpt2_preset(tmp_path / "part", max_steps=2, **saving)
+    resumed = train_tiny_gpt2_preset(
+        tmp_path / "part", resume=tmp_path / "part" / "checkpoint-2", max_steps=4, **saving
+    )
+    assert all(
+        torch.equal(p, q) for p, q in zip(resumed.parameters(), uninterrupted.parameters(), strict=True)
+    )
 
 
 def test_the_trainer_switches_gradient_checkpointing_on_through_the_wrapper(tmp_path: Path) -> None:
     """`TrainingArguments(gradient_checkpointing=True)` calls the model's
     `gradient_checkpointing_enable`, which the wrappers pass on (before: AttributeError); the
     recomputed (non-reentrant) passes leave the preset's run as it is without (to rounding)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, get_constant_schedule
-
-    from torch_kfac import presets
-
-    ids = torch.randint(0, 11, (16, 8), generator=torch.Generator().manual_seed(0))
-
-    class Windows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(ids)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": ids[i], "labels": ids[i]}
-
-    def train(checkpointing: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        config = GPT2Config(
-            vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        model, loss_fn = NextTokenLogits(GPT2LMHeadModel(config)), nn.CrossEntropyLoss()
-        opt = presets.adaptive(model, loss_fn, reduction="mean_positions", mc_seed=3)
-        Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
-                max_grad_norm=0.0, label_names=["labels"], save_strategy="no", report_to="none",
-                disable_tqdm=True, dataloader_num_workers=0, seed=3, gradient_checkpointing=checkpointing,
-            ),
-            train_dataset=Windows(),
-            optimizers=(opt, get_constant_schedule(opt)),
-            compute_loss_func=next_token_loss(loss_fn),
-        ).train()  # fmt: skip
-        assert model.lm.is_gradient_checkpointing == checkpointing
-        return [p.detach().clone() for p in model.parameters()]
-
-    for p, q in zip(train(True), train(False), strict=True):
+    runs = {
+        checkpointing: train_tiny_gpt2_preset(
+            tmp_path, layers=2, max_steps=4, gradient_checkpointing=checkpointing
+        )
+        for checkpointing in (True, False)
+    }
+    assert runs[True].lm.is_gradient_checkpointing and not runs[False].lm.is_gradient_checkpointing
+    for p, q in zip(runs[True].parameters(), runs[False].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)  # float64: the recomputation rounds apart
 
 
