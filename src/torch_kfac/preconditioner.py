@@ -225,9 +225,9 @@ class KFACPreconditioner:
 
     def join_ranks(self) -> None:
         """Communicate with the other ranks once `torch.distributed` runs with more than one:
-        called at construction and at every step, which is the first chance where the process
-        group is initialized after the optimizer was built (the Hugging Face Trainer does it in
-        `TrainingArguments`). Collective: every rank joins at the same step."""
+        called at construction and at the start of every step (`step`, `KFAC.step`), the first
+        chance where the process group is initialized after the optimizer was built (the Hugging
+        Face Trainer does it in `TrainingArguments`). Collective: every rank joins at the same step."""
         if self.distributed is not None or not is_distributed():
             return
         if self.steps > 0:
@@ -703,7 +703,6 @@ class KFACPreconditioner:
         Returns the blocks' gradient matrices.
         """
         self._follow_model()
-        self.join_ranks()
         if self.fisher_pass_due():
             if batch is None:
                 raise self.fisher_batch_error()
@@ -762,6 +761,7 @@ class KFACPreconditioner:
         host check in the step, else a 0-d bool tensor (reading it is the host read the step
         saved). Autocast is off inside, wherever it is called.
         """
+        self.join_ranks()
         last = None if self.last_batch is None else self.last_batch.take()
         with self.autocast_off():
             if batch is None and self.fisher_pass_due():
