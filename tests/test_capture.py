@@ -261,3 +261,42 @@ def test_copies_of_the_model_do_not_inherit_the_optimizers_hooks(preset: bool) -
         with torch.no_grad():
             torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
     assert not any(b.has_pending(k) for b in opt.preconditioner.blocks.values() for k in b.FACTORS)
+
+
+def test_copies_of_a_model_with_switched_forwards_carry_nothing_of_kfac() -> None:
+    """The LSTM and attention blocks replace their module's `forward`; a deep copy or pickle of the
+    model gets the class's own forward back instead of the block (and the factors behind it): the
+    pickle names nothing of torch_kfac but the inert hooks, the copy computes what the model does,
+    and a new KFAC built on the copy trains it as one built on an untouched model."""
+    import copy
+    import io
+    import re
+
+    from tests.test_optimizer import _RecurrentAttentive
+
+    torch.manual_seed(0)
+    model = _RecurrentAttentive()
+    pristine = copy.deepcopy(model)
+    x, y = torch.randn(6, 4, 5), torch.randint(0, 3, (6,))
+    opt = KFAC(model, lr=0.1, damping=0.1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert set(re.findall(rb"torch_kfac[\w.]*\n\w+", buffer.getvalue())) == {b"torch_kfac.capture\n_inert"}
+    buffer.seek(0)
+    copies = [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+    with torch.no_grad():
+        for copied in copies:
+            torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+    for copied in (*copies, pristine):
+        copied.load_state_dict(model.state_dict())
+        new = KFAC(copied, lr=0.1, damping=0.1)
+        for _ in range(2):
+            new.zero_grad()
+            F.cross_entropy(copied(x), y).backward()
+            new.step()
+    for copied in copies:
+        for p, q in zip(pristine.parameters(), copied.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=0)

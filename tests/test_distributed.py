@@ -249,6 +249,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
             save=out / "ckpt2.pt",
         )
         results["fsdp"] = _fsdp_error()
+        results["copy"] = _copy_error()
         results["compile_step"] = _compile_step_error()
         results["raise"] = _raise_in_step(rank)
     torch.save(results, out / f"rank{rank}.pt")
@@ -282,6 +283,16 @@ def _fsdp_error() -> str:
     try:
         KFAC(model, lr=0.1)
     except ValueError as err:
+        return str(err)
+    return ""
+
+
+def _copy_error() -> str:
+    import copy
+
+    try:
+        copy.deepcopy(KFAC(make_model(), lr=0.1))
+    except TypeError as err:
         return str(err)
     return ""
 
@@ -472,6 +483,12 @@ def test_checkpoint_saved_with_4_ranks_continues_with_2_and_1(
 def test_fsdp_is_refused_with_what_is_supported(runs: dict[Any, Any]) -> None:
     for result in runs[2]:
         assert "sharded parameters" in result["fsdp"] and "DistributedDataParallel" in result["fsdp"]
+
+
+def test_a_copy_is_refused_in_distributed_runs_with_what_to_do(runs: dict[Any, Any]) -> None:
+    for result in runs[2]:
+        assert "cannot be copied or pickled in a distributed run" in result["copy"]
+        assert "state_dict()" in result["copy"]
 
 
 def test_compile_step_is_refused_in_distributed_runs_with_the_reason(runs: dict[Any, Any]) -> None:

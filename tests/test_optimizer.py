@@ -1192,3 +1192,99 @@ def test_a_sparse_embedding_gets_the_plain_update_its_report_names(preset: bool)
         assert model.embed.weight.grad.is_sparse == sparse
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(p, q) for p, q in zip(*runs, strict=True))
+
+
+class _RecurrentAttentive(nn.Module):
+    """LSTM, attention (both blocks that replace their module's forward) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(5, 8, batch_first=True)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(x)
+        h, _ = self.att(h, h, h, need_weights=False)
+        return self.head(h[:, -1])
+
+
+def _copied(triple: tuple[nn.Module, KFAC, nn.Module], how: str) -> tuple[nn.Module, KFAC, nn.Module]:
+    import copy
+    import io
+
+    if how == "deepcopy":
+        return copy.deepcopy(triple)
+    buffer = io.BytesIO()
+    torch.save(triple, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
+def test_a_copied_model_and_optimizer_train_as_the_originals(preset: bool, how: str) -> None:
+    """`copy.deepcopy` and a `torch.save`/`torch.load` round trip of (model, optimizer, loss
+    function) give a triple that trains bit for bit as an uninterrupted run, as does the original
+    beside it (interleaved: no pass of one reaches the other's statistics). The preset steps bare,
+    so its training-pass hooks are copied live too; the LSTM and attention blocks replace their
+    module's forward. A deep copy shares the user's loss function: configuration, not state."""
+    from torch_kfac import presets
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(6, 4, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(5)
+    ]
+
+    def build() -> tuple[nn.Module, KFAC, nn.Module]:
+        torch.manual_seed(0)
+        model, loss_fn = _RecurrentAttentive().double(), nn.CrossEntropyLoss()
+        # The MC labels from a seed of the optimizer's own (the global generator serves both runs).
+        opt = presets.adaptive(model, loss_fn, mc_seed=5) if preset else KFAC(model, lr=0.1, damping=0.1)
+        return model, opt, loss_fn
+
+    def step(
+        model: nn.Module, opt: KFAC, loss_fn: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        opt.zero_grad()
+        loss_fn(model(batch[0].double()), batch[1]).backward()
+        opt.step()
+
+    reference = build()
+    for batch in batches:
+        step(*reference, batch)
+    original = build()
+    for batch in batches[:2]:
+        step(*original, batch)
+    copied = _copied(original, how)
+    assert copied[1].model is copied[0] and copied[1].preconditioner.model is copied[0]
+    if preset:
+        assert copied[1].loss_fn is copied[2] and (copied[2] is original[2]) == (how == "deepcopy")
+    for batch in batches[2:]:
+        step(*original, batch)
+        step(*copied, batch)
+    for model, _, _ in (original, copied):
+        for (name, p), q in zip(reference[0].named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_a_copy_of_the_optimizer_alone_trains_its_own_copy_of_the_model() -> None:
+    """`copy.deepcopy(opt)` copies the model with it (`opt.model`), as the preconditioner needs its
+    hooks on a model of its own; the user's model is neither moved nor recorded by the copy."""
+    import copy
+
+    model = make_mlp()
+    opt = KFAC(model, lr=0.1, damping=0.1)
+    twin = KFAC(make_mlp(), lr=0.1, damping=0.1)
+    clone = copy.deepcopy(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_data()
+    for o in (clone, twin):
+        o.zero_grad()
+        F.cross_entropy(o.model(x), y).backward()
+        o.step()
+    for p, q in zip(twin.model.parameters(), clone.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    assert not any(b.has_pending(k) for b in opt.preconditioner.blocks.values() for k in b.FACTORS)

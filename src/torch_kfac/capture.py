@@ -74,6 +74,51 @@ class ModuleHook:
         return _inert, ()
 
 
+class ModuleHooks:
+    """The forward (pre-)hooks one object of K-FAC's (the capture, the last-pass watcher, the
+    preconditioner) keeps on modules.
+
+    A copy of that object is part of a copy of the optimizer, which copies the model with it
+    (`copy.deepcopy`, pickling): the copied modules hold inert hooks (`ModuleHook`), and the copy
+    registers live ones of its own in their place, so a copied model and optimizer train as the
+    originals do.
+    """
+
+    def __init__(self) -> None:
+        #: (module, hook function, pre-hook, with_kwargs) of each hook, to register again in a copy.
+        self._specs: list[tuple[nn.Module, Callable[..., Any], bool, bool]] = []
+        self._handles: list[RemovableHandle] = []
+
+    def add(
+        self, module: nn.Module, fn: Callable[..., Any], *, pre: bool = False, with_kwargs: bool = False
+    ) -> None:
+        """Register `fn` (wrapped in a `ModuleHook`) as a forward hook, or a pre-hook, of `module`."""
+        spec = (module, fn, pre, with_kwargs)
+        self._specs.append(spec)
+        self._handles.append(_register(*spec))
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._specs, self._handles = [], []
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy: the copied handles remove the copied modules' inert hooks; live ones replace them."""
+        for handle in state["_handles"]:
+            handle.remove()
+        self._specs = state["_specs"]
+        self._handles = [_register(*spec) for spec in self._specs]
+
+
+def _register(module: nn.Module, fn: Callable[..., Any], pre: bool, with_kwargs: bool) -> RemovableHandle:
+    """`module.register_forward_(pre_)hook(ModuleHook(fn), with_kwargs=...)`."""
+    hook = ModuleHook(fn)
+    if pre:
+        return module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+    return module.register_forward_hook(hook, with_kwargs=with_kwargs)
+
+
 class StatisticsCapture:
     """Decides when statistics are recorded and routes them to the blocks.
 
@@ -99,7 +144,7 @@ class StatisticsCapture:
         self._backward_on = False
         self._paused = False
         self._forced: list[Tensor] | None = None
-        self._handles: list[RemovableHandle] = []
+        self._hooks = ModuleHooks()
         #: dtype in which statistics are computed (None: the activations' and gradients' own, float32
         #: for 16-bit ones; so a pass after `model.to(dtype)` is recorded in the new dtype).
         self.factor_dtype: torch.dtype | None = None
@@ -113,11 +158,8 @@ class StatisticsCapture:
             block.backward_gate = self._backward_recording
             block.statistics_grad = self.statistics_grad
             if type(block).before_forward is not CurvatureBlock.before_forward:
-                hook = ModuleHook(partial(self._pre_hook, block))
-                self._handles.append(block.module.register_forward_pre_hook(hook))
-            self._handles.append(
-                block.module.register_forward_hook(ModuleHook(partial(self._forward_hook, block)))
-            )
+                self._hooks.add(block.module, partial(self._pre_hook, block), pre=True)
+            self._hooks.add(block.module, partial(self._forward_hook, block))
 
     def _recording(self) -> bool:
         if self._forced is not None:
@@ -226,9 +268,7 @@ class StatisticsCapture:
 
     def remove(self) -> None:
         """Remove every hook; the model is left as it was before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.remove()
         for block in self.hooked:
             block.remove()
 

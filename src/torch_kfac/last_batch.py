@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_kfac.capture import ModuleHook, outside_compiled_graphs
+from torch_kfac.capture import ModuleHooks, outside_compiled_graphs
 from torch_kfac.utils import Arguments
 
 #: Key of the mark a model call leaves on its output's autograd node (`ModelCall.mark`).
@@ -56,14 +56,9 @@ class LastBatch:
         #: Whether a pass running now is the optimizer's own (the Fisher pass, the quadratic model,
         #: a loss evaluation): those are not training passes.
         self.own_pass = own_pass
-        self._handles = [
-            model.register_forward_hook(
-                ModuleHook(outside_compiled_graphs(self._model_called)), with_kwargs=True
-            ),
-            loss_fn.register_forward_hook(
-                ModuleHook(outside_compiled_graphs(self._loss_called)), with_kwargs=True
-            ),
-        ]
+        self._hooks = ModuleHooks()
+        self._hooks.add(model, self._model_called, with_kwargs=True)
+        self._hooks.add(loss_fn, self._loss_called, with_kwargs=True)
         # The last model call (the loss's input must be its output tensor).
         self._model_call: ModelCall | None = None
         # The last training pass (its model call, the pass or why it cannot be one), and how many
@@ -73,9 +68,14 @@ class LastBatch:
         self._passes = 0
         self._loose_loss: str | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (of the optimizer) starts with no training pass: the pass's tensors stay here."""
+        return {**self.__dict__, "_model_call": None, "_last_pass": None, "_passes": 0, "_loose_loss": None}
+
     def _recording(self) -> bool:
         return torch.is_grad_enabled() and not self.own_pass()
 
+    @outside_compiled_graphs
     def _model_called(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
@@ -90,6 +90,7 @@ class LastBatch:
             output.grad_fn.metadata[_MARK] = mark
         self._model_call = ModelCall(inputs, weakref.ref(output), output.shape, mark)
 
+    @outside_compiled_graphs
     def _loss_called(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
@@ -137,9 +138,7 @@ class LastBatch:
 
     def remove(self) -> None:
         """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.remove()
 
 
 def _is_output(tensor: Tensor, call: ModelCall) -> bool:

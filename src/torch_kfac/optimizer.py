@@ -44,7 +44,7 @@ from torch_kfac.preconditioner import KFACPreconditioner
 from torch_kfac.qmodel import ExactCurvature, choose_coefficients, combine, dot, overlaps
 from torch_kfac.registration import iter_block_params
 from torch_kfac.update import block_updates, parameter_change, per_parameter, velocity
-from torch_kfac.utils import dense_grad, evaluate_loss
+from torch_kfac.utils import deepcopy_sharing, dense_grad, evaluate_loss
 
 #: Keys of the per-parameter `state` that belong to the optimizer (the rest of an old state
 #: dict's entry of a block's first parameter belonged to the block).
@@ -99,16 +99,35 @@ class KFAC(OriginalAPI, Optimizer):
         # The adaptive options read once per step anyway: the host check is made in `prepare`
         # (with reject_steps in the rejection's read instead).
         self.preconditioner.check_in_step = (opts.adapt_damping or opts.uses_qmodel) and not opts.reject_steps
-        self._fixed_step = self._fixed_update
         self._check_compile_step()
+        self._fixed_step = self._fixed_step_function()
         if opts.compile_step:
-            backend = "inductor" if opts.compile_step is True else opts.compile_step
-            self._fixed_step = torch.compile(self._fixed_update, backend=backend, fullgraph=True)
             self.preconditioner.keep_gradient_rows(False)  # the compiled step takes the dense product
         defaults = {k: opts.value_at(k, 0) for k in ("lr", "momentum", "weight_decay")}
         super().__init__(model.parameters(), defaults)
 
     __init__.__signature__ = signature(KFACOptions, ORIGINAL_POSITIONAL)  # type: ignore[attr-defined]
+
+    def _fixed_step_function(self) -> Callable[..., dict[str, Tensor]]:
+        """`_fixed_update`, compiled with `compile_step`."""
+        option = self.options.compile_step
+        if not option:
+            return self._fixed_update
+        backend = "inductor" if option is True else option
+        return torch.compile(self._fixed_update, backend=backend, fullgraph=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """All of the optimizer (torch's keeps only its state and groups): `copy.deepcopy` and pickling
+        copy the model with it, and the copies train as the originals do."""
+        return {k: v for k, v in self.__dict__.items() if k != "_fixed_step"}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KFAC:
+        return deepcopy_sharing(self, memo, self.options.loss_fn)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._param_names = {id(p): n for n, p in self._named_params.items()}  # the copies' ids
+        self._fixed_step = self._fixed_step_function()
 
     def __getattr__(self, name: str) -> Any:
         """The options read as attributes (`opt.adapt_damping`, `opt.momentum_type`, ...)."""

@@ -21,7 +21,7 @@ from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.blocks.conv import ConvBlock
 from torch_kfac.blocks.kronecker import KroneckerFactors
 from torch_kfac.calibration import initial_damping
-from torch_kfac.capture import ModuleHook, StatisticsCapture
+from torch_kfac.capture import ModuleHooks, StatisticsCapture
 from torch_kfac.distributed import LAYOUT_KEY, DistributedCurvature, check_model, is_distributed, unwrap
 from torch_kfac.last_batch import LastBatch, TrainingPass, unavailable
 from torch_kfac.linalg import LOW_PRECISION
@@ -39,7 +39,14 @@ from torch_kfac.options import (
 )
 from torch_kfac.registration import make_blocks, report
 from torch_kfac.update import per_parameter
-from torch_kfac.utils import autocast_off, call_model, leading_examples, own_backward, preserved_buffers
+from torch_kfac.utils import (
+    autocast_off,
+    call_model,
+    deepcopy_sharing,
+    leading_examples,
+    own_backward,
+    preserved_buffers,
+)
 
 #: 2^64 / golden ratio: spreads per-step seeds (MC labels, drawn patches) over the seed space.
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -145,13 +152,23 @@ class KFACPreconditioner:
         self.examples = 0
         if opts.grad_scaler is not None:
             self._capture.loss_scale = partial(loss_scale, opts.grad_scaler)
-        self._root_hook = (
-            model.register_forward_hook(ModuleHook(self._observe_outputs))
-            if opts.reduction in (Reduction.MEAN_POSITIONS, Reduction.SUM)
-            else None
-        )
+        self._root_hooks = ModuleHooks()
+        if opts.reduction in (Reduction.MEAN_POSITIONS, Reduction.SUM):
+            self._root_hooks.add(model, self._observe_outputs)
 
     __init__.__signature__ = signature(PreconditionerOptions)  # type: ignore[attr-defined]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For `copy.deepcopy` and pickling (the model is copied with it); refused in distributed runs."""
+        if self.distributed is not None:
+            raise TypeError(
+                "K-FAC cannot be copied or pickled in a distributed run (its process group cannot): "
+                "save and load its state_dict()"
+            )
+        return self.__dict__
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KFACPreconditioner:
+        return deepcopy_sharing(self, memo, self.options.loss_fn)
 
     def __getattr__(self, name: str) -> Any:
         """The options read as attributes (`pre.fisher_type`, `pre.reduction`, ...)."""
@@ -869,9 +886,7 @@ class KFACPreconditioner:
         self._capture.remove()
         if self.last_batch is not None:
             self.last_batch.remove()
-        if self._root_hook is not None:
-            self._root_hook.remove()
-            self._root_hook = None
+        self._root_hooks.remove()
 
 
 def _differentiable_output(outputs: Any) -> Tensor | None:

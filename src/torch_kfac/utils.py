@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -58,6 +59,22 @@ def dense_grad(param: Tensor) -> Tensor:
     grad = param.grad
     assert grad is not None
     return grad.to_dense() if grad.is_sparse else grad
+
+
+def deepcopy_sharing(obj: Any, memo: dict[int, Any], shared: object | None) -> Any:
+    """`copy.deepcopy(obj)` that keeps `shared` (the user's loss function: configuration, like the
+    learning rate, and what the user goes on calling) by reference, unless the same `deepcopy`
+    call has copied it already."""
+    if shared is not None:
+        memo.setdefault(id(shared), shared)
+    new = object.__new__(type(obj))
+    memo[id(obj)] = new
+    state = copy.deepcopy(obj.__getstate__(), memo)
+    if hasattr(new, "__setstate__"):
+        new.__setstate__(state)
+    else:
+        new.__dict__.update(state)
+    return new
 
 
 def call_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -9,6 +9,8 @@ re-implementation once, which records statistics itself. `remove()` puts the for
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -31,6 +33,22 @@ class SwitchedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.block.dispatch(self.previous, *args, **kwargs)
 
+    def __reduce__(self) -> tuple[type[partial[Any]], tuple[Callable[..., Any], nn.Module]]:
+        """A copied or pickled module gets its class's own forward, bound to it, in place of the switch
+        (not the block behind it, nor the optimizer's state behind the block); a copy of the
+        optimizer attaches a switch of its own (`SwitchedForwardBlock.__setstate__`)."""
+        module = self.block.module
+        return partial, (type(module).forward, module)
+
+
+def _replaced_forward(module: nn.Module) -> SwitchedForward | None:
+    """The `forward` instance attribute a new switch replaces: None for none, or for the class's own
+    forward that a copy of a switch holds (`SwitchedForward.__reduce__`)."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, partial) and forward.func is type(module).forward and forward.args == (module,):
+        return None
+    return forward
+
 
 class SwitchedForwardBlock(CurvatureBlock):
     """A block whose module runs a recording re-implementation of its forward when armed.
@@ -44,13 +62,19 @@ class SwitchedForwardBlock(CurvatureBlock):
         self._armed = False
         self._keep: list[Tensor] | None = None
         self._detached = False
-        self._switch = SwitchedForward(self, self.module.__dict__.get("forward"))
+        self._switch = SwitchedForward(self, _replaced_forward(self.module))
         self.module.forward = self._switch  # type: ignore[method-assign]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (of the optimizer, with the model) attaches to the copied module."""
+        self.__dict__.update(state)
+        if not self._detached:
+            self.attach()
 
     @staticmethod
     def check_forward_attribute(module: nn.Module, name: str, what: str) -> None:
         """Refuse a module that already has a `forward` attribute of its own (not one of ours)."""
-        if not isinstance(module.__dict__.get("forward"), SwitchedForward | None):
+        if not isinstance(_replaced_forward(module), SwitchedForward | None):
             raise ValueError(
                 f"{type(module).__name__} {name!r} has a forward attribute of its own, whose semantics "
                 f"K-FAC's {what} cannot know: pass skip_modules=[{name!r}] to leave it to the plain update"
