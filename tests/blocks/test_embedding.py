@@ -1,6 +1,7 @@
 """Exact reference tests for the curvature block of ``nn.Embedding`` (diagonal input factor)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from tests.reference import (
     record,
     vec,
 )
-from torch_kfac import KFAC
+from torch_kfac import KFAC, KFACPreconditioner
 from torch_kfac.blocks import EmbeddingBlock, block_type_for
 
 VOCAB, DIM, NUM_OUTPUTS, PAD = 7, 3, 4, 2
@@ -199,10 +200,21 @@ def test_curvature_product_and_layout():
     ],
 )
 def test_unsupported_options_are_refused(option, kwargs):
-    """The embedding falls back to the plain update, and the report names the option."""
+    """The embedding falls back to the plain update, and the report names the option and why."""
+    why = {
+        "sparse": "sparse=True gives sparse gradients; K-FAC preconditions dense ones",
+        "max_norm": "max_norm renormalises looked-up rows in place during the forward pass, which the "
+        "linear model of the lookup that K-FAC's curvature describes does not include",
+        "scale_grad_by_freq": "scale_grad_by_freq=True rescales the gradient by in-batch token counts, so "
+        "it is no longer the loss gradient that the curvature describes",
+    }[option]
     model = nn.Sequential(nn.Embedding(VOCAB, DIM, **kwargs), nn.Linear(DIM, 2))
-    with pytest.raises(ValueError, match=f"does not support {option}"):
+    with pytest.raises(ValueError) as err:
         EmbeddingBlock(model[0], "0")
+    assert str(err.value) == (
+        f"nn.Embedding '0': K-FAC does not support {option}: {why}; "
+        "build the embedding without it or pass skip_modules=['0']"
+    )
     opt = KFAC(model, lr=0.1)
     assert set(opt.blocks) == {"1"}
     report = opt.preconditioner.describe()
@@ -325,3 +337,115 @@ def test_embedding_called_twice_follows_the_expand_rule():
     block = library_blocks(shared, loss_fn, ids, y, "mean")["first"]
     torch.testing.assert_close(torch.diag(block.A), (a1 + a2) / 2, **EXACT)
     torch.testing.assert_close(block.G, g1 + g2, **EXACT)
+
+
+class _Tokens(nn.Module):
+    """A lookup, then a per-position head: logits (N, classes, T) for token targets (N, T). A Linear
+    lookup (bias-free, VOCAB inputs) gets the ids' one-hot vectors: the lookup as a matmul."""
+
+    def __init__(self, lookup: nn.Module) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.head = nn.Linear(DIM, NUM_OUTPUTS)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lookup, nn.Linear):
+            ids = nn.functional.one_hot(ids, VOCAB).to(self.lookup.weight.dtype)
+        return self.head(self.lookup(ids)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("center", [False, True], ids=["plain", "centered"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "mean_positions"])
+def test_embedding_block_is_the_linear_block_of_one_hot_inputs(reduction, center):
+    """An embedding is a bias-free Linear layer on one-hot inputs: its block's A (a vector) is the
+    diagonal of that Linear block's A and its G is the Linear block's G, for every reduction
+    (mean over the N T positions included) and with centered statistics (A's diagonal is then
+    freq - freq^2)."""
+    gen = _seeded(20)
+    lookup = nn.Embedding(VOCAB, DIM).to(DTYPE)
+    linear = nn.Linear(VOCAB, DIM, bias=False).to(DTYPE)
+    with torch.no_grad():
+        linear.weight.copy_(lookup.weight.T)
+    ids = torch.randint(0, VOCAB - 2, (3, 4), generator=gen)
+    targets = torch.randint(0, NUM_OUTPUTS, (3, 4), generator=gen)
+    blocks = []
+    for layer in (lookup, linear):
+        torch.manual_seed(0)
+        model = _Tokens(layer).to(DTYPE)
+        loss_fn = nn.CrossEntropyLoss(reduction="sum" if reduction == "sum" else "mean")
+        pre = KFACPreconditioner(model, loss_fn=loss_fn, reduction=reduction, center=center)
+        loss_fn(model(ids), targets).backward()
+        pre.step()
+        blocks.append(pre.blocks["lookup"])
+    embedding, as_linear = blocks
+    assert isinstance(embedding, EmbeddingBlock) and not isinstance(as_linear, EmbeddingBlock)
+    torch.testing.assert_close(embedding.A, as_linear.A.diagonal(), **EXACT)
+    torch.testing.assert_close(embedding.G, as_linear.G, **EXACT)
+    if not center:
+        torch.testing.assert_close(as_linear.A, torch.diag(as_linear.A.diagonal()), **EXACT)
+
+
+def _one_token_blocks(model_ids: torch.Tensor, targets: torch.Tensor) -> EmbeddingBlock:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Linear(DIM, NUM_OUTPUTS)).to(DTYPE)
+    return library_blocks(model, make_loss("mse", "mean"), model_ids, targets, "mean")["0"]
+
+
+def test_a_single_unbatched_id_is_one_example():
+    """A 0-d id (one token, no batch dimension) is a batch of one: the factors of ids of shape (1,)."""
+    gen = _seeded(21)
+    targets = torch.randn(NUM_OUTPUTS, generator=gen, dtype=DTYPE)
+    single = _one_token_blocks(torch.tensor(3), targets)
+    batched = _one_token_blocks(torch.tensor([3]), targets[None])
+    assert single.batch_size == 1
+    torch.testing.assert_close(single.A, batched.A, **EXACT)
+    torch.testing.assert_close(single.G, batched.G, **EXACT)
+
+
+def test_a_change_of_inverse_method_leaves_no_stale_inverse():
+    """A refresh drops what the other method cached: after a Cholesky refresh at one damping, an
+    eigh refresh at another preconditions with the new one (and back)."""
+    gen = _seeded(22)
+    model = _model((3,), None)
+    ids = _ids(4, (3,), gen, False)
+    block = library_blocks(
+        model, make_loss("ce", "mean"), ids, make_target("ce", 4, NUM_OUTPUTS, gen), "mean"
+    )["0"]
+    mat = torch.randn(DIM, VOCAB, generator=gen, dtype=DTYPE)
+    damping = torch.tensor(0.01, dtype=DTYPE)
+    expected = dense_preconditioned(torch.diag(block.A), block.G, mat, 0.01, False)
+    for first, then in (("cholesky", "eigh"), ("eigh", "cholesky")):
+        block.update_inverses(torch.tensor(1.0, dtype=DTYPE), False, first)
+        block.update_inverses(damping, False, then)
+        assert ("A_inv" in block.state) == (then == "cholesky") and ("G_eigvecs" in block.state) == (
+            then == "eigh"
+        )
+        torch.testing.assert_close(block.precondition(mat, damping, False), expected, **SOLVE)
+
+
+def test_a_batch_of_padding_tokens_steps_the_other_layers():
+    """Only padding tokens: the table's A is zero, its gradient zero. The pi correction falls back
+    to 1 (tr A / dim A = 0 is no usable ratio), the table's change is zero, and the step is taken for
+    the other layers (the head's bias: the padding rows are zero, so its weight has no gradient)."""
+    gen = _seeded(23)
+    model = _model((3,), PAD)
+    opt = KFAC(model, lr=0.1, damping=0.01, enable_pi_correction=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.full((4, 3), PAD)
+    make_loss("ce", "mean")(model(ids), make_target("ce", 4, NUM_OUTPUTS, gen)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no failed inverse refresh
+        opt.step()
+    assert not opt.last_stats["skipped"]
+    # pi = 1: A's shift is sqrt(damping) (pi = 0 would give 1 / 0).
+    torch.testing.assert_close(
+        opt.blocks["0"].state["A_inv"], torch.full((VOCAB,), 10.0, dtype=DTYPE), **EXACT
+    )
+    assert torch.equal(model[0].weight, before[0])
+    assert torch.isfinite(model[2].bias).all() and not torch.equal(model[2].bias, before[2])
+
+
+def test_registration_report_line():
+    """The report gives the table's factor layout and memory (float32: 4 bytes an entry)."""
+    report = repr(KFAC(nn.Sequential(nn.Embedding(258048, 512)), lr=0.1))
+    assert "0.weight: EmbeddingBlock (A diagonal 258048, G 512x512, 1.98 MiB per factor set)" in report

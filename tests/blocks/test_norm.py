@@ -45,7 +45,7 @@ C, D, T, NUM_OUTPUTS = 4, 3, 2, 5
 # (batch/instance/group norm) and the middle dims (layer/RMS norm).
 NORMS = {
     "batchnorm1d": (lambda: nn.BatchNorm1d(C), (C,), BatchNormBlock),
-    "batchnorm1d_seq": (lambda: nn.BatchNorm1d(C), (C, 3), BatchNormBlock),
+    "batchnorm1d_seq": (lambda: nn.BatchNorm1d(C, eps=0.1), (C, 3), BatchNormBlock),
     "batchnorm2d": (lambda: nn.BatchNorm2d(C), (C, 3, 2), BatchNormBlock),
     "batchnorm3d": (lambda: nn.BatchNorm3d(C), (C, 2, 1, 2), BatchNormBlock),
     "batchnorm2d_no_running": (
@@ -54,7 +54,7 @@ NORMS = {
         BatchNormBlock,
     ),
     "instancenorm1d_running": (
-        lambda: nn.InstanceNorm1d(C, affine=True, track_running_stats=True),
+        lambda: nn.InstanceNorm1d(C, eps=0.1, affine=True, track_running_stats=True),
         (C, 4),
         InstanceNormBlock,
     ),
@@ -63,7 +63,7 @@ NORMS = {
     "groupnorm_2d": (lambda: nn.GroupNorm(1, C, eps=1e-3), (C, 2, 2), GroupNormBlock),
     "layernorm": (lambda: nn.LayerNorm(D), (T, D), LayerNormBlock),
     "layernorm_nobias": (lambda: nn.LayerNorm(D, bias=False), (T, D), LayerNormBlock),
-    "layernorm_2d_shape": (lambda: nn.LayerNorm((2, D)), (T, 2, D), LayerNormBlock),
+    "layernorm_2d_shape": (lambda: nn.LayerNorm((2, D), eps=0.1), (T, 2, D), LayerNormBlock),
     "rmsnorm": (lambda: nn.RMSNorm(D), (T, D), RMSNormBlock),
     "rmsnorm_eps_2d_shape": (lambda: nn.RMSNorm((2, D), eps=1e-3), (2, D), RMSNormBlock),
 }
@@ -334,6 +334,14 @@ def test_module_called_twice_and_repeated_backward(case):
     pre.update_factors()
     torch.testing.assert_close(pre.blocks["first"].F, expected, **EXACT)
 
+    # Two micro-batches, each loss carrying its share 1/2 of the accumulated batch: the second
+    # forward pass's first call replaces the finished pass's cache, its second call joins it.
+    pre = KFACPreconditioner(shared, damping=1e-3)
+    for _ in range(2):
+        (loss_fn(shared(x), y) / 2).backward()
+    pre.update_factors()
+    torch.testing.assert_close(pre.blocks["first"].F, expected, **EXACT)
+
 
 def test_explicit_tracking_and_type2_fisher_passes():
     """The original API's track_forward/track_backward, and the type-2 Fisher's K backward passes
@@ -406,3 +414,115 @@ def test_inverse_square_root(method):
     eigvals, eigvecs = torch.linalg.eigh(norm_dense_curvature(block.F, 0.05))
     root = eigvecs @ torch.diag(eigvals.rsqrt()) @ eigvecs.T
     torch.testing.assert_close(vec(block.precondition(mat, damping, True)), root @ vec(mat), **SOLVE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", ["batchnorm2d", "layernorm", "groupnorm", "rmsnorm"])
+def test_centered_norm_factor(case, reduction):
+    """center=True: F_c is the covariance of the per-example (scale, shift) gradients, their mean
+    over the batch subtracted."""
+    gen = _seeded(10)
+    model = _norm_model(case, "train", gen)
+    x = randn(4, *NORMS[case][1], generator=gen)
+    y = make_target("ce", 4, NUM_OUTPUTS, gen)
+    loss_fn = make_loss("ce", reduction)
+    rows = scale_shift_rows(per_example_gradients_loop(model, loss_fn, x, y, reduction, ["0"]), "0")
+    block = library_blocks(model, loss_fn, x, y, reduction, center=True)["0"]
+    torch.testing.assert_close(block.F, norm_factor(rows - rows.mean(0)), **EXACT)
+    assert not torch.allclose(block.F, norm_factor(rows))
+
+
+class _NormPerPosition(nn.Module):
+    """LayerNorm over the features of (N, T, D), a per-position head, logits (N, classes, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, NUM_OUTPUTS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x)).transpose(1, 2)
+
+
+def test_norm_factor_with_mean_over_positions():
+    """reduction='mean_positions' (a loss averaged over N T positions): F is the second moment of
+    the per-example gradients of the examples' summed losses over the N T loss terms,
+    1/(N T) sum_n r_n r_n^T."""
+    gen = _seeded(11)
+    model = _NormPerPosition().to(DTYPE)
+    x = randn(3, T, D, generator=gen)
+    y = torch.randint(0, NUM_OUTPUTS, (3, T), generator=gen)
+    summed = per_example_gradients_loop(model, nn.CrossEntropyLoss(reduction="sum"), x, y, "sum", ["norm"])
+    expected = norm_factor(scale_shift_rows(summed, "norm")) / T
+    pre = KFACPreconditioner(model, loss_fn=nn.CrossEntropyLoss(), reduction="mean_positions")
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    pre.step()
+    torch.testing.assert_close(pre.blocks["norm"].F, expected, **EXACT)
+
+
+def test_unbatched_instancenorm_input():
+    """An unbatched (C, L) input to InstanceNorm1d is one example: the factor of the batch of one."""
+    gen = _seeded(12)
+    model = nn.Sequential(nn.InstanceNorm1d(C, affine=True), nn.Flatten(0), nn.Linear(C * 4, NUM_OUTPUTS))
+    model = model.to(DTYPE)
+    x = randn(C, 4, generator=gen)
+    y = randn(NUM_OUTPUTS, generator=gen)
+    loss_fn = make_loss("mse", "mean")
+    block = library_blocks(model, loss_fn, x, y, "mean")["0"]
+    batched_model = copy.deepcopy(model)
+    batched_model[1] = nn.Flatten(1)
+    batched = library_blocks(batched_model, loss_fn, x[None], y[None], "mean")["0"]
+    assert block.batch_size == 1
+    torch.testing.assert_close(block.F, batched.F, **EXACT)
+
+
+def test_dense_curvature_adds_the_damping():
+    gen = _seeded(13)
+    model = _norm_model("layernorm", "train", gen)
+    x = randn(3, T, D, generator=gen)
+    block = library_blocks(model, make_loss("ce", "mean"), x, make_target("ce", 3, NUM_OUTPUTS, gen), "mean")[
+        "0"
+    ]
+    torch.testing.assert_close(block.dense_curvature(0.3), norm_dense_curvature(block.F, 0.3), **EXACT)
+
+
+def test_a_change_of_inverse_method_leaves_no_stale_inverse():
+    """A refresh drops what the other method cached (Cholesky's inverse, eigh's decomposition): after
+    a Cholesky refresh at one damping, an eigh refresh at another preconditions with the new one."""
+    gen = _seeded(14)
+    model = _norm_model("groupnorm", "train", gen)
+    x = randn(3, *NORMS["groupnorm"][1], generator=gen)
+    block = library_blocks(model, make_loss("ce", "mean"), x, make_target("ce", 3, NUM_OUTPUTS, gen), "mean")[
+        "0"
+    ]
+    mat = randn(C, 2, generator=gen)
+    block.update_inverses(torch.tensor(1.0, dtype=DTYPE), False, "cholesky")
+    assert "F_inv" in block.state and "F_eigvecs" not in block.state
+    block.update_inverses(torch.tensor(0.01, dtype=DTYPE), False, "eigh")
+    assert "F_inv" not in block.state and "F_eigvecs" in block.state
+    expected = torch.linalg.solve(norm_dense_curvature(block.F, 0.01), vec(mat))
+    torch.testing.assert_close(
+        vec(block.precondition(mat, torch.tensor(0.01, dtype=DTYPE), False)), expected, **SOLVE
+    )
+    block.update_inverses(torch.tensor(0.01, dtype=DTYPE), False, "cholesky")
+    assert "F_inv" in block.state and "F_eigvecs" not in block.state
+
+
+def test_accumulated_micro_batches_keep_one_cached_call():
+    """Each forward pass after a finished backward pass replaces the cached normalized inputs: with
+    gradient accumulation the block holds one call's xhat, not one per micro-batch."""
+    gen = _seeded(15)
+    model = _norm_model("layernorm", "train", gen)
+    block = KFAC(model, lr=0.1, damping=0.1, factor_update_steps=1).blocks["0"]
+    for _ in range(3):
+        out = model(randn(2, T, D, generator=gen))
+        assert len(block._normalized) == 1
+        make_loss("ce", "mean")(out, make_target("ce", 2, NUM_OUTPUTS, gen)).backward()
+
+
+def test_registration_report_lines():
+    """The report gives each norm block's factor layout and memory (float32: 4 bytes an entry)."""
+    model = nn.Sequential(nn.LayerNorm(65536), nn.RMSNorm(65536))
+    report = repr(KFAC(model, lr=0.1))
+    assert "0.weight: LayerNormBlock (F 65536 x 2x2 (scale, shift), 1.00 MiB)" in report
+    assert "1.weight: RMSNormBlock (F 65536 x 1x1 (scale), 0.25 MiB)" in report
