@@ -1288,3 +1288,34 @@ def test_a_copy_of_the_optimizer_alone_trains_its_own_copy_of_the_model() -> Non
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
     assert not any(b.has_pending(k) for b in opt.preconditioner.blocks.values() for k in b.FACTORS)
+
+
+def test_a_deep_copy_shares_the_users_grad_scaler() -> None:
+    """The copy unscales its statistics by the scaler the loop goes on using, not by a frozen copy
+    of it: a copied pair stepped through the user's scaler trains as an uninterrupted run."""
+    import copy
+
+    def build() -> tuple[nn.Module, KFAC, torch.amp.GradScaler]:
+        model = make_mlp().double()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+        return model, KFAC(model, lr=0.1, damping=0.1, grad_scaler=scaler), scaler
+
+    def step(model: nn.Module, opt: KFAC, scaler: torch.amp.GradScaler, seed: int) -> None:
+        x, y = make_data(seed=seed)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x.double()), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    reference = build()
+    for seed in range(4):
+        step(*reference, seed)
+    model, opt, scaler = build()
+    for seed in range(2):
+        step(model, opt, scaler, seed)
+    model, opt = copy.deepcopy((model, opt))
+    assert opt.options.grad_scaler is scaler and opt.preconditioner.options.grad_scaler is scaler
+    for seed in range(2, 4):
+        step(model, opt, scaler, seed)  # the scale grows every step: a stale copy would be off
+    for p, q in zip(reference[0].parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)

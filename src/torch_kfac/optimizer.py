@@ -122,7 +122,7 @@ class KFAC(OriginalAPI, Optimizer):
         return {k: v for k, v in self.__dict__.items() if k != "_fixed_step"}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KFAC:
-        return deepcopy_sharing(self, memo, self.options.loss_fn)
+        return deepcopy_sharing(self, memo, (self.options.loss_fn, self.options.grad_scaler))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -168,7 +168,7 @@ class KFACPreconditioner:
         return self.__dict__
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KFACPreconditioner:
-        return deepcopy_sharing(self, memo, self.options.loss_fn)
+        return deepcopy_sharing(self, memo, (self.options.loss_fn, self.options.grad_scaler))
 
     def __getattr__(self, name: str) -> Any:
         """The options read as attributes (`pre.fisher_type`, `pre.reduction`, ...)."""

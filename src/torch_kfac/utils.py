@@ -61,12 +61,13 @@ def dense_grad(param: Tensor) -> Tensor:
     return grad.to_dense() if grad.is_sparse else grad
 
 
-def deepcopy_sharing(obj: Any, memo: dict[int, Any], shared: object | None) -> Any:
-    """`copy.deepcopy(obj)` that keeps `shared` (the user's loss function: configuration, like the
-    learning rate, and what the user goes on calling) by reference, unless the same `deepcopy`
-    call has copied it already."""
-    if shared is not None:
-        memo.setdefault(id(shared), shared)
+def deepcopy_sharing(obj: Any, memo: dict[int, Any], shared: Iterable[object | None]) -> Any:
+    """`copy.deepcopy(obj)` that keeps the objects in `shared` (the user's loss function and grad
+    scaler: what the user's loop goes on calling) by reference, unless the same `deepcopy` call
+    has copied them already."""
+    for item in shared:
+        if item is not None:
+            memo.setdefault(id(item), item)
     new = object.__new__(type(obj))
     memo[id(obj)] = new
     state = copy.deepcopy(obj.__getstate__(), memo)
