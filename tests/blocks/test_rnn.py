@@ -810,6 +810,30 @@ def test_model_with_attached_block_can_be_copied():
     assert "forward" not in model.lstm.__dict__
 
 
+def test_closing_the_top_optimizer_gives_the_module_back_to_those_below():
+    """Three optimizers on one LSTM chain their switches. Closing the middle one detaches it in
+    place (the top one's calls pass through it unrecorded); closing the top one then restores the
+    bottom one's switch (skipping the detached middle), which goes on recording; closing it gives
+    the module its class's forward back."""
+    model = SequenceClassifier()
+    x, y = sequence_data()
+    bottom, middle, top = (KFAC(model, lr=0.1, damping=1e-2) for _ in range(3))
+    middle.close()
+    assert model.lstm.__dict__["forward"] is top.blocks["lstm"]._switch
+    with torch.no_grad():
+        model(x)  # unarmed top: through the detached middle switch, which records nothing
+    _train(top, model, x, y, 1)
+    assert top.blocks["lstm"].has_factors()
+    assert not any(middle.blocks["lstm"].has_pending(k) for k in middle.blocks["lstm"].FACTORS)
+    top.close()
+    assert model.lstm.__dict__["forward"] is bottom.blocks["lstm"]._switch
+    _train(bottom, model, x, y, 1)
+    assert bottom.blocks["lstm"].has_factors()
+    assert not middle.blocks["lstm"].has_factors()
+    bottom.close()
+    assert "forward" not in model.lstm.__dict__
+
+
 def test_module_with_block_can_be_pickled():
     """The switch is a plain object (no closure): the module pickles, and the copy runs the fused forward."""
     module = make_module("gru_2layers_bidir")
