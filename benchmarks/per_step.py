@@ -76,7 +76,7 @@ def train(job: tuple[str, str, dict[str, Any]], args: argparse.Namespace) -> dic
     """One run of `args.steps` steps (in a worker process): held-out losses every `args.every` steps."""
     name, kind, hparams = job
     work, model, trainer, indices = prepare_run(
-        name, kind, hparams, race_args(["--quick"] if args.quick else []), args.seed, args.steps
+        name, kind, hparams, race_args(race_options(args)), args.seed, args.steps
     )
     losses = [evaluate(model, work.loss_fn, work.eval_set, 1000)]
     step_s: list[float] = []
@@ -184,6 +184,13 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def race_options(args: argparse.Namespace) -> list[str]:
+    """The options of `race.py` that set up this script's workloads."""
+    return (["--quick"] if args.quick else []) + (
+        ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -191,6 +198,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=10, help="steps between held-out evaluations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch-size", type=int, help="examples (windows) per batch (default: the workload's own)"
+    )
     parser.add_argument(
         "--grid", type=json.loads, help='runs replacing the default grid, JSON [["kfac", {"lr": 0.1}], ...]'
     )

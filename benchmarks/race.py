@@ -104,6 +104,7 @@ def make_workload(name: str, args: argparse.Namespace) -> RaceWorkload:
     grids = optimizer_grids(name, quick, args.kfac_grid)
     default_budget = {"autoencoder": 60.0, "convnet": 30.0, "transformer": 30.0}[name]
     budget = args.budget or args.budget_scale * default_budget
+    batch_size = getattr(args, "batch_size", None)  # scripts with parsers of their own have none
     if name == "transformer":
         cfg = (
             {"vocab": 32, "width": 32, "depth": 1, "heads": 2, "context": 16}
@@ -125,7 +126,7 @@ def make_workload(name: str, args: argparse.Namespace) -> RaceWorkload:
             token_ce,
             (corpus.tokens[:split], corpus.tokens[:split]),
             held_out,
-            8 if quick else 32,
+            batch_size or (8 if quick else 32),
             budget,
             grids,
             [] if quick else [4.1, 4.0],
@@ -153,7 +154,7 @@ def make_workload(name: str, args: argparse.Namespace) -> RaceWorkload:
             pixel_bce,
             (flat, flat),
             (flat_eval, flat_eval),
-            16 if quick else 250,
+            batch_size or (16 if quick else 250),
             budget,
             grids,
             [] if quick else [300.0, 250.0],
@@ -167,7 +168,7 @@ def make_workload(name: str, args: argparse.Namespace) -> RaceWorkload:
         class_ce,
         (x, y),
         (x_eval[:n_eval], y_eval[:n_eval]),
-        16 if quick else 256,
+        batch_size or (16 if quick else 256),
         budget,
         grids,
         [] if quick else [0.5, 0.4],
@@ -458,6 +459,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-chunk", type=int, default=1000)
     parser.add_argument("--max-steps", type=int, default=20_000, help="length of the exported batch sequence")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch-size", type=int, help="examples (windows) per batch (default: the workload's own)"
+    )
     parser.add_argument(
         "--kfac-grid",
         type=json.loads,

@@ -456,3 +456,13 @@ def test_step_breakdown_counts_a_part_without_the_parts_it_calls(bench: dict[str
     assert timer.totals["inner"] == pytest.approx(0.05, abs=0.01)
     assert timer.totals["outer"] == pytest.approx(0.02, abs=0.01)
     assert "inner" in vars(work) and vars(Work)["inner"].__name__ == "inner"  # the class is untouched
+
+
+def test_batch_size_option_sets_every_workloads_batch(bench: dict[str, ModuleType]) -> None:
+    """`--batch-size` replaces each workload's own batch size (per_step.py passes it on)."""
+    race, per_step = bench["race"], bench["per_step"]
+    for name in race.WORKLOADS:
+        assert race.make_workload(name, race.parse_args(["--quick", "--batch-size", "5"])).batch_size == 5
+        assert race.make_workload(name, race.parse_args(["--quick"])).batch_size != 5
+    args = per_step.parse_args(["--quick", "--batch-size", "5"])
+    assert race.parse_args(per_step.race_options(args)).batch_size == 5

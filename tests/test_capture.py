@@ -300,3 +300,22 @@ def test_copies_of_a_model_with_switched_forwards_carry_nothing_of_kfac() -> Non
     for copied in copies:
         for p, q in zip(pristine.parameters(), copied.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_statistics_under_autocast_are_sums_in_float32() -> None:
+    """Under bfloat16 autocast the input statistics are still float32 products (autocast is off in
+    the hooks): the first layer's A is [x, 1]^T [x, 1] / N of the float32 inputs to float32
+    rounding, where a bfloat16 product would be off by about 1e-2."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).float()
+    opt = KFAC(model, lr=0.1, damping=0.1)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 64, generator=gen, dtype=torch.float32)
+    y = torch.randint(0, 8, (128,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.update_cov()
+    rows = torch.cat([x, torch.ones(128, 1)], 1).double()
+    assert opt.blocks["0"].A.dtype == torch.float32
+    torch.testing.assert_close(opt.blocks["0"].A.double(), rows.T @ rows / 128, rtol=1e-5, atol=1e-5)

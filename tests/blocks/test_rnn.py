@@ -844,3 +844,24 @@ def test_module_with_block_can_be_pickled():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     block.remove()
     assert "forward" not in module.__dict__
+
+
+def test_explicit_tracking_records_no_gate_gradients_outside_track_backward():
+    """The original API's explicit mode through KFAC: the LSTM's own gate-gradient hooks ask the
+    capture (its backward gate) and record nothing for a backward pass outside `track_backward()`."""
+    model = SequenceClassifier()
+    x, y = sequence_data()
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    block = opt.blocks["lstm"]
+    with opt.track_forward():
+        out = model(x)
+    F.cross_entropy(out, y).backward()
+    backward = [k for k in block.FACTORS if k not in block.FORWARD_FACTORS]
+    assert backward and all(block.has_pending(k) for k in block.FORWARD_FACTORS)
+    assert not any(block.has_pending(k) for k in backward)
+    opt.zero_grad()
+    with opt.track_forward():
+        out = model(x)
+    with opt.track_backward():
+        F.cross_entropy(out, y).backward()
+    assert all(block.has_pending(k) for k in block.FACTORS)
