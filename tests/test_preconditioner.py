@@ -1287,3 +1287,48 @@ def test_a_forward_pass_back_propagated_after_a_step_keeps_its_joint_statistics(
     assert runs[0].keys() == runs[1].keys()
     for key, value in runs[0].items():
         torch.testing.assert_close(value, runs[1][key], rtol=1e-12, atol=0)
+
+
+class _Positions(nn.Module):
+    """Token and position embeddings summed, a head: logits (N, vocab, T). `lookup` says how the
+    position table is looked up: 'shared' (ids (T,), broadcast), 'one' (ids (1, T)), 'expanded' (N, T)."""
+
+    def __init__(self, lookup: str) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 7)
+        self.lookup = lookup
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1])
+        if self.lookup == "one":
+            positions = positions[None]
+        elif self.lookup == "expanded":
+            positions = positions.expand(ids.shape[0], -1)
+        return self.head(torch.tanh(self.tok(ids) + self.pos(positions))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("lookup", ["shared", "one", "expanded"])
+def test_a_position_table_shared_by_the_examples_is_reported(lookup: str) -> None:
+    """A lookup whose output the examples share (ids arange(T) or (1, T), broadcast over the batch)
+    gives the block the summed gradient, not per-example ones: one warning names the table and the
+    fix; ids of shape (N, T) (whose block is exact: the one-hot Linear test of test_embedding) and a
+    batch of one example raise none."""
+    model = _Positions(lookup)
+    pre = KFACPreconditioner(model, factor_update_steps=1)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (4, 4, 1):
+            ids = torch.randint(0, 7, (n, 5), generator=gen)
+            nn.functional.cross_entropy(model(ids), torch.randint(0, 7, (n, 5), generator=gen)).backward()
+            pre.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if lookup == "expanded":
+        assert messages == []
+    else:
+        rows = 5 if lookup == "shared" else 1
+        assert len(messages) == 1
+        assert messages[0].startswith(
+            f"K-FAC: nn.Embedding 'pos' was looked up with ids of {rows} row(s) for a batch of 4 examples"
+        )
+        assert "positions.expand(N, T)" in messages[0] and "skip_modules=['pos']" in messages[0]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from torch_kfac.blocks import CurvatureBlock
 from torch_kfac.blocks.conv import ConvBlock
+from torch_kfac.blocks.embedding import EmbeddingBlock
 from torch_kfac.blocks.kronecker import KroneckerFactors
 from torch_kfac.calibration import initial_damping
 from torch_kfac.capture import ModuleHooks, StatisticsCapture
@@ -152,8 +153,11 @@ class KFACPreconditioner:
         self.examples = 0
         if opts.grad_scaler is not None:
             self._capture.loss_scale = partial(loss_scale, opts.grad_scaler)
+        #: Embedding tables, whose lookups the root hook checks for outputs shared by the examples.
+        self._embeddings = [b for b in self._capture.hooked if isinstance(b, EmbeddingBlock)]
+        self._warned_shared: set[str] = set()
         self._root_hooks = ModuleHooks()
-        if opts.reduction in (Reduction.MEAN_POSITIONS, Reduction.SUM):
+        if opts.reduction in (Reduction.MEAN_POSITIONS, Reduction.SUM) or self._embeddings:
             self._root_hooks.add(model, self._observe_outputs)
 
     __init__.__signature__ = signature(PreconditionerOptions)  # type: ignore[attr-defined]
@@ -179,7 +183,10 @@ class KFACPreconditioner:
 
     def _observe_outputs(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
         """Count the loss terms per example from the model's outputs (reduction='mean_positions'),
-        or the examples whose gradients the step will take (reduction='sum')."""
+        or the examples whose gradients the step will take (reduction='sum'); check the embedding
+        lookups of the pass."""
+        if self._embeddings:
+            self._check_shared_lookups(outputs)
         if self.options.reduction == Reduction.SUM:
             output = _differentiable_output(outputs)
             if output is not None and not self._capture.own_pass():
@@ -187,10 +194,37 @@ class KFACPreconditioner:
                 if sizes:
                     output.register_hook(partial(self._count_examples, sizes[0]))
             return
-        if isinstance(outputs, Tensor) and self.loss_curvature is not None:
+        if (
+            self.options.reduction == Reduction.MEAN_POSITIONS
+            and isinstance(outputs, Tensor)
+            and self.loss_curvature is not None
+        ):
             terms = self.loss_curvature.terms_per_example(outputs)
             for block in self._capture.hooked:
                 block.loss_terms = terms
+
+    def _check_shared_lookups(self, outputs: Any) -> None:
+        """Warn (once per table) about an embedding recorded in this pass with ids of fewer or more
+        rows than the model's output has examples: a lookup shared by the examples (position ids
+        `arange(T)` or `(1, T)`, broadcast over the batch) gets their summed gradient, not the
+        per-example gradients its G needs."""
+        batch = _leading_size(outputs)
+        if batch is None or batch < 2:
+            return
+        for block in self._embeddings:
+            if block.new_examples and block.batch_size != batch and block.name not in self._warned_shared:
+                self._warned_shared.add(block.name)
+                warnings.warn(
+                    f"K-FAC: nn.Embedding {block.name!r} was looked up with ids of {block.batch_size} "
+                    f"row(s) for a batch of {batch} examples: its output is shared by the examples "
+                    "(broadcast, as position embeddings of ids arange(T) or (1, T) are), so its block "
+                    "sees their summed gradient, not the per-example gradients its factor G needs. "
+                    "Look the table up with ids of shape (N, T) (positions.expand(N, T); Hugging Face "
+                    "models: position_ids=torch.arange(T).expand(N, T)), or pass "
+                    f"skip_modules=[{block.name!r}] to give it the plain update",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _count_examples(self, examples: int, grad: Tensor) -> None:
         """Tensor hook on the model's output: a backward pass of `examples` examples ran."""
@@ -896,6 +930,15 @@ def _differentiable_output(outputs: Any) -> Tensor | None:
         outputs = tuple(outputs.values())
     candidates = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     return next((t for t in candidates if isinstance(t, Tensor) and t.requires_grad), None)
+
+
+def _leading_size(outputs: Any) -> int | None:
+    """Dimension 0 of a model's first output tensor with one (a tensor, or in a tuple, list or
+    mapping such as a Hugging Face `ModelOutput`, whose 0-d loss is passed over)."""
+    if isinstance(outputs, Mapping):
+        outputs = tuple(outputs.values())
+    candidates = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return next((int(t.shape[0]) for t in candidates if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
 def _new_tensors(block: CurvatureBlock, previous: dict[str, Tensor]) -> list[Tensor]:
