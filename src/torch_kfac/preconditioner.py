@@ -8,7 +8,7 @@ of every supported layer with the natural gradient, and any `torch.optim` optimi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
@@ -208,11 +208,12 @@ class KFACPreconditioner:
         rows than the model's output has examples: a lookup shared by the examples (position ids
         `arange(T)` or `(1, T)`, broadcast over the batch) gets their summed gradient, not the
         per-example gradients its G needs."""
-        batch = _leading_size(outputs)
+        recorded = [b for b in self._embeddings if b.new_examples and b.name not in self._warned_shared]
+        batch = _leading_size(outputs) if recorded else None
         if batch is None or batch < 2:
             return
-        for block in self._embeddings:
-            if block.new_examples and block.batch_size != batch and block.name not in self._warned_shared:
+        for block in recorded:
+            if block.batch_size != batch:
                 self._warned_shared.add(block.name)
                 warnings.warn(
                     f"K-FAC: nn.Embedding {block.name!r} was looked up with ids of {block.batch_size} "
@@ -923,22 +924,25 @@ class KFACPreconditioner:
         self._root_hooks.remove()
 
 
-def _differentiable_output(outputs: Any) -> Tensor | None:
-    """The first output of a model (a tensor, or one in a tuple, list or mapping such as a Hugging
-    Face `ModelOutput`) that requires grad: its gradient hook fires in the user's backward passes."""
+def _output_tensors(outputs: Any) -> Iterator[Tensor]:
+    """The tensors a model returned: the output itself, or those in a tuple, list or mapping such
+    as a Hugging Face `ModelOutput`, in order."""
     if isinstance(outputs, Mapping):
         outputs = tuple(outputs.values())
     candidates = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    return next((t for t in candidates if isinstance(t, Tensor) and t.requires_grad), None)
+    return (t for t in candidates if isinstance(t, Tensor))
+
+
+def _differentiable_output(outputs: Any) -> Tensor | None:
+    """The first output of a model that requires grad: its gradient hook fires in the user's
+    backward passes."""
+    return next((t for t in _output_tensors(outputs) if t.requires_grad), None)
 
 
 def _leading_size(outputs: Any) -> int | None:
-    """Dimension 0 of a model's first output tensor with one (a tensor, or in a tuple, list or
-    mapping such as a Hugging Face `ModelOutput`, whose 0-d loss is passed over)."""
-    if isinstance(outputs, Mapping):
-        outputs = tuple(outputs.values())
-    candidates = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    return next((int(t.shape[0]) for t in candidates if isinstance(t, Tensor) and t.dim() > 0), None)
+    """Dimension 0 of a model's first output tensor with one (a Hugging Face `ModelOutput`'s 0-d
+    loss is passed over)."""
+    return next((int(t.shape[0]) for t in _output_tensors(outputs) if t.dim() > 0), None)
 
 
 def _new_tensors(block: CurvatureBlock, previous: dict[str, Tensor]) -> list[Tensor]:
