@@ -49,3 +49,19 @@ def make_data(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (n, 5) and class labels in {0, 1, 2}."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+class AttentionLSTM(nn.Module):
+    """Blocks that hook their own tensors and replace their module's forward: attention projections
+    and recurrent gates; inputs (N, 5), each repeated over 3 positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(5, 1, batch_first=True)
+        self.lstm = nn.LSTM(5, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(x.shape[0], 1, 5).expand(-1, 3, -1)
+        h = self.attention(h, h, h, need_weights=False)[0]
+        return self.head(self.lstm(h)[0][:, -1])

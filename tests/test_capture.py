@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_data, make_mlp
+from tests.conftest import AttentionLSTM, make_data, make_mlp
 from tests.reference import identity_preconditioned_loss
 from torch_kfac import KFAC, LinearBlock
 from torch_kfac.capture import StatisticsCapture
@@ -272,12 +272,10 @@ def test_copies_of_a_model_with_switched_forwards_carry_nothing_of_kfac() -> Non
     import io
     import re
 
-    from tests.test_optimizer import _RecurrentAttentive
-
     torch.manual_seed(0)
-    model = _RecurrentAttentive()
+    model = AttentionLSTM()
     pristine = copy.deepcopy(model)
-    x, y = torch.randn(6, 4, 5), torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     opt = KFAC(model, lr=0.1, damping=0.1)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.conftest import make_data
+from tests.conftest import AttentionLSTM, make_data
 from torch_kfac import KFAC, KFACPreconditioner, presets
 from torch_kfac.qmodel import ExactCurvature, dot
 
@@ -354,21 +354,6 @@ def test_factor_dtype_option() -> None:
             kfac(mlp(), factor_dtype=bad)
     with pytest.raises(ValueError, match="grad_scaler"):
         kfac(mlp(), grad_scaler=object())
-
-
-class AttentionLSTM(nn.Module):
-    """Blocks that hook their own tensors: attention projections and recurrent gates."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention = nn.MultiheadAttention(5, 1, batch_first=True)
-        self.lstm = nn.LSTM(5, 4, batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.view(x.shape[0], 1, 5).expand(-1, 3, -1)
-        h = self.attention(h, h, h, need_weights=False)[0]
-        return self.head(self.lstm(h)[0][:, -1])
 
 
 def test_grad_scaler_unscales_the_statistics_of_attention_and_recurrent_blocks() -> None:

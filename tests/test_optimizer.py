@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import make_data, make_mlp
+from tests.conftest import AttentionLSTM, make_data, make_mlp
 from tests.reference import identity_preconditioned_loss
 from torch_kfac import KFAC
 
@@ -1194,21 +1194,6 @@ def test_a_sparse_embedding_gets_the_plain_update_its_report_names(preset: bool)
     assert all(torch.equal(p, q) for p, q in zip(*runs, strict=True))
 
 
-class _RecurrentAttentive(nn.Module):
-    """LSTM, attention (both blocks that replace their module's forward) and a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(5, 8, batch_first=True)
-        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(x)
-        h, _ = self.att(h, h, h, need_weights=False)
-        return self.head(h[:, -1])
-
-
 def _copied(triple: tuple[nn.Module, KFAC, nn.Module], how: str) -> tuple[nn.Module, KFAC, nn.Module]:
     import copy
     import io
@@ -1232,13 +1217,11 @@ def test_a_copied_model_and_optimizer_train_as_the_originals(preset: bool, how: 
     from torch_kfac import presets
 
     gen = torch.Generator().manual_seed(3)
-    batches = [
-        (torch.randn(6, 4, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(5)
-    ]
+    batches = [(torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(5)]
 
     def build() -> tuple[nn.Module, KFAC, nn.Module]:
         torch.manual_seed(0)
-        model, loss_fn = _RecurrentAttentive().double(), nn.CrossEntropyLoss()
+        model, loss_fn = AttentionLSTM().double(), nn.CrossEntropyLoss()
         # The MC labels from a seed of the optimizer's own (the global generator serves both runs).
         opt = presets.adaptive(model, loss_fn, mc_seed=5) if preset else KFAC(model, lr=0.1, damping=0.1)
         return model, opt, loss_fn
