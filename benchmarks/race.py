@@ -270,7 +270,7 @@ def kfac_jax_missing() -> str | None:
     if missing:
         return (
             f"kfac-jax skipped: {', '.join(missing)} not importable "
-            "(pip install -c <(echo torch==2.13.0) kfac-jax 'jax[cpu]' dm-haiku optax)"
+            "(pip install -c <(echo torch==2.13.0) kfac-jax 'jax[cpu]==0.8.2' dm-haiku optax)"
         )
     return None
 

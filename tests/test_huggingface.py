@@ -256,10 +256,15 @@ def test_next_token_loss_is_the_whole_batchs_loss_under_gradient_accumulation(tm
     assert len(pairs) == 2 and all(torch.equal(value, loss) for value, loss in pairs)
 
 
-def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(
+    tmp_path: Path, accumulate: int
+) -> None:
     """`Logits(BertForSequenceClassification)` and `logits_loss`: the trainer's own
     `optimizer.step()` takes the batch and loss of its pass, so the preset's run equals the explicit
-    loop on the batches the trainer drew, bit for bit; the accumulated loss is the batch's share."""
+    loop on the batches the trainer drew, bit for bit; the accumulated loss is the batch's share.
+    With `gradient_accumulation_steps=2` and `accumulated_passes='last'` the step takes the last
+    micro-batch and its loss_fn value (each micro-batch back-propagated at its share, 1/2)."""
     from transformers import BertConfig, BertForSequenceClassification, Trainer, get_constant_schedule
 
     from torch_kfac import presets
@@ -285,7 +290,8 @@ def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(
     def build() -> tuple[Logits, nn.Module, Any]:
         torch.manual_seed(0)
         model, loss_fn = Logits(BertForSequenceClassification(config)), nn.CrossEntropyLoss()
-        return model, loss_fn, presets.adaptive(model, loss_fn, mc_seed=7)
+        last = {"accumulated_passes": "last"} if accumulate > 1 else {}
+        return model, loss_fn, presets.adaptive(model, loss_fn, mc_seed=7, **last)
 
     model, loss_fn, opt = build()
     batches: list[dict[str, torch.Tensor]] = []
@@ -296,22 +302,26 @@ def test_the_preset_fine_tunes_a_classifier_in_the_trainer_as_the_explicit_loop(
     Trainer(
         model=model,
         args=trainer_arguments(
-            tmp_path, max_steps=3, per_device_train_batch_size=8, remove_unused_columns=False
+            tmp_path, max_steps=3, per_device_train_batch_size=8 // accumulate,
+            gradient_accumulation_steps=accumulate, remove_unused_columns=False,
         ),
         train_dataset=Sentences(),
         optimizers=(opt, get_constant_schedule(opt)),
         compute_loss_func=logits_loss(loss_fn),
     ).train()  # fmt: skip
-    assert opt.preconditioner.steps == 3 and len(batches) == 3 and "num_items_in_batch" not in batches[0]
+    assert opt.preconditioner.steps == 3 and len(batches) == 3 * accumulate
+    assert "num_items_in_batch" not in batches[0]
 
     expected, loss_fn, explicit = build()
     rows = {tuple(row.tolist()): label for row, label in zip(ids, labels, strict=True)}
-    for kwargs in batches:
+    for i, kwargs in enumerate(batches):
         targets = torch.stack([rows[tuple(row.tolist())] for row in kwargs["input_ids"]])
-        explicit.zero_grad()
+        if i % accumulate == 0:
+            explicit.zero_grad()
         loss = loss_fn(expected(**kwargs), targets)
-        loss.backward()
-        explicit.step(loss=loss, batch=(Arguments(kwargs=kwargs), targets))
+        (loss / accumulate if accumulate > 1 else loss).backward()
+        if i % accumulate == accumulate - 1:
+            explicit.step(loss=loss, batch=(Arguments(kwargs=kwargs), targets))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected.parameters(), strict=True))
 
     logits = torch.randn(4, 3, generator=gen)

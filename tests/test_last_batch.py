@@ -59,11 +59,12 @@ def null_closure(opt: KFAC, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: 
     opt.step(lambda: None, loss=loss, batch=(x, y))
 
 
-CONFIGS: dict[str, Callable[[nn.Module, nn.Module], KFAC]] = {
-    "preset": lambda m, f: presets.adaptive(m, f, qmodel_batch_size=8, fisher_batch_size=8),
-    "mc-fixed-lr": lambda m, f: KFAC(m, lr=0.1, damping=1e-2, loss_fn=f, fisher_type="mc"),
-    "adapt-damping": lambda m, f: KFAC(
-        m, lr=0.1, damping=1e-2, loss_fn=f, adapt_damping=True, damping_adaptation_interval=2
+#: The configurations, built on (model, loss_fn) with any more KFAC keywords.
+CONFIGS: dict[str, Callable[..., KFAC]] = {
+    "preset": lambda m, f, **kw: presets.adaptive(m, f, qmodel_batch_size=8, fisher_batch_size=8, **kw),
+    "mc-fixed-lr": lambda m, f, **kw: KFAC(m, lr=0.1, damping=1e-2, loss_fn=f, fisher_type="mc", **kw),
+    "adapt-damping": lambda m, f, **kw: KFAC(
+        m, lr=0.1, damping=1e-2, loss_fn=f, adapt_damping=True, damping_adaptation_interval=2, **kw
     ),
 }
 #: What a step's statistics must repeat (the loss itself is only taken where the options need it).
@@ -389,6 +390,117 @@ def test_lightning_drives_the_preset_in_both_optimization_modes() -> None:
     expected = [p.detach() for p in model.parameters()]
     for automatic in (True, False):
         assert all(torch.equal(p, q) for p, q in zip(fit(automatic), expected, strict=True))
+
+
+def micro_batches(opt: KFAC, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, bare: bool) -> None:
+    """Gradient accumulation over two micro-batches, each loss weighted by its share 1/2; then a
+    bare step, or the step given the last micro-batch and its loss."""
+    opt.zero_grad()
+    for inputs, targets in zip(x.split(8), y.split(8), strict=True):
+        loss = loss_fn(model(inputs), targets)
+        (loss / 2).backward()
+    opt.step() if bare else opt.step(loss=loss, batch=(inputs, targets))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gradient_accumulation_takes_the_last_micro_batch_when_asked(config: str) -> None:
+    """Several passes before a step raise, naming accumulated_passes; with 'last' the bare step is
+    the step given the last micro-batch and its loss, bit for bit."""
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = CONFIGS[config](model, loss_fn)
+    with pytest.raises(ValueError, match=r"2 training passes.*accumulated_passes='last'"):
+        micro_batches(opt, model, loss_fn, *make_data(), bare=True)
+
+    def run(bare: bool) -> tuple[list[Tensor], list[str]]:
+        model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+        opt = CONFIGS[config](model, loss_fn, accumulated_passes="last")
+        stats = []
+        for i in range(5):
+            torch.manual_seed(100 + i)  # the MC Fisher's labels
+            micro_batches(opt, model, loss_fn, *make_data(seed=i), bare=bare)
+            stats.append(str({k: v for k, v in opt.last_stats.items() if k in COMPARED}))
+        return [p.detach().clone() for p in model.parameters()], stats
+
+    (params, stats), (expected, expected_stats) = run(True), run(False)
+    assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
+    assert stats == expected_stats
+
+
+def test_a_closure_of_a_scaled_loss_steps_as_its_training_pass() -> None:
+    """The loss after the step is loss_fn's on the pass's batch: the step compares it with the pass's
+    own loss_fn value, not with a closure's value of another scale (Lightning's under
+    accumulate_grad_batches=2), which made rho -1181 and the damping 416 in two steps."""
+
+    def run(scale: float) -> tuple[list[Tensor], list[str]]:
+        model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+        opt = CONFIGS["preset"](model, loss_fn)
+        stats = []
+        for i in range(5):
+            x, y = make_data(seed=i)
+            torch.manual_seed(100 + i)
+
+            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss * scale
+
+            opt.step(closure)
+            stats.append(str({k: v for k, v in opt.last_stats.items() if k in COMPARED}))
+        return [p.detach().clone() for p in model.parameters()], stats
+
+    (params, stats), (expected, expected_stats) = run(0.5), run(1.0)
+    assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
+    assert stats == expected_stats
+
+
+def test_lightning_accumulates_gradients_for_the_preset() -> None:
+    """accumulate_grad_batches=2 calls opt.step(closure) after the second micro-batch, with the
+    closure's loss divided by 2: with accumulated_passes='last' the preset steps as the explicit
+    loop given the last micro-batch and its loss; without it the step raises, naming the option."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = make_data(n=64)
+
+    class Module(L.LightningModule):
+        def __init__(self, **options: Any) -> None:
+            super().__init__()
+            self.net, self.loss_fn, self.options = make_mlp(), nn.CrossEntropyLoss(), options
+
+        def forward(self, inputs: Tensor) -> Tensor:
+            return self.net(inputs)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            torch.manual_seed(batch_idx)  # the MC Fisher's labels
+            return self.loss_fn(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> KFAC:
+            return presets.adaptive(self, self.loss_fn, **self.options)
+
+    def fit(**options: Any) -> list[Tensor]:
+        module = Module(**options)
+        trainer = L.Trainer(
+            max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", accumulate_grad_batches=2,
+        )  # fmt: skip
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+        return [p.detach() for p in module.net.parameters()]
+
+    with pytest.raises(ValueError, match="accumulated_passes='last'"):
+        fit()
+    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
+    opt = presets.adaptive(model, loss_fn)
+    for i, (inputs, targets) in enumerate(zip(x.split(16), y.split(16), strict=True)):
+        if i % 2 == 0:
+            opt.zero_grad()
+        torch.manual_seed(i)
+        loss = loss_fn(model(inputs), targets)
+        (loss / 2).backward()
+        if i % 2 == 1:
+            opt.step(loss=loss, batch=(inputs, targets))
+    expected = [p.detach() for p in model.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(fit(accumulated_passes="last"), expected, strict=True))
 
 
 def test_a_compiled_model_gives_the_same_bare_steps() -> None:

@@ -73,6 +73,7 @@ def test_choices_accept_plain_strings_in_any_case_and_behave_as_strings() -> Non
         ("inverse_method", "svd"),
         ("damping_type", None),
         ("accumulation", "mean"),
+        ("accumulated_passes", "first"),
     ],
 )
 def test_bad_choices_name_the_option_and_the_allowed_values(name: str, value: object) -> None:

@@ -6,8 +6,9 @@ outputs it was given, its targets and its value). A training pass `loss_fn(model
 gradients enabled leaves the batch `((x,), y)` and the loss (a model called with keyword arguments,
 `model(**encoding)`, leaves `Arguments(kwargs=encoding)`), so `opt.step()`, Lightning's
 `opt.step(closure)` and `pre.step()` can run what needs them: the quadratic model, the MC Fisher's
-own pass, the loss after the step. Anything else (no such pass, several, a loss taken on reshaped
-outputs) is not guessed at: `LastBatch.take` says why, and the step's error repeats it.
+own pass, the loss after the step. Anything else (no such pass, a loss taken on reshaped outputs,
+several passes unless `accumulated_passes='last'` says to take the last) is not guessed at:
+`LastBatch.take` says why, and the step's error repeats it.
 """
 
 from __future__ import annotations
@@ -52,10 +53,14 @@ class TrainingPass:
 class LastBatch:
     """Hooks on `model` and `loss_fn` that keep the training passes since the last `take()`."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, own_pass: Callable[[], bool]) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: nn.Module, own_pass: Callable[[], bool], take_last: bool = False
+    ) -> None:
         #: Whether a pass running now is the optimizer's own (the Fisher pass, the quadratic model,
         #: a loss evaluation): those are not training passes.
         self.own_pass = own_pass
+        #: Whether `take` gives the last of several passes (gradient accumulation) instead of a reason.
+        self.take_last = take_last
         self._hooks = ModuleHooks()
         self._hooks.add(model, self._model_called, with_kwargs=True)
         self._hooks.add(loss_fn, self._loss_called, with_kwargs=True)
@@ -120,14 +125,16 @@ class LastBatch:
         self._last_pass = (call, found)
 
     def take(self) -> TrainingPass | str:
-        """The one training pass since the last `take()`, or why there is none; forgets them."""
+        """The one training pass since the last `take()` (with `take_last`, the last of several), or
+        why there is none; forgets them."""
         last, passes, loose = self._last_pass, self._passes, self._loose_loss
         self._last_pass, self._passes, self._loose_loss, self._model_call = None, 0, None, None
-        if passes > 1:
+        if passes > 1 and not self.take_last:
             return (
                 f"{passes} training passes (loss_fn on the model's outputs with gradients enabled) "
                 "since the last step: with gradient accumulation, which batch the step is for is the "
-                "caller's choice; an evaluation belongs under torch.no_grad()"
+                "caller's choice (pass it, or accumulated_passes='last' to take the last micro-batch); "
+                "an evaluation belongs under torch.no_grad()"
             )
         if last is not None:
             return last[1]

@@ -199,7 +199,8 @@ class KFAC(OriginalAPI, Optimizer):
         training pass since the last step, `loss_fn(model(*inputs), targets)` run with gradients
         enabled (`torch_kfac.last_batch`); without one such pass the step raises, saying why.
 
-        Returns the loss (from the closure or as passed). A step whose gradients, statistics or
+        Returns the loss the step used: as passed or from the closure, or the training pass's
+        `loss_fn` value where the step takes that pass's batch. A step whose gradients, statistics or
         loss are not finite changes nothing (decided on the device, no host read) and warns at the
         next host check (`host_check_interval`); `last_stats` describes every step.
         """
@@ -548,6 +549,11 @@ class KFAC(OriginalAPI, Optimizer):
                 needs_batch = needs_batch or closure is None
             if needs_batch and batch is None:
                 batch = (last.inputs, last.targets)
+                if needs_loss and closure is not None:
+                    # The loss after the step is loss_fn's on this batch: it is compared with the
+                    # pass's own loss_fn value, not with the closure's (which may differ in scale:
+                    # Lightning divides it by accumulate_grad_batches).
+                    loss = last.loss
         if needs_loss and loss is None:
             raise ValueError(
                 "adapt_damping, reject_steps and the adaptive learning rate/momentum need the loss: "

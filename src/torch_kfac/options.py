@@ -68,6 +68,13 @@ class Accumulation(Choice):
     MICRO_BATCH = "micro-batch"
 
 
+class AccumulatedPasses(Choice):
+    """What a step called without its batch takes after several training passes (accumulation)."""
+
+    RAISE = "raise"
+    LAST = "last"
+
+
 class FisherType(Choice):
     """Which Fisher the factors estimate."""
 
@@ -284,6 +291,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "warmup_steps": check_count,
     "reduction": Reduction.parse,
     "accumulation": Accumulation.parse,
+    "accumulated_passes": AccumulatedPasses.parse,
     "enable_pi_correction": check_bool,
     "inverse_method": InverseMethod.parse,
     "damping_type": DampingType.parse,
@@ -373,6 +381,12 @@ class PreconditionerOptions:
             their sum: with 'mean', k times the whole batch's for k equal micro-batches). The
             two agree for reduction='sum' and for a single backward pass per step. Statistics of
             the preconditioner's own passes (fisher_type 'mc', 'type-2') do not depend on it.
+        accumulated_passes: what a step called without the batch or loss it needs takes when
+            several training passes ran since the last step (gradient accumulation,
+            `torch_kfac.last_batch`): 'raise' (default: an error, since which batch the step is for
+            is the caller's choice) or 'last' (the last pass's batch and loss: the quadratic
+            model's curvature, the MC Fisher's own pass and the loss change of damping adaptation
+            are then those of the last micro-batch; the gradient is the accumulated one).
         enable_pi_correction: pi-adjusted factored damping (Martens & Grosse, section 6.3).
         inverse_method: 'cholesky' (damped inverses, damping fixed until the next refresh) or
             'eigh' (eigendecompositions; damping applied at every step).
@@ -473,6 +487,7 @@ class PreconditionerOptions:
     warmup_steps: int = 20
     reduction: Reduction | str = Reduction.MEAN
     accumulation: Accumulation | str = Accumulation.WHOLE_BATCH
+    accumulated_passes: AccumulatedPasses | str = AccumulatedPasses.RAISE
     enable_pi_correction: bool = True
     inverse_method: InverseMethod | str = InverseMethod.CHOLESKY
     damping_type: DampingType | str = DampingType.FACTORED

@@ -30,6 +30,7 @@ from torch_kfac.losses import LossCurvature, loss_curvature
 from torch_kfac.lowrank import GradientRows, RowCapture, verified_rows
 from torch_kfac.options import (
     AUTO_DAMPING,
+    AccumulatedPasses,
     Accumulation,
     FisherType,
     InverseMethod,
@@ -84,7 +85,10 @@ class KFACPreconditioner:
         check_model(model)
         #: The user's last training pass, for a step called without the batch or loss it needs
         #: (hooks on the model as given: a DistributedDataParallel wrapper's own output).
-        self.last_batch = LastBatch(model, opts.loss_fn, self.own_pass) if opts.loss_fn is not None else None
+        self.last_batch = None
+        if opts.loss_fn is not None:
+            take_last = opts.accumulated_passes == AccumulatedPasses.LAST
+            self.last_batch = LastBatch(model, opts.loss_fn, self.own_pass, take_last)
         model = unwrap(model)  # DistributedDataParallel: blocks named without `module.`
         #: Communication with the other ranks (None on a single process; torch_kfac.distributed).
         self.distributed: DistributedCurvature | None = None
