@@ -426,6 +426,29 @@ def test_gradient_accumulation_takes_the_last_micro_batch_when_asked(config: str
     assert stats == expected_stats
 
 
+def test_a_summed_loss_steps_as_a_mean_one_when_the_step_takes_the_last_micro_batch() -> None:
+    """reduction='sum': the accumulated gradient sums over all 16 examples, the last micro-batch's
+    loss and curvature over its 8; each is put on the mean-loss scale by its own count, so the
+    preset steps as with the mean loss (with 1/16 for both, rho and the quadratic model's
+    coefficients came out on two scales)."""
+
+    def run(reduction: str) -> list[Tensor]:
+        model, loss_fn = make_mlp(), nn.CrossEntropyLoss(reduction=reduction)
+        opt = CONFIGS["preset"](model, loss_fn, accumulated_passes="last")
+        for i in range(5):
+            x, y = make_data(seed=i)
+            torch.manual_seed(100 + i)
+            opt.zero_grad()
+            for inputs, targets in zip(x.split(8), y.split(8), strict=True):
+                loss = loss_fn(model(inputs), targets)
+                (loss if reduction == "sum" else loss / 2).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(run("sum"), run("mean"), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
 def test_a_closure_of_a_scaled_loss_steps_as_its_training_pass() -> None:
     """The loss after the step is loss_fn's on the pass's batch: the step compares it with the pass's
     own loss_fn value, not with a closure's value of another scale (Lightning's under

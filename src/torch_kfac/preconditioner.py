@@ -642,6 +642,14 @@ class KFACPreconditioner:
             raise RuntimeError("reduction='sum' needs the batch size: run a forward pass first")
         return 1.0 / sizes[0]
 
+    def batch_scale(self, targets: Tensor) -> float:
+        """Factor turning a loss measured on a batch with these targets (and its curvature) into
+        the mean-loss scale: with reduction='sum', 1/its examples (dimension 0), which under
+        gradient accumulation may be one micro-batch's, not the N of `grad_scale`; else 1."""
+        if self.options.reduction != Reduction.SUM:
+            return 1.0
+        return 1.0 / (targets.shape[0] if targets.dim() > 0 else 1)
+
     def precondition(self, block: CurvatureBlock, mat: Tensor) -> Tensor:
         """Natural gradient of one block's gradient matrix; the raw matrix if no factors yet."""
         if not block.has_inverses():
