@@ -34,6 +34,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
         "patch_sampling",
         "step_breakdown",
         "per_step",
+        "accumulation",
     )
     for name in names:
         module = sys.modules.get(name)
@@ -245,6 +246,18 @@ def test_per_step_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     assert adam_row["advantage"] == adam_row["cost_ratio"] == adam_row["time_ratio"] == 1.0
     text = (tmp_path / "per_step.md").read_text()
     assert "## transformer" in text and "| kfac-auto |" in text and "| step 6 |" in text
+
+
+def test_accumulation_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """The preset in one pass and in 2 accumulated micro-batches, from the same start and batches."""
+    argv = ["--quick", "--workloads", "autoencoder", "--steps", "4", "--every", "2", "--out", str(tmp_path)]
+    result = bench["accumulation"].main(argv)
+    saved = json.loads((tmp_path / "accumulation.json").read_text())
+    assert saved["command"] == result["command"] and saved["micro"] == 2
+    one, accumulated = saved["workloads"]["autoencoder"].values()
+    assert len(one) == len(accumulated) == 3 and one[0] == accumulated[0]  # same initialization
+    assert all(math.isfinite(v) for v in one + accumulated) and one[1:] != accumulated[1:]
+    assert "| 2 micro-batches |" in (tmp_path / "accumulation.md").read_text()
 
 
 def test_per_step_refuses_a_grid_without_adam(
