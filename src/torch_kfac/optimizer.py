@@ -280,7 +280,7 @@ class KFAC(OriginalAPI, Optimizer):
         """
         super().zero_grad(set_to_none)
         pre = self.preconditioner
-        pre.examples = 0
+        pre.forget_examples()
         pre.clear_gradient_rows()
         backward = [(b, k) for b in pre.blocks.values() for k in b.FACTORS if k not in b.FORWARD_FACTORS]
         if any(b.has_pending(k) for b, k in backward):

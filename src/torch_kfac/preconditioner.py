@@ -153,8 +153,9 @@ class KFACPreconditioner:
         for block in self._capture.hooked:
             block.share_scaled = share_scaled
         #: Examples of the backward passes since the last step (reduction='sum': the gradient is
-        #: the sum of their losses' gradients).
+        #: the sum of their losses' gradients), and how many passes they came in.
         self.examples = 0
+        self.backward_passes = 0
         if opts.grad_scaler is not None:
             self._capture.loss_scale = partial(loss_scale, opts.grad_scaler)
         #: Embedding tables, whose lookups the root hook checks for outputs shared by the examples.
@@ -234,6 +235,11 @@ class KFACPreconditioner:
     def _count_examples(self, examples: int, grad: Tensor) -> None:
         """Tensor hook on the model's output: a backward pass of `examples` examples ran."""
         self.examples += examples
+        self.backward_passes += 1
+
+    def forget_examples(self) -> None:
+        """Start counting the examples of the next step's backward passes."""
+        self.examples = self.backward_passes = 0
 
     # ------------------------------------------------------------------- schedule
     @property
@@ -644,10 +650,11 @@ class KFACPreconditioner:
 
     def batch_scale(self, targets: Tensor) -> float:
         """Factor turning a loss measured on a batch with these targets (and its curvature) into
-        the mean-loss scale: with reduction='sum', 1/its examples (dimension 0), which under
-        gradient accumulation may be one micro-batch's, not the N of `grad_scale`; else 1."""
-        if self.options.reduction != Reduction.SUM:
-            return 1.0
+        the mean-loss scale: `grad_scale`, except with reduction='sum' after several backward
+        passes (gradient accumulation), where the batch may be one micro-batch of the N examples:
+        then 1/its examples (dimension 0, as for `fisher_batch_size`)."""
+        if self.options.reduction != Reduction.SUM or self.backward_passes < 2:
+            return self.grad_scale()
         return 1.0 / (targets.shape[0] if targets.dim() > 0 else 1)
 
     def precondition(self, block: CurvatureBlock, mat: Tensor) -> Tensor:
@@ -785,7 +792,7 @@ class KFACPreconditioner:
             is_taken, _ = self.check(current)
             if not is_taken:
                 self.discard_statistics()
-                self.examples = 0
+                self.forget_examples()
                 return None
             self.taken = None
         if calibrating:  # torch_kfac.calibration, in the factors' dtype (16-bit models: float32)
@@ -809,7 +816,7 @@ class KFACPreconditioner:
     def finish_step(self) -> None:
         """End of a step: advance the step counter that schedules factor and inverse updates."""
         self.global_state["step"] = self.steps + 1
-        self.examples = 0
+        self.forget_examples()
         self._low_rank = {}
         self._seed_patches()
 
