@@ -314,10 +314,19 @@ def train_kfac_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return run
 
 
-def run_job(job: tuple[str, str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """One (workload, optimizer, hyperparameters) job; kfac-jax in its own subprocess."""
+def run_job(job: tuple[str, str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any] | str:
+    """One (workload, optimizer, hyperparameters) job; kfac-jax in its own subprocess, whose failure
+    (an incompatible jax, say) is returned as a note instead of ending the race."""
     name, kind, hparams = job
-    run = train_kfac_jax(name, args) if kind == "kfac-jax" else train_torch(name, kind, hparams, args)
+    if kind == "kfac-jax":
+        try:
+            run = train_kfac_jax(name, args)
+        except subprocess.CalledProcessError as err:
+            note = f"kfac-jax failed (exit status {err.returncode}; its traceback is in the race's output)"
+            print(note, flush=True)
+            return note
+    else:
+        run = train_torch(name, kind, hparams, args)
     run["workload"] = name
     print(f"{name} {kind} {hparams}: {run['steps']} steps, best {run['best_loss']:.4g}", flush=True)
     return run
@@ -501,9 +510,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(jax_missing, flush=True)
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            runs = list(pool.map(run_job, jobs, [args] * len(jobs)))
+            done = list(pool.map(run_job, jobs, [args] * len(jobs)))
     else:
-        runs = [run_job(job, args) for job in jobs]
+        done = [run_job(job, args) for job in jobs]
+    runs = [run for run in done if not isinstance(run, str)]
+    failures = [run for run in done if isinstance(run, str)]
     result: dict[str, Any] = {
         "command": command_line(__file__, argv),
         "environment": env,
@@ -516,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.workloads:
         work = make_workload(name, args)
         mine = [r for r in runs if r["workload"] == name]
-        notes = [jax_missing] if jax_missing and name == "autoencoder" else []
+        notes = [*([jax_missing] if jax_missing else []), *failures] if name == "autoencoder" else []
         result["workloads"].append(
             {
                 "name": name,

@@ -6,6 +6,7 @@ import importlib
 import itertools
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -187,6 +188,25 @@ def test_race_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     text = (tmp_path / "race.md").read_text()
     assert "| kfac-auto |" in text and "| adam |" in text and "kfac-auto's time / adam's time" in text
     assert (tmp_path / "race.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failed_kfac_jax_run_is_a_note_not_the_end_of_the_race(
+    bench: dict[str, ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kfac-jax's subprocess failing (kfac-jax 0.0.8 under jax 0.10) leaves the other runs' tables."""
+    race = bench["race"]
+
+    def fail(name: str, args: object) -> None:
+        raise subprocess.CalledProcessError(1, ["race_kfac_jax.py"])
+
+    monkeypatch.setattr(race, "kfac_jax_missing", lambda: None)
+    monkeypatch.setattr(race, "train_kfac_jax", fail)
+    argv = ["--quick", "--budget", "0.3", "--evals", "2", "--workloads", "autoencoder"]
+    result = race.main([*argv, "--optimizers", "adam", "kfac-jax", "--out", str(tmp_path)])
+    (work,) = result["workloads"]
+    assert [run["optimizer"] for run in work["runs"]] == ["adam"]
+    assert work["notes"] == ["kfac-jax failed (exit status 1; its traceback is in the race's output)"]
+    assert "kfac-jax failed" in (tmp_path / "race.md").read_text()
 
 
 def test_a_race_run_of_the_preset_is_repeatable_step_for_step(bench: dict[str, ModuleType]) -> None:
