@@ -54,7 +54,7 @@ class LastBatch:
     """Hooks on `model` and `loss_fn` that keep the training passes since the last `take()`."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, own_pass: Callable[[], bool], take_last: bool = False
+        self, model: nn.Module, loss_fn: nn.Module, own_pass: Callable[[], bool], take_last: bool
     ) -> None:
         #: Whether a pass running now is the optimizer's own (the Fisher pass, the quadratic model,
         #: a loss evaluation): those are not training passes.
