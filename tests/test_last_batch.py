@@ -217,24 +217,33 @@ def test_fisher_pass_without_a_batch_names_the_reason() -> None:
         opt.step()
 
 
-def precondition_and_step(bare: bool, fisher_type: str, steps: int = 4) -> list[Tensor]:
-    """`KFACPreconditioner` in front of SGD, its Fisher batch given or taken from the pass."""
+def precondition_and_step(bare: bool, fisher_type: str, micro: int, steps: int = 4) -> list[Tensor]:
+    """`KFACPreconditioner` in front of SGD, its Fisher batch given or taken from the pass; with
+    `micro` > 1 micro-batches per step, the last one's (accumulated_passes='last')."""
     model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
-    pre = KFACPreconditioner(model, damping=1e-2, loss_fn=loss_fn, fisher_type=fisher_type, warmup_steps=0)
+    last = {"accumulated_passes": "last"} if micro > 1 else {}
+    pre = KFACPreconditioner(
+        model, damping=1e-2, loss_fn=loss_fn, fisher_type=fisher_type, warmup_steps=0, **last
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for i in range(steps):
         x, y = make_data(seed=i)
         torch.manual_seed(100 + i)  # the MC Fisher's labels
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        pre.step() if bare else pre.step(batch=(x, y))
+        for inputs, targets in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            (loss_fn(model(inputs), targets) / micro).backward()
+        pre.step() if bare else pre.step(batch=(inputs, targets))
         opt.step()
     return [p.detach() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("micro", [1, 2], ids=["one-pass", "two-micro-batches"])
 @pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
-def test_the_preconditioner_takes_its_fisher_batch_from_the_training_pass(fisher_type: str) -> None:
-    bare, explicit = precondition_and_step(True, fisher_type), precondition_and_step(False, fisher_type)
+def test_the_preconditioner_takes_its_fisher_batch_from_the_training_pass(
+    fisher_type: str, micro: int
+) -> None:
+    bare = precondition_and_step(True, fisher_type, micro)
+    explicit = precondition_and_step(False, fisher_type, micro)
     assert all(torch.equal(p, q) for p, q in zip(bare, explicit, strict=True))
 
 
