@@ -217,7 +217,7 @@ def test_fisher_pass_without_a_batch_names_the_reason() -> None:
         opt.step()
 
 
-def precondition_and_step(bare: bool, fisher_type: str, micro: int, steps: int = 4) -> list[Tensor]:
+def precondition_and_step(bare: bool, fisher_type: str, micro: int = 1, steps: int = 4) -> list[Tensor]:
     """`KFACPreconditioner` in front of SGD, its Fisher batch given or taken from the pass; with
     `micro` > 1 micro-batches per step, the last one's (accumulated_passes='last')."""
     model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
