@@ -19,24 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import LOSS_MODULES, RESULTS_DIR, command_line, environment, machine_line, seeded, write_results
-from race import WORKLOADS, batch_indices, get_batch, make_workload
+from common import RESULTS_DIR, command_line, environment, machine_line, make_trainer, seeded, write_results
+from race import WORKLOADS, RaceWorkload, batch_indices, get_batch, make_workload
 from race import parse_args as race_args
 from time_to_loss import evaluate
 
-from torch_kfac import presets
 
-
-def train(name: str, micro: int, steps: int, every: int, quick: bool, seed: int) -> list[float]:
-    """Held-out losses at steps 0, every, 2 every, ... of the preset on workload `name`: each batch
-    in one pass (`micro` 1) or in `micro` accumulated micro-batches with a bare step."""
-    work = make_workload(name, race_args(["--quick"] if quick else []))
+def train(work: RaceWorkload, micro: int, steps: int, every: int, seed: int) -> list[float]:
+    """Held-out losses at steps 0, every, 2 every, ... of the preset on `work`: each batch in one
+    pass (`micro` 1) or in `micro` accumulated micro-batches with a bare step."""
     with seeded(seed):
         model = work.build()
-    factory, reduction = LOSS_MODULES[work.loss_fn]
-    loss_fn = factory()
     last = {"accumulated_passes": "last"} if micro > 1 else {}
-    opt = presets.adaptive(model, loss_fn, reduction=reduction, **last)
+    trainer = make_trainer("kfac-auto", model, work.loss_fn, last)  # the race's preset
+    opt, loss_fn = trainer.optimizer, trainer.module
     losses = [evaluate(model, work.loss_fn, work.eval_set, 1000)]
     with seeded(seed):
         for step, rows in enumerate(batch_indices(work, steps, seed), start=1):
@@ -49,7 +45,7 @@ def train(name: str, micro: int, steps: int, every: int, quick: bool, seed: int)
             else:
                 for xi, yi in zip(x.chunk(micro), y.chunk(micro), strict=True):
                     # 'sum' adds the micro-batches' sums; the means are weighted by their share
-                    share = 1.0 if reduction == "sum" else xi.shape[0] / x.shape[0]
+                    share = 1.0 if trainer.sums else xi.shape[0] / x.shape[0]
                     (loss_fn(model(xi), yi) * share).backward()
                 opt.step()
             if step % every == 0:
@@ -89,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
     ]
     for name in args.workloads:
-        runs = {mode: train(name, m, args.steps, args.every, args.quick, args.seed) for mode, m in
+        work = make_workload(name, race_args(["--quick"] if args.quick else []))
+        runs = {mode: train(work, m, args.steps, args.every, args.seed) for mode, m in
                 (("one pass", 1), (f"{args.micro} micro-batches", args.micro))}  # fmt: skip
         result["workloads"][name] = runs
         header = " | ".join(f"step {i * args.every}" for i in range(len(next(iter(runs.values())))))
