@@ -347,16 +347,17 @@ def test_close_removes_the_hooks_from_the_model_and_the_loss() -> None:
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_lightning_drives_the_preset_in_both_optimization_modes() -> None:
-    """Automatic optimization calls opt.step(closure); manual optimization's opt.step() passes a
-    closure that evaluates nothing. Both train as the explicit loop does, step for step."""
+def fit_preset_in_lightning(
+    x: Tensor, y: Tensor, automatic: bool = True, accumulate: int = 1, **options: Any
+) -> list[Tensor]:
+    """`presets.adaptive(module, loss_fn, **options)` on the MLP, trained by a Lightning Trainer on
+    (x, y) in batches of 16 (each batch's MC labels seeded by its index), one step per `accumulate`
+    batches; the parameters after all of them."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    x, y = make_data(n=64)
-
     class Module(L.LightningModule):
-        def __init__(self, automatic: bool) -> None:
+        def __init__(self) -> None:
             super().__init__()
             self.net, self.loss_fn = make_mlp(), nn.CrossEntropyLoss()
             self.automatic_optimization = automatic
@@ -377,28 +378,43 @@ def test_lightning_drives_the_preset_in_both_optimization_modes() -> None:
             return None
 
         def configure_optimizers(self) -> KFAC:
-            return presets.adaptive(self, self.loss_fn)
+            return presets.adaptive(self, self.loss_fn, **options)
 
-    def fit(automatic: bool) -> list[Tensor]:
-        module = Module(automatic)
-        trainer = L.Trainer(
-            max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, accelerator="cpu",
-        )  # fmt: skip
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
-        return [p.detach() for p in module.net.parameters()]
+    module = Module()
+    trainer = L.Trainer(
+        max_steps=len(x) // 16 // accumulate, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        accumulate_grad_batches=accumulate,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+    return [p.detach() for p in module.net.parameters()]
 
+
+def preset_explicit_loop(x: Tensor, y: Tensor, accumulate: int = 1) -> list[Tensor]:
+    """What `fit_preset_in_lightning` must give: each batch's loss divided by `accumulate` and
+    back-propagated, and every `accumulate` batches a step given the last batch and its loss."""
     model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
     opt = presets.adaptive(model, loss_fn)
     for i, (inputs, targets) in enumerate(zip(x.split(16), y.split(16), strict=True)):
-        opt.zero_grad()
+        if i % accumulate == 0:
+            opt.zero_grad()
         torch.manual_seed(i)
         loss = loss_fn(model(inputs), targets)
-        loss.backward()
-        opt.step(loss=loss, batch=(inputs, targets))
-    expected = [p.detach() for p in model.parameters()]
+        (loss / accumulate).backward()
+        if i % accumulate == accumulate - 1:
+            opt.step(loss=loss, batch=(inputs, targets))
+    return [p.detach() for p in model.parameters()]
+
+
+def test_lightning_drives_the_preset_in_both_optimization_modes() -> None:
+    """Automatic optimization calls opt.step(closure); manual optimization's opt.step() passes a
+    closure that evaluates nothing. Both train as the explicit loop does, step for step."""
+    x, y = make_data(n=64)
+    expected = preset_explicit_loop(x, y)
     for automatic in (True, False):
-        assert all(torch.equal(p, q) for p, q in zip(fit(automatic), expected, strict=True))
+        assert all(
+            torch.equal(p, q) for p, q in zip(fit_preset_in_lightning(x, y, automatic), expected, strict=True)
+        )
 
 
 def micro_batches(opt: KFAC, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, bare: bool) -> None:
@@ -490,49 +506,12 @@ def test_lightning_accumulates_gradients_for_the_preset() -> None:
     """accumulate_grad_batches=2 calls opt.step(closure) after the second micro-batch, with the
     closure's loss divided by 2: with accumulated_passes='last' the preset steps as the explicit
     loop given the last micro-batch and its loss; without it the step raises, naming the option."""
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
-
     x, y = make_data(n=64)
-
-    class Module(L.LightningModule):
-        def __init__(self, **options: Any) -> None:
-            super().__init__()
-            self.net, self.loss_fn, self.options = make_mlp(), nn.CrossEntropyLoss(), options
-
-        def forward(self, inputs: Tensor) -> Tensor:
-            return self.net(inputs)
-
-        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-            torch.manual_seed(batch_idx)  # the MC Fisher's labels
-            return self.loss_fn(self(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> KFAC:
-            return presets.adaptive(self, self.loss_fn, **self.options)
-
-    def fit(**options: Any) -> list[Tensor]:
-        module = Module(**options)
-        trainer = L.Trainer(
-            max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, accelerator="cpu", accumulate_grad_batches=2,
-        )  # fmt: skip
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
-        return [p.detach() for p in module.net.parameters()]
-
     with pytest.raises(ValueError, match="accumulated_passes='last'"):
-        fit()
-    model, loss_fn = make_mlp(), nn.CrossEntropyLoss()
-    opt = presets.adaptive(model, loss_fn)
-    for i, (inputs, targets) in enumerate(zip(x.split(16), y.split(16), strict=True)):
-        if i % 2 == 0:
-            opt.zero_grad()
-        torch.manual_seed(i)
-        loss = loss_fn(model(inputs), targets)
-        (loss / 2).backward()
-        if i % 2 == 1:
-            opt.step(loss=loss, batch=(inputs, targets))
-    expected = [p.detach() for p in model.parameters()]
-    assert all(torch.equal(p, q) for p, q in zip(fit(accumulated_passes="last"), expected, strict=True))
+        fit_preset_in_lightning(x, y, accumulate=2)
+    expected = preset_explicit_loop(x, y, accumulate=2)
+    fitted = fit_preset_in_lightning(x, y, accumulate=2, accumulated_passes="last")
+    assert all(torch.equal(p, q) for p, q in zip(fitted, expected, strict=True))
 
 
 def test_a_compiled_model_gives_the_same_bare_steps() -> None:
