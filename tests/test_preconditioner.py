@@ -1332,3 +1332,88 @@ def test_a_position_table_shared_by_the_examples_is_reported(lookup: str) -> Non
             f"K-FAC: nn.Embedding 'pos' was looked up with ids of {rows} row(s) for a batch of 4 examples"
         )
         assert "positions.expand(N, T)" in messages[0] and "skip_modules=['pos']" in messages[0]
+
+
+class _RecurrentTagger(nn.Module):
+    """An LSTM and a per-step head (logits (..., 6)). `layout`: 'batch-first' (inputs (N, T, 6)),
+    'sequence-first' ((T, N, 6), the LSTM's default) or 'flattened' (batch-first, the head applied
+    to the (N * T, 4) rows)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+        self.rnn = nn.LSTM(6, 4, batch_first=layout != "sequence-first")
+        self.out = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(x)
+        return self.out(h.reshape(-1, 4) if self.layout == "flattened" else h)
+
+
+def _recurrent_tagger_factors(layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Two steps of `_RecurrentTagger(layout)` from one start on the same 3 sequences of 5 steps (float64):
+    the head's factors and the RuntimeWarnings raised."""
+    torch.manual_seed(0)
+    model = _RecurrentTagger(layout).double()
+    pre = KFACPreconditioner(model, factor_update_steps=1, cov_ema_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            x = torch.randn(3, 5, 6, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 6, (3, 5), generator=gen)
+            if layout == "sequence-first":
+                x, y = x.transpose(0, 1), y.t()
+            F.cross_entropy(model(x).reshape(-1, 6), y.reshape(-1)).backward()
+            pre.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return {k: v.clone() for k, v in pre.blocks["out"].state.items()}, messages
+
+
+def test_layers_that_count_different_examples_are_reported() -> None:
+    """A head on sequence-first activations counts the 5 time steps as its examples and one on
+    flattened rows the 15 positions, while the LSTM counts the 3 sequences: the head's G is then
+    5/3 or 5 times the batch-first model's (its A is the same average), on another scale than the
+    LSTM's blocks. One warning (over two steps) names both layers and their counts; the batch-first
+    model raises none."""
+    reference, quiet = _recurrent_tagger_factors("batch-first")
+    assert quiet == []
+    for layout, examples, ratio in (("sequence-first", 5, 5 / 3), ("flattened", 15, 5.0)):
+        factors, messages = _recurrent_tagger_factors(layout)
+        torch.testing.assert_close(factors["A_ema"], reference["A_ema"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(factors["G_ema"], ratio * reference["G_ema"], rtol=1e-12, atol=0)
+        assert len(messages) == 1
+        assert messages[0].startswith(
+            f"K-FAC: layers 'rnn' and 'out' count different numbers of examples in the same passes "
+            f"(3 examples and {examples} examples"
+        )
+        assert "nn.LSTM(batch_first=True)" in messages[0] and "skip_modules" in messages[0]
+
+
+class _Branched(nn.Module):
+    """A trunk called twice per pass (on the input and on its own output) and a branch that runs
+    on batches of 8 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.branch, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.trunk(torch.tanh(self.trunk(x))))
+        if self.training and x.shape[0] == 8:  # the branch runs in the first micro-batch only
+            h = h + self.branch(h)
+        return self.head(h)
+
+
+def test_layers_called_twice_or_in_some_micro_batches_are_not_reported() -> None:
+    """Example counts that differ without being disjoint are no error: a layer called twice per
+    pass, micro-batches of 8 and 5 examples, and a layer called in the first of them only."""
+    model = _Branched()
+    pre = KFACPreconditioner(model, factor_update_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (8, 5):
+            x, y = make_data(n, seed=n)
+            F.cross_entropy(model(x), y).backward()
+        pre.step()
+    assert pre.blocks["branch"].has_factors() and pre.blocks["trunk"].has_factors()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import combinations
 from typing import Any
 
 import torch
@@ -161,6 +162,7 @@ class KFACPreconditioner:
         #: Embedding tables, whose lookups the root hook checks for outputs shared by the examples.
         self._embeddings = [b for b in self._capture.hooked if isinstance(b, EmbeddingBlock)]
         self._warned_shared: set[str] = set()
+        self._warned_examples = False
         self._root_hooks = ModuleHooks()
         if opts.reduction in (Reduction.MEAN_POSITIONS, Reduction.SUM) or self._embeddings:
             self._root_hooks.add(model, self._observe_outputs)
@@ -421,10 +423,45 @@ class KFACPreconditioner:
 
     def _statistics(self) -> dict[tuple[str, str], Tensor]:
         """(block, factor) -> the pending statistic; averaged over ranks in distributed runs."""
+        if not self._warned_examples:
+            self._check_example_counts()
         stats = {(n, k): b.pending(k) for n, b in self.blocks.items() for k in b.FACTORS if b.has_pending(k)}
         if self.distributed is not None and stats:  # DISTRIBUTED: one all-reduce per dtype
             stats = self.distributed.average_statistics(stats)
         return stats
+
+    def _check_example_counts(self) -> None:
+        """Warn (once) when two layers' pending statistics count disjoint numbers of examples.
+
+        Each layer counts the examples of a call along dimension 0 of its input (recurrent layers
+        and attention along their batch dimension) and scales its factor G by that count, so the
+        layers of one pass must agree on it. A layer on sequence-first activations counts time
+        steps, and one on flattened (N * T, d) rows counts positions: its curvature is then on
+        another scale than the other layers'. Counts that merely differ (a layer called only in
+        some micro-batches) are not disjoint. Embedding tables already reported as shared by the
+        examples (`_check_shared_lookups`) are left out.
+        """
+        layers: dict[frozenset[int], str] = {}
+        for block in self._capture.hooked:
+            counts = frozenset(block.pending_examples())
+            if counts and block.name not in self._warned_shared:
+                layers.setdefault(counts, block.name)
+        for (first, a), (second, b) in combinations(layers.items(), 2):
+            if first.isdisjoint(second):
+                self._warned_examples = True
+                warnings.warn(
+                    f"K-FAC: layers {a!r} and {b!r} count different numbers of examples in the same "
+                    f"passes ({_counts(first)} and {_counts(second)}, along dimension 0 of their inputs; "
+                    "recurrent layers and attention along their batch dimension). Each layer scales "
+                    "its curvature by its count, so one of them is preconditioned on another scale "
+                    "than the rest: a layer on sequence-first activations (T, N, d) counts time steps "
+                    "and one on flattened (N * T, d) rows counts positions. Keep activations "
+                    "batch-first, e.g. nn.LSTM(batch_first=True) with inputs (N, T, ...) and layers "
+                    "applied to (N, T, d), or give the layer the plain update with skip_modules",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return
 
     def update_factors(self) -> bool:
         """Fold the recorded statistics into the running factors.
@@ -956,6 +993,11 @@ def _differentiable_output(outputs: Any) -> Tensor | None:
     """The first output of a model that requires grad: its gradient hook fires in the user's
     backward passes."""
     return next((t for t in _output_tensors(outputs) if t.requires_grad), None)
+
+
+def _counts(counts: frozenset[int]) -> str:
+    """'5' or '5 and 8 examples'-style text of a layer's example counts."""
+    return " and ".join(str(n) for n in sorted(counts)) + (" example" if counts == {1} else " examples")
 
 
 def _leading_size(outputs: Any) -> int | None:

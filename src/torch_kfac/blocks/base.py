@@ -313,6 +313,10 @@ class CurvatureBlock(ABC):
         """The pending statistics of factor `key`, pooled over the calls and passes recorded."""
         return pooled(self._pending[key])
 
+    def pending_examples(self) -> set[int]:
+        """The example counts of the pending statistics (one per recorded call or pass)."""
+        return {s.examples for stats in self._pending.values() for s in stats}
+
     def clear_pending(self, keys: tuple[str, ...] | None = None) -> None:
         """Drop pending statistics (of the given factors, or all)."""
         for k in self.FACTORS if keys is None else keys:
