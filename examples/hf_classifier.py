@@ -65,6 +65,9 @@ class Sentences(Dataset):
         return {
             "input_ids": self.ids[i],
             "attention_mask": torch.ones(LENGTH, dtype=torch.long),
+            # Per example, (N, T) once batched: BERT's default (1, T) is shared by the batch, and
+            # K-FAC's block of the position table needs each sentence's own gradient.
+            "position_ids": torch.arange(LENGTH),
             "labels": self.labels[i],
         }
 

@@ -65,7 +65,9 @@ class CharWindows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         window = self.ids[self.starts[i] : self.starts[i] + self.context]
-        return {"input_ids": window, "labels": window}
+        # Position ids per example, (N, T) once batched: GPT-2's default (1, T) is shared by the
+        # batch, and K-FAC's block of the position table needs each sequence's own gradient.
+        return {"input_ids": window, "position_ids": torch.arange(self.context), "labels": window}
 
 
 class LossLog(TrainerCallback):

@@ -213,12 +213,21 @@ def test_lightning_kfac(load: Loader, preset: bool) -> None:
     assert len(out["val_accuracy"]) == 2 and 0.0 <= out["val_accuracy"][-1] <= 1.0
 
 
+def shared_lookup_warnings(recorded: pytest.WarningsRecorder) -> list[str]:
+    """K-FAC's warnings of an embedding lookup shared by the batch, or of layers counting different
+    examples, among the recorded ones."""
+    messages = [str(w.message) for w in recorded if str(w.message).startswith("K-FAC")]
+    return [m for m in messages if "looked up with ids" in m or "count different" in m]
+
+
 @pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
-def test_hf_trainer(load: Loader, preset: bool) -> None:
+def test_hf_trainer(load: Loader, preset: bool, recwarn: pytest.WarningsRecorder) -> None:
     """The Hugging Face Trainer drives KFAC, and the adaptive preset (its own optimizer.step() with
-    the batch of the trainer's pass), on a GPT-2; every projection, embedding and norm has a block."""
+    the batch of the trainer's pass), on a GPT-2; every projection, embedding and norm has a block,
+    and the position table is looked up per example (no warning of a lookup shared by the batch)."""
     argv = ["--steps", "15", "--batch-size", "8", "--context", "16", "--width", "32", "--warmup", "2"]
     out = load("hf_trainer").main([*argv, *["--preset"] * preset, *COMMON])  # bfloat16 autocast on the CPU
+    assert not shared_lookup_warnings(recwarn)
     assert len(out["losses"]) == 15
     assert_learned(out["losses"], factor=0.9)
     if preset:  # NextTokenLogits holds the language model
@@ -233,12 +242,14 @@ def test_hf_trainer(load: Loader, preset: bool) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["preset", "kfac", "adamw"])
-def test_hf_classifier(load: Loader, optimizer: str) -> None:
+def test_hf_classifier(load: Loader, optimizer: str, recwarn: pytest.WarningsRecorder) -> None:
     """A BERT classifier fine-tuned by the Trainer: the preset through `Logits`/`logits_loss` and
-    the trainer's own `optimizer.step()`, fixed K-FAC, and the trainer's AdamW."""
+    the trainer's own `optimizer.step()`, fixed K-FAC, and the trainer's AdamW; the position table
+    is looked up per example (no warning of a lookup shared by the batch)."""
     argv = ["--steps", "30", "--batch-size", "64", "--train-size", "960", "--test-size", "128"]
     lr = ["--lr", "3e-3"] if optimizer == "adamw" else []
     out = load("hf_classifier").main([*argv, "--optimizer", optimizer, *lr, *COMMON])
+    assert not shared_lookup_warnings(recwarn)
     assert len(out["losses"]) == 30
     assert_learned(out["losses"], factor=0.8)
     assert 0.0 <= out["test_accuracy"] <= 1.0 and math.isfinite(out["test_loss"])

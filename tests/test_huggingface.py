@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,29 @@ def test_next_token_logits_and_loss_give_the_language_models_own_loss() -> None:
     torch.testing.assert_close(logits, own.logits[:, :-1].transpose(1, 2), rtol=0, atol=0)
     loss = next_token_loss(nn.CrossEntropyLoss())(logits, labels, num_items_in_batch=None)
     torch.testing.assert_close(loss, own.loss.double(), rtol=1e-6, atol=0)  # its loss runs in float32
+
+
+@pytest.mark.parametrize("lookup", ["shared", "per-example"])
+def test_next_token_logits_passes_position_ids_on(lookup: str) -> None:
+    """NextTokenLogits hands `position_ids` to the model (ids shifted by one give other logits). With
+    GPT-2's default lookup, (1, T) shared by the batch, K-FAC warns that the position table's block
+    sees the summed gradient; with ids of shape (N, T) it warns of nothing and gives the table a block."""
+    lm = tiny_gpt2().double().eval()
+    ids = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(2))
+    model = NextTokenLogits(lm)
+    positions = torch.arange(7).expand(3, 7)
+    torch.testing.assert_close(model(ids, position_ids=positions), model(ids), rtol=0, atol=0)
+    assert not torch.allclose(model(ids, position_ids=positions + 1), model(ids))
+    pre = KFACPreconditioner(model, factor_update_steps=1)
+    kwargs = {"position_ids": positions} if lookup == "per-example" else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.cross_entropy(model(ids, **kwargs), ids[:, 1:]).backward()
+        pre.step()
+    messages = [str(w.message) for w in caught if str(w.message).startswith("K-FAC")]
+    shared = [m for m in messages if "'lm.transformer.wpe' was looked up" in m]
+    assert len(shared) == (1 if lookup == "shared" else 0), messages
+    assert pre.blocks["lm.transformer.wpe"].has_factors()
 
 
 class Rows(torch.utils.data.Dataset):

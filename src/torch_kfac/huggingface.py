@@ -123,9 +123,13 @@ class NextTokenLogits(_OutputWrapper):
         """The language model (parameters named `lm.*`)."""
         return self.lm
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Next-token logits, vocabulary on dim 1."""
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Next-token logits, vocabulary on dim 1. `position_ids` of shape (N, T) give each sequence
+        its own lookup of the position table (the model's default, (1, T), is shared by the batch,
+        which K-FAC's block of that table cannot split into per-example gradients)."""
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         return logits[:, :-1].transpose(1, 2)
 
 
