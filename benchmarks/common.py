@@ -174,7 +174,9 @@ class TinyTransformerLM(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         """Token ids (N, T) -> next-token logits (N, vocab, T), the layout of `nn.CrossEntropyLoss`."""
-        pos = torch.arange(idx.shape[1], device=idx.device)
+        # Position ids per example (N, T): a shared (T,) lookup gives K-FAC's block of the table
+        # the batch's summed gradient, not per-example ones (and K-FAC warns about it).
+        pos = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
         return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(pos)))).transpose(1, 2)
 
 

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -499,3 +500,25 @@ def test_batch_size_option_sets_every_workloads_batch(bench: dict[str, ModuleTyp
         assert race.make_workload(name, race.parse_args(["--quick"])).batch_size != 5
     args = per_step.parse_args(["--quick", "--batch-size", "5"])
     assert race.parse_args(per_step.race_options(args)).batch_size == 5
+
+
+def test_the_benchmark_transformer_looks_its_positions_up_per_example(bench: dict[str, ModuleType]) -> None:
+    """The race's language model gives each sequence its own lookup of the position table, so the
+    preset's block of the table sees per-example gradients: two steps raise no K-FAC warning about
+    a lookup shared by the batch or about layers counting different examples."""
+    common = bench["common"]
+    torch.manual_seed(0)
+    model = common.TinyTransformerLM(vocab=11, width=16, depth=1, heads=2, context=8)
+    opt = common.make_trainer("kfac-auto", model, common.token_ce, {}).optimizer
+    windows = torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(1))
+    x, y = windows[:, :-1], windows[:, 1:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            loss = common.token_ce(model(x), y)
+            loss.backward()
+            opt.step(loss=loss, batch=(x, y))
+    messages = [str(w.message) for w in caught if str(w.message).startswith("K-FAC")]
+    assert not [m for m in messages if "looked up with ids" in m or "count different numbers" in m], messages
+    assert opt.preconditioner.blocks["pos"].has_factors()
