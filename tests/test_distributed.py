@@ -109,7 +109,7 @@ def train(
     bare: bool = False,
     find_unused: bool = False,
     wrap_after: bool = False,
-    built: tuple[nn.Module, KFAC] | None = None,
+    built: tuple[nn.Module, KFAC | KFACPreconditioner] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train on this rank's shards; returns parameters, last update, factors and held inverses.
@@ -117,7 +117,8 @@ def train(
     loss and batch taken from the training pass. `find_unused`: DDP's `find_unused_parameters`
     (its outputs are then new tensors, not the wrapped module's). `wrap_after`: the optimizer is
     built on the module, which is wrapped after it (the Hugging Face Trainer's order). `built`: a
-    model and its optimizer built before the process group was initialized."""
+    model and its optimizer (with `standalone`, its preconditioner) built before the process group
+    was initialized."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     inner = make_model() if built is None else built[0]
     model: nn.Module = (
@@ -129,7 +130,7 @@ def train(
     kwargs = {**CONFIGS[config], **options, "grad_worker_fraction": fraction}
     if standalone:  # KFACPreconditioner in front of SGD
         lr = kwargs.pop("lr")
-        pre = KFACPreconditioner(model, **kwargs)
+        pre = KFACPreconditioner(model, **kwargs) if built is None else built[1]
         sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     elif built is not None:
         opt = built[1]
@@ -203,6 +204,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
     early = make_model()
     config = {**CONFIGS["adaptive"], "mc_seed": None, "grad_worker_fraction": 0.5}
     early_opt = KFAC(early, loss_fn=nn.CrossEntropyLoss(), **config)
+    early_alone = make_model()
+    plain = {k: v for k, v in CONFIGS["plain"].items() if k != "lr"}
+    early_pre = KFACPreconditioner(early_alone, **plain, grad_worker_fraction=0.5)
     # ... and one that stepped before it.
     late = make_model()
     late_opt = KFAC(late, lr=0.1)
@@ -239,6 +243,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
             late_opt.step()
         results["stepped_before_init"] = str(err.value)
         results["preconditioner"] = train("plain", 0.5, standalone=True)
+        results["preconditioner_built_before_init"] = train(
+            "plain", 0.5, standalone=True, built=(early_alone, early_pre)
+        )
         results["ddp_no_sync"] = train("plain", 1.0, ddp=True, accumulate=True)
         results["resumed"] = train(
             "adaptive",
@@ -446,13 +453,16 @@ def test_mc_fisher_without_a_seed_draws_with_rank_0s_seed_on_every_rank(runs: di
 def test_an_optimizer_built_before_the_process_group_joins_the_ranks_at_its_first_step(
     runs: dict[Any, Any],
 ) -> None:
-    """The Hugging Face Trainer initializes torch.distributed after the user built the optimizer:
-    the first step joins the ranks (averaged statistics, owners, the shared MC seed), so the run
-    is still one process's on the whole batch. Before, each rank kept its own factors and the
-    replicas drifted apart."""
+    """The Hugging Face Trainer initializes torch.distributed after the user built the optimizer
+    (KFAC, or KFACPreconditioner in front of SGD): the first step joins the ranks (averaged
+    statistics, owners, the shared MC seed), so the run is still one process's on the whole batch.
+    Before, each rank kept its own factors and the replicas drifted apart."""
     alone = train("adaptive", mc_seed=0)
+    alone_pre = train("plain", standalone=True)
     for result in runs[2]:
         assert max_difference(result["built_before_init"], alone) < TOL
+        # KFACPreconditioner in front of SGD joins the ranks at its first step too.
+        assert max_difference(result["preconditioner_built_before_init"], alone_pre) < TOL
         # One that stepped alone first has factors of its own rank's: an error, not drifting replicas.
         assert "Initialize the process group before the first step" in result["stepped_before_init"]
 
