@@ -48,6 +48,21 @@ def test_no_grad_forward_records_nothing() -> None:
     assert not any(b.has_pending("A") for b in opt.blocks.values())
 
 
+def test_explicit_mode_records_layer_inputs_only_inside_track_forward() -> None:
+    """Once one tracking context has been used (here track_backward(), never track_forward()),
+    forward passes outside track_forward() record no layer inputs; inside, they do."""
+    model = make_mlp()
+    opt = KFAC(model, 0.05, 1e-2)
+    x = make_data()[0]
+    with opt.track_backward():
+        pass
+    model(x)
+    assert not any(b.has_pending("A") for b in opt.blocks.values())
+    with opt.track_forward():
+        model(x)
+    assert all(b.has_pending("A") for b in opt.blocks.values())
+
+
 def test_original_data_label_loop_with_tracking_contexts() -> None:
     model = make_mlp()
     # The preconditioner alone against the identity: no norm constraint.
@@ -163,7 +178,7 @@ def test_statistics_in_the_factor_dtype_with_the_loss_scale_removed() -> None:
     scale = torch.tensor(2.0**10)
     for mode in ("float32", "bf16-scaled"):
         blocks = {n: LinearBlock(model[int(n)], n) for n in ("0", "2")}
-        capture = StatisticsCapture(blocks, lambda: True, "mean")
+        capture = StatisticsCapture(blocks, lambda: True, "mean", False)
         if mode != "float32":
             capture.factor_dtype = torch.float32
             capture.loss_scale = lambda: scale

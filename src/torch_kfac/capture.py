@@ -64,8 +64,8 @@ class ModuleHook:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)  # torch passes module hooks their arguments by position
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
         return _inert_hook
@@ -133,9 +133,8 @@ class StatisticsCapture:
         blocks: dict[str, CurvatureBlock],
         is_due: Callable[[], bool],
         reduction: str,
-        center: bool = False,
+        center: bool,
     ) -> None:
-        self.blocks = blocks
         self.is_due = is_due
         self.reduction = reduction
         self.center = center

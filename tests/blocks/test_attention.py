@@ -659,7 +659,7 @@ def test_refusals():
         MultiheadAttentionBlock(OwnForward(E, HEADS), "attn")
     patched = make_mha("self")
     patched.forward = lambda *a, **k: nn.MultiheadAttention.forward(patched, *a, **k)  # type: ignore[method-assign]
-    with pytest.raises(ValueError, match="forward attribute of its own"):
+    with pytest.raises(ValueError, match=r"^MultiheadAttention 'attn' has a forward attribute of its own"):
         MultiheadAttentionBlock(patched, "attn")
     frozen = make_mha("self")
     frozen.out_proj.weight.requires_grad_(False)

@@ -587,7 +587,7 @@ def test_refusals():
         RNNBlock(nn.RNNBase("LSTM", D_IN, HIDDEN), "base")
     patched = nn.GRU(D_IN, HIDDEN)
     patched.forward = lambda *args: None
-    with pytest.raises(ValueError, match="forward attribute of its own"):
+    with pytest.raises(ValueError, match=r"^GRU 'patched' has a forward attribute of its own"):
         RNNBlock(patched, "patched")
     param = nn.LSTM(D_IN, HIDDEN)
     parametrize.register_parametrization(param, "weight_hh_l0", _Doubled())
