@@ -16,7 +16,9 @@
 # Needs `pip install mutmut` (3.x). Report of the last run: benchmarks/results/mutation.md, written by
 # scripts/mutation_report.py from the list and the survivors' verdicts (benchmarks/results/mutation-verdicts.tsv);
 # of calibration.py, lowrank.py and utils.py: benchmarks/results/mutation-calibration-lowrank-utils.md;
-# of losses.py and linalg.py: benchmarks/results/mutation-losses-linalg.md.
+# of losses.py and linalg.py: benchmarks/results/mutation-losses-linalg.md; of last_batch.py:
+# benchmarks/results/mutation-last-batch.md; of capture.py and blocks/switched.py:
+# benchmarks/results/mutation-capture-switched.md.
 set -euo pipefail
 
 MODULES=(
