@@ -996,7 +996,7 @@ def _differentiable_output(outputs: Any) -> Tensor | None:
 
 
 def _counts(counts: frozenset[int]) -> str:
-    """'5' or '5 and 8 examples'-style text of a layer's example counts."""
+    """A layer's example counts as text: '1 example', '5 examples', '5 and 8 examples'."""
     return " and ".join(str(n) for n in sorted(counts)) + (" example" if counts == {1} else " examples")
 
 
