@@ -360,10 +360,11 @@ class KFAC(OriginalAPI, Optimizer):
         # the gradient's over the examples of every backward pass since the last step, what is
         # measured on `batch` (its loss, the loss after the step, the exact curvature) over the
         # batch's, which under gradient accumulation may be the last micro-batch.
-        scale = pre.grad_scale() if pre.blocks else 1.0
-        grads = {n: dense_grad(p) * scale if scale != 1.0 else dense_grad(p) for n, p in params.items()}
-        if batch is not None and pre.blocks:
-            scale = pre.batch_scale(batch[1])
+        grad_factor = pre.grad_scale() if pre.blocks else 1.0
+        grads = {
+            n: dense_grad(p) * grad_factor if grad_factor != 1.0 else dense_grad(p) for n, p in params.items()
+        }
+        scale = pre.batch_scale(batch[1]) if batch is not None and pre.blocks else grad_factor
         loss = None if loss is None else loss * scale
         damping_due = opts.adapt_damping and k % opts.damping_adaptation_interval == 0
         same_batch = batch is not None or closure is not None
