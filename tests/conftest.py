@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 
 import pytest
 import torch
@@ -37,6 +38,13 @@ def float64() -> Iterator[None]:
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+
+
+def layout_warnings(recorded: Iterable[warnings.WarningMessage]) -> list[str]:
+    """K-FAC's warnings among `recorded` of an embedding lookup shared by the batch or of layers
+    counting different numbers of examples (both: a layout whose factors are on the wrong scale)."""
+    messages = [str(w.message) for w in recorded if str(w.message).startswith("K-FAC")]
+    return [m for m in messages if "looked up with ids" in m or "count different numbers of examples" in m]
 
 
 def make_mlp(seed: int = 0) -> nn.Sequential:

@@ -14,6 +14,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tests.conftest import layout_warnings
+
 Loader = Callable[[str], ModuleType]
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 COMMON = ["--device", "cpu", "--no-progress"]
@@ -213,13 +215,6 @@ def test_lightning_kfac(load: Loader, preset: bool) -> None:
     assert len(out["val_accuracy"]) == 2 and 0.0 <= out["val_accuracy"][-1] <= 1.0
 
 
-def shared_lookup_warnings(recorded: pytest.WarningsRecorder) -> list[str]:
-    """K-FAC's warnings of an embedding lookup shared by the batch, or of layers counting different
-    examples, among the recorded ones."""
-    messages = [str(w.message) for w in recorded if str(w.message).startswith("K-FAC")]
-    return [m for m in messages if "looked up with ids" in m or "count different" in m]
-
-
 @pytest.mark.parametrize("preset", [False, True], ids=["fixed", "preset"])
 def test_hf_trainer(load: Loader, preset: bool, recwarn: pytest.WarningsRecorder) -> None:
     """The Hugging Face Trainer drives KFAC, and the adaptive preset (its own optimizer.step() with
@@ -227,7 +222,7 @@ def test_hf_trainer(load: Loader, preset: bool, recwarn: pytest.WarningsRecorder
     and the position table is looked up per example (no warning of a lookup shared by the batch)."""
     argv = ["--steps", "15", "--batch-size", "8", "--context", "16", "--width", "32", "--warmup", "2"]
     out = load("hf_trainer").main([*argv, *["--preset"] * preset, *COMMON])  # bfloat16 autocast on the CPU
-    assert not shared_lookup_warnings(recwarn)
+    assert not layout_warnings(recwarn)
     assert len(out["losses"]) == 15
     assert_learned(out["losses"], factor=0.9)
     if preset:  # NextTokenLogits holds the language model
@@ -249,7 +244,7 @@ def test_hf_classifier(load: Loader, optimizer: str, recwarn: pytest.WarningsRec
     argv = ["--steps", "30", "--batch-size", "64", "--train-size", "960", "--test-size", "128"]
     lr = ["--lr", "3e-3"] if optimizer == "adamw" else []
     out = load("hf_classifier").main([*argv, "--optimizer", optimizer, *lr, *COMMON])
-    assert not shared_lookup_warnings(recwarn)
+    assert not layout_warnings(recwarn)
     assert len(out["losses"]) == 30
     assert_learned(out["losses"], factor=0.8)
     assert 0.0 <= out["test_accuracy"] <= 1.0 and math.isfinite(out["test_loss"])
